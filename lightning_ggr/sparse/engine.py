@@ -1,0 +1,285 @@
+"""`SparseEngine`: masks, schedule and rewiring of one model, in plain PyTorch.
+
+A training loop drives it with three calls::
+
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.9, method="ggr",
+                          schedule=RewiringSchedule("step", 100, stop_step=5000, drop_fraction=0.1))
+    for step, batch in enumerate(loader):
+        loss(model, batch).backward()
+        engine.before_optimizer_step(step, epoch, [optimizer])  # maybe rewire; mask grads
+        optimizer.step()
+        engine.after_optimizer_step()                            # re-zero masked weights
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from lightning_ggr.sparse.densities import DISTRIBUTIONS, active_counts, initial_densities
+from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, random_mask
+from lightning_ggr.sparse.methods import get_method
+from lightning_ggr.sparse.rewiring import RewiringReport, rewire_
+from lightning_ggr.sparse.schedules import RewiringSchedule
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def check_fraction(name: str, value: float, low: float, high: float, *, closed_low: bool,
+                   closed_high: bool) -> float:
+    """Validate a float argument against an interval; the message names it and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    ok_low = value >= low if closed_low else value > low
+    ok_high = value <= high if closed_high else value < high
+    if math.isnan(value) or not (ok_low and ok_high):
+        left, right = "[" if closed_low else "(", "]" if closed_high else ")"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
+    return float(value)
+
+
+class SparseEngine:
+    """Dynamic sparse training state of a set of parameters: masks, rewiring, bookkeeping.
+
+    The masks are drawn at construction: layer ``l`` gets exactly ``active_counts`` weights
+    at uniformly random positions (from a generator seeded with ``seed``, so every process
+    draws the same masks), and the parameters are masked in place.
+
+    Args:
+        params: name -> parameter to train sparse (see ``select_sparse_parameters``).
+        sparsity: fraction of zeros over all sparse parameters, in ``[0, 1)``.
+        distribution: initial layer densities, ``"erk"`` or ``"uniform"``.
+        method: ``"set"``, ``"rigl"``, ``"dsr"``, ``"ggr"``, ``"set_rigl"``, ``"ggr_set"`` or
+            ``"ggr_rigl"``.
+        schedule: when to rewire; ``None`` until set (then ``before_optimizer_step`` only masks).
+        gradient_ratio: share of gradient-based insertion in mixed insertion, ``[0, 1]``.
+        init_value: value of a newly grown weight (the paper: ``1e-10``).
+        seed: seed of the engine's own generator (masks and random growth).
+        dsr_tolerance: DSR's tolerance around the target removal count.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        *,
+        sparsity: float,
+        distribution: str = "erk",
+        method: str = "ggr",
+        schedule: RewiringSchedule | None = None,
+        gradient_ratio: float = 0.5,
+        init_value: float = 1e-10,
+        seed: int = 0,
+        dsr_tolerance: float = 0.1,
+    ) -> None:
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        self.method_name = method
+        self.method = get_method(method)
+        self.sparsity = check_fraction("sparsity", sparsity, 0.0, 1.0, closed_low=True,
+                                       closed_high=False)
+        self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio, 0.0, 1.0,
+                                             closed_low=True, closed_high=True)
+        self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, 0.0, 1.0,
+                                            closed_low=False, closed_high=False)
+        if not math.isfinite(float(init_value)):
+            raise ValueError(f"init_value must be finite, got {init_value!r}")
+        self.init_value = float(init_value)
+        self.distribution = distribution
+        self.schedule = schedule
+        self.params: dict[str, Tensor] = dict(params)
+        if not self.params:
+            raise ValueError("params is empty: there is no sparse parameter")
+        shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        self.initial_density = initial_densities(shapes, self.sparsity, distribution)
+        total = sum(p.numel() for p in self.params.values())
+        target = round((1.0 - self.sparsity) * total)
+        self.initial_counts = active_counts(shapes, self.initial_density, total=target)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.masks: dict[str, Tensor] = {
+            name: random_mask(p.shape, self.initial_counts[name], self.generator, p.device)
+            for name, p in self.params.items()
+        }
+        self.threshold: float | None = None
+        self.last_slot = 0
+        self.rewirings = 0
+        self.skipped_rewirings = 0
+        self._refresh_lists()
+        self.broadcast_topology()
+        self.apply_masks()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _refresh_lists(self) -> None:
+        self._param_list = list(self.params.values())
+        self._mask_list = [self.masks[name] for name in self.params]
+
+    @property
+    def total_active(self) -> int:
+        return sum(int(m.sum()) for m in self._mask_list)
+
+    def active_counts(self) -> dict[str, int]:
+        """name -> number of active weights."""
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+    def layer_densities(self) -> dict[str, float]:
+        """name -> fraction of active weights."""
+        return {name: int(mask.sum()) / mask.numel() for name, mask in self.masks.items()}
+
+    def global_density(self) -> float:
+        return self.total_active / sum(mask.numel() for mask in self._mask_list)
+
+    # ---------------------------------------------------------------- per-step work
+    def apply_masks(self) -> None:
+        """Zero every masked weight (one fused pass)."""
+        apply_masks_([p.data for p in self._param_list], self._mask_list)
+
+    def mask_gradients(self) -> None:
+        """Zero every masked gradient (one fused pass), so no update reaches a masked weight."""
+        grads, masks = [], []
+        for param, mask in zip(self._param_list, self._mask_list, strict=True):
+            if param.grad is not None:
+                grads.append(param.grad)
+                masks.append(mask)
+        apply_masks_(grads, masks)
+
+    def gradients_finite(self) -> bool:
+        """Whether every sparse parameter's gradient is finite, agreed over all processes."""
+        finite = torch.ones((), dtype=torch.bool)
+        for param in self._param_list:
+            if param.grad is not None:
+                finite &= torch.isfinite(param.grad).all().cpu()
+        if _distributed():
+            flag = finite.to(self._distributed_device(), torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool().cpu()
+        return bool(finite)
+
+    def before_optimizer_step(
+        self, step: int, epoch: int, optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> RewiringReport | None:
+        """Rewire if the schedule says so (on this step's dense gradient), then mask gradients.
+
+        Returns the rewiring's report, a report with ``skipped=True`` when a due rewiring was
+        postponed because of non-finite gradients, or ``None`` when none was due.
+        """
+        report = None
+        if self.schedule is not None and self.schedule.is_due(step, epoch, self.last_slot):
+            if not self.gradients_finite():
+                self.skipped_rewirings += 1
+                report = RewiringReport(self.schedule.drop_fraction_at(step), {}, {}, {},
+                                        skipped=True)
+            else:
+                report = self.rewire(self.schedule.drop_fraction_at(step), optimizers)
+                self.last_slot = self.schedule.slot(step, epoch)
+        self.mask_gradients()
+        return report
+
+    def after_optimizer_step(self) -> None:
+        """Re-zero masked weights after the optimizer moved them (weight decay, noise...)."""
+        self.apply_masks()
+
+    # -------------------------------------------------------------------- rewiring
+    def rewire(
+        self, drop_fraction: float, optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> RewiringReport:
+        """One rewiring now, with the gradients currently in ``.grad``.
+
+        Masks and weights change in place; the optimizer state of every masked position is
+        zeroed; under ``torch.distributed`` the new topology is broadcast from rank 0.
+        """
+        gradients = None
+        if self.method.needs_gradients:
+            gradients = {}
+            for name, param in self.params.items():
+                if param.grad is None:
+                    raise RuntimeError(f"{name!r} has no gradient: cannot grow by gradient")
+                gradients[name] = param.grad
+        report = rewire_(
+            {name: p.data for name, p in self.params.items()},
+            self.masks,
+            gradients,
+            self.method,
+            drop_fraction,
+            generator=self.generator,
+            gradient_ratio=self.gradient_ratio,
+            init_value=self.init_value,
+            threshold=self.threshold,
+            threshold_tolerance=self.dsr_tolerance,
+        )
+        if report.threshold is not None:
+            self.threshold = report.threshold
+        self.broadcast_topology()
+        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
+        self.rewirings += 1
+        return report
+
+    def _distributed_device(self) -> torch.device:
+        backend = torch.distributed.get_backend()
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast_topology(self, src: int = 0) -> None:
+        """Make masks and sparse weights identical on every process (no-op when not distributed).
+
+        Each process draws the same masks from the same seeded generator; broadcasting
+        guarantees it even if a process consumed randomness differently.
+        """
+        if not _distributed():
+            return
+        device = self._distributed_device()
+        for name, mask in self.masks.items():
+            buffer = mask.to(device)
+            torch.distributed.broadcast(buffer, src=src)
+            mask.copy_(buffer.to(mask.device))
+            param = self.params[name].data
+            values = param.to(device)
+            torch.distributed.broadcast(values, src=src)
+            param.copy_(values.to(param.device))
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Masks (bool, CPU), schedule position, DSR threshold, generator state, targets.
+
+        Only tensors and Python primitives: loadable with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
+            "last_slot": int(self.last_slot),
+            "rewirings": int(self.rewirings),
+            "skipped_rewirings": int(self.skipped_rewirings),
+            "threshold": None if self.threshold is None else float(self.threshold),
+            "generator_state": self.generator.get_state(),
+            "initial_counts": dict(self.initial_counts),
+            "method": self.method_name,
+            "sparsity": float(self.sparsity),
+            "distribution": self.distribution,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt saved masks and bookkeeping; the parameters are masked in place."""
+        missing = set(self.masks) - set(state["masks"])
+        unexpected = set(state["masks"]) - set(self.masks)
+        if missing or unexpected:
+            raise ValueError(
+                f"saved masks do not match the sparse parameters: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        for name, mask in state["masks"].items():
+            if tuple(mask.shape) != tuple(self.masks[name].shape):
+                raise ValueError(f"saved mask of {name!r} has shape {tuple(mask.shape)}, "
+                                 f"the parameter {tuple(self.masks[name].shape)}")
+            self.masks[name].copy_(mask.to(dtype=torch.bool))
+        self.last_slot = int(state["last_slot"])
+        self.rewirings = int(state.get("rewirings", 0))
+        self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
+        self.threshold = state.get("threshold")
+        self.generator.set_state(state["generator_state"])
+        self._refresh_lists()
+        self.apply_masks()
+
