@@ -62,6 +62,7 @@ class SparseEngine:
         init_value: value of a newly grown weight (the paper: ``1e-10``).
         seed: seed of the engine's own generator (masks and random growth).
         dsr_tolerance: DSR's tolerance around the target removal count.
+        masks: adopt these masks instead of drawing new ones (resuming a run).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class SparseEngine:
         init_value: float = 1e-10,
         seed: int = 0,
         dsr_tolerance: float = 0.1,
+        masks: Mapping[str, Tensor] | None = None,
     ) -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
@@ -101,10 +103,14 @@ class SparseEngine:
         target = round((1.0 - self.sparsity) * total)
         self.initial_counts = active_counts(shapes, self.initial_density, total=target)
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.masks: dict[str, Tensor] = {
-            name: random_mask(p.shape, self.initial_counts[name], self.generator, p.device)
-            for name, p in self.params.items()
-        }
+        if masks is None:
+            self.masks: dict[str, Tensor] = {
+                name: random_mask(p.shape, self.initial_counts[name], self.generator, p.device)
+                for name, p in self.params.items()
+            }
+        else:
+            self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
+            self._adopt_masks(masks)
         self.threshold: float | None = None
         self.last_slot = 0
         self.rewirings = 0
@@ -261,20 +267,23 @@ class SparseEngine:
             "distribution": self.distribution,
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
-        """Adopt saved masks and bookkeeping; the parameters are masked in place."""
-        missing = set(self.masks) - set(state["masks"])
-        unexpected = set(state["masks"]) - set(self.masks)
+    def _adopt_masks(self, masks: Mapping[str, Tensor]) -> None:
+        missing = set(self.masks) - set(masks)
+        unexpected = set(masks) - set(self.masks)
         if missing or unexpected:
             raise ValueError(
                 f"saved masks do not match the sparse parameters: missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"
             )
-        for name, mask in state["masks"].items():
+        for name, mask in masks.items():
             if tuple(mask.shape) != tuple(self.masks[name].shape):
                 raise ValueError(f"saved mask of {name!r} has shape {tuple(mask.shape)}, "
                                  f"the parameter {tuple(self.masks[name].shape)}")
             self.masks[name].copy_(mask.to(dtype=torch.bool))
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt saved masks and bookkeeping; the parameters are masked in place."""
+        self._adopt_masks(state["masks"])
         self.last_slot = int(state["last_slot"])
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))

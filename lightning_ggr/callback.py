@@ -1,0 +1,379 @@
+"""`DynamicSparsityCallback`: Lightning hooks mapped onto the sparse engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_ggr.sparse.densities import DISTRIBUTIONS
+from lightning_ggr.sparse.engine import SparseEngine, check_fraction
+from lightning_ggr.sparse.masks import select_sparse_parameters
+from lightning_ggr.sparse.methods import METHODS
+from lightning_ggr.sparse.rewiring import RewiringReport
+from lightning_ggr.sparse.schedules import INTERVALS, RewiringSchedule
+
+MethodName = Literal["set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl"]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def _check_patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a list of name patterns (strings), got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must not be empty; use None for the default selection")
+    return list(value)
+
+
+class DynamicSparsityCallback(Callback):
+    """Train the model's Conv/Linear weights sparse from scratch, rewiring them as it trains.
+
+    At fit start every sparse layer gets a random mask with its initial density (ERK or
+    uniform); masked weights, gradients and optimizer state stay exactly zero. On a
+    schedule, each rewiring drops the weakest active weights and grows as many new ones
+    where the chosen method says (paper: Parger et al., ICML 2022, sections 3.2-3.3).
+
+    Args:
+        method: ``"ggr"`` (global gradient allocation, 50:50 gradient/random insertion),
+            ``"set"``, ``"rigl"``, ``"dsr"``, or the ablations ``"set_rigl"``, ``"ggr_set"``,
+            ``"ggr_rigl"``.
+        sparsity: fraction of zero weights over all sparse layers, in ``[0, 1)``; ``0`` trains
+            dense through the same code path (a baseline that never rewires).
+        distribution: initial layer densities, ``"erk"`` (Erdos-Renyi-Kernel) or ``"uniform"``.
+        drop_fraction: initial fraction of each layer's active weights to rewire, in
+            ``(0, 1]``; decays by cosine to 0 at the stop point.
+        update_interval: rewire every this many ``interval`` units (``>= 1``).
+        interval: ``"epoch"`` (rewire at the start of every ``update_interval``-th epoch but
+            the first, as the paper) or ``"step"`` (every ``update_interval`` optimizer steps).
+        stop_fraction: stop rewiring after this fraction of all optimizer steps, in ``(0, 1]``
+            (paper: 0.5).
+        stop_step: stop rewiring at this optimizer step instead (overrides ``stop_fraction``).
+        gradient_ratio: share of each layer's new weights grown by gradient in mixed
+            insertion (GGR, SET+RigL), in ``[0, 1]``; the rest are random.
+        init_value: value of newly grown weights (paper: ``1e-10``, so they are not pruned
+            as zeros right away).
+        seed: seed of the callback's own random generator (masks, random growth): every
+            process draws the same masks whatever else consumes randomness.
+        include: shell-style patterns of parameter names to make sparse, replacing the
+            default (every Linear/Conv ``weight``), e.g. ``["features.*.weight"]``.
+        exclude: patterns of parameter names to keep dense, e.g. ``["fc.weight"]``.
+        dsr_tolerance: DSR's tolerance around its target removal count, in ``(0, 1)``.
+        log_figures: log the density chart, mask images and weight histograms to
+            TensorBoard at rewirings and epoch ends (rank 0 only).
+        mask_layers: parameter names whose masks are drawn as images (default: a few).
+    """
+
+    def __init__(
+        self,
+        method: MethodName = "ggr",
+        sparsity: float = 0.9,
+        distribution: Literal["erk", "uniform"] = "erk",
+        drop_fraction: float = 0.1,
+        update_interval: int = 1,
+        interval: Literal["step", "epoch"] = "epoch",
+        stop_fraction: float = 0.5,
+        stop_step: int | None = None,
+        gradient_ratio: float = 0.5,
+        init_value: float = 1e-10,
+        seed: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dsr_tolerance: float = 0.1,
+        log_figures: bool = True,
+        mask_layers: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.method = _check_choice("method", method, tuple(METHODS))
+        self.sparsity = check_fraction("sparsity", sparsity, 0.0, 1.0, closed_low=True,
+                                       closed_high=False)
+        self.distribution = _check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.drop_fraction = check_fraction("drop_fraction", drop_fraction, 0.0, 1.0,
+                                            closed_low=False, closed_high=True)
+        self.update_interval = _check_int("update_interval", update_interval, 1)
+        self.interval = _check_choice("interval", interval, INTERVALS)
+        self.stop_fraction = check_fraction("stop_fraction", stop_fraction, 0.0, 1.0,
+                                            closed_low=False, closed_high=True)
+        self.stop_step = None if stop_step is None else _check_int("stop_step", stop_step, 1)
+        self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio, 0.0, 1.0,
+                                             closed_low=True, closed_high=True)
+        if isinstance(init_value, bool) or not isinstance(init_value, (int, float)):
+            raise TypeError(f"init_value must be a float, got {init_value!r}")
+        if not math.isfinite(init_value):
+            raise ValueError(f"init_value must be finite, got {init_value!r}")
+        self.init_value = float(init_value)
+        self.seed = _check_int("seed", seed, 0)
+        self.include = _check_patterns("include", include)
+        self.exclude = _check_patterns("exclude", exclude)
+        self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, 0.0, 1.0,
+                                            closed_low=False, closed_high=False)
+        if not isinstance(log_figures, bool):
+            raise TypeError(f"log_figures must be a bool, got {log_figures!r}")
+        self.log_figures = log_figures
+        self.mask_layers = _check_patterns("mask_layers", mask_layers)
+        self.engine: SparseEngine | None = None
+        self.last_report: RewiringReport | None = None
+        self._loaded_state: dict | None = None
+        self._step_hook: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._global_density = 1.0 - self.sparsity
+
+    # ------------------------------------------------------------------ public view
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Parameter name -> boolean mask (True = active), available from ``on_fit_start``."""
+        return {} if self.engine is None else self.engine.masks
+
+    def layer_densities(self) -> dict[str, float]:
+        """Parameter name -> fraction of active weights."""
+        return {} if self.engine is None else self.engine.layer_densities()
+
+    @property
+    def initial_counts(self) -> dict[str, int]:
+        """Parameter name -> number of active weights drawn at initialization."""
+        return {} if self.engine is None else dict(self.engine.initial_counts)
+
+    # ------------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _refuse_sharded(trainer)
+        # Fails early, with a clear message, when a pattern matches nothing.
+        select_sparse_parameters(pl_module, self.include, self.exclude)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
+                rank_zero_warn(
+                    "ModelCheckpoint(save_weights_only=True) stores no callback state: a run "
+                    "resumed from such a checkpoint loses the sparse topology (masks, schedule "
+                    "position). Use save_weights_only=False to resume sparse training."
+                )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            rank_zero_info("DynamicSparsityCallback: manual optimization; every optimizer step "
+                           "of the optimizer holding the sparse weights counts as a step.")
+        params = select_sparse_parameters(pl_module, self.include, self.exclude)
+        loaded = self._loaded_state
+        if loaded is None and trainer.ckpt_path is not None:
+            rank_zero_warn(
+                f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
+                "state: new random masks are drawn and applied to the loaded weights."
+            )
+        self.engine = SparseEngine(
+            params,
+            sparsity=self.sparsity,
+            distribution=self.distribution,
+            method=self.method,
+            schedule=self._schedule(trainer),
+            gradient_ratio=self.gradient_ratio,
+            init_value=self.init_value,
+            seed=self.seed,
+            dsr_tolerance=self.dsr_tolerance,
+            masks=None if loaded is None else loaded["masks"],
+        )
+        if loaded is not None:
+            self.engine.load_state_dict(loaded)
+            self._loaded_state = None
+        self._attach_step_hook(trainer, params)
+        self._global_density = self.engine.global_density()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_densities(trainer, step=trainer.global_step)
+        self._log_views(trainer)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Gradients here are final: accumulated, all-reduced, unscaled, not yet clipped.
+        if self.engine is None or optimizer is not self._optimizer:
+            return
+        step = trainer.global_step
+        report = self.engine.before_optimizer_step(step, trainer.current_epoch, [optimizer])
+        if report is not None:
+            self.last_report = report
+            self._log_report(trainer, report, step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.log("density", self._global_density, prog_bar=True, logger=False,
+                      on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_views(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_summary(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_summary(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+
+    # --------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.engine is None else self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Deferred: the model (and its parameters) are only known in on_fit_start.
+        self._loaded_state = dict(state_dict) if state_dict else None
+
+    # ------------------------------------------------------------------- internals
+    def _schedule(self, trainer: pl.Trainer) -> RewiringSchedule:
+        stop_step = self.stop_step
+        if stop_step is None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "stop_fraction needs a finite training length (max_epochs or max_steps); "
+                    "set stop_step instead"
+                )
+            stop_step = int(self.stop_fraction * total)
+        if self.sparsity == 0.0:
+            stop_step = 0  # dense baseline: nothing to rewire
+        elif self.interval == "step" and stop_step <= self.update_interval:
+            raise ValueError(
+                f"stop_step={stop_step} comes before the first rewiring at step "
+                f"{self.update_interval}: no rewiring would ever run; lower update_interval "
+                "or raise stop_step/stop_fraction"
+            )
+        return RewiringSchedule(self.interval, self.update_interval, stop_step,
+                                self.drop_fraction)
+
+    def _attach_step_hook(self, trainer: pl.Trainer, params: Mapping[str, Tensor]) -> None:
+        wanted = {id(p) for p in params.values()}
+        owners = [
+            optimizer
+            for optimizer in trainer.optimizers
+            if any(id(p) in wanted for group in optimizer.param_groups for p in group["params"])
+        ]
+        if len(owners) != 1:
+            raise ValueError(
+                f"the sparse parameters must all belong to exactly one optimizer, found "
+                f"{len(owners)}; use include/exclude to select the parameters of one optimizer"
+            )
+        self._optimizer = owners[0]
+        if self._step_hook is not None:
+            self._step_hook.remove()
+        # Fires only when a step really ran (GradScaler may skip it).
+        self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.engine is not None:
+            self.engine.after_optimizer_step()
+
+    def _log_densities(self, trainer: pl.Trainer, step: int) -> None:
+        assert self.engine is not None
+        self._global_density = self.engine.global_density()
+        metrics = {f"density/{name}": d for name, d in self.engine.layer_densities().items()}
+        metrics["density/global"] = self._global_density
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _log_report(self, trainer: pl.Trainer, report: RewiringReport, step: int) -> None:
+        assert self.engine is not None
+        if report.skipped:
+            rank_zero_warn(f"step {step}: non-finite gradients, rewiring postponed to the next "
+                           "step with finite gradients")
+            metrics = {"rewiring/skipped": float(self.engine.skipped_rewirings)}
+        else:
+            metrics = {
+                "rewiring/count": float(self.engine.rewirings),
+                "rewiring/drop_fraction": report.drop_fraction,
+                "rewiring/removed": float(report.total_removed),
+                "rewiring/grown": float(report.total_grown),
+                "rewiring/moved": float(report.total_moved),
+            }
+            if report.threshold is not None:
+                metrics["rewiring/dsr_threshold"] = report.threshold
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if not report.skipped:
+            self._log_densities(trainer, step)
+            self._log_views(trainer, moved=report.moved)
+
+    def _log_views(self, trainer: pl.Trainer, moved: Mapping[str, int] | None = None) -> None:
+        if not self.log_figures or self.engine is None or not trainer.is_global_zero:
+            return
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers:
+            return
+        from lightning_ggr.plots import log_sparsity_views
+
+        for writer in writers:
+            log_sparsity_views(writer, self.engine.params, self.engine.masks,
+                               self.engine.initial_counts, trainer.global_step,
+                               mask_layers=self.mask_layers, moved=moved)
+
+    def run_config(self) -> dict[str, Any]:
+        """The callback's settings, as stored in the run summary."""
+        return {
+            "method": self.method if self.sparsity > 0 else "dense",
+            "sparsity": self.sparsity,
+            "distribution": self.distribution,
+            "drop_fraction": self.drop_fraction,
+            "update_interval": self.update_interval,
+            "interval": self.interval,
+            "stop_step": None if self.engine is None or self.engine.schedule is None
+            else self.engine.schedule.stop_step,
+            "gradient_ratio": self.gradient_ratio,
+            "init_value": self.init_value,
+            "seed": self.seed,
+        }
+
+    def _write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is None or not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        from lightning_ggr.summary import SUMMARY_FILENAME, build_run_summary, write_run_summary
+
+        config = self.run_config()
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        config["model"] = str(hparams.get("model_name", hparams.get("model",
+                                                                    type(pl_module).__name__)))
+        datamodule = getattr(trainer, "datamodule", None)
+        config["dataset"] = str(getattr(datamodule, "dataset_name", type(datamodule).__name__)
+                                if datamodule is not None else None)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, (Tensor, float, int)) and torch.as_tensor(v).numel() == 1}
+        example = getattr(pl_module, "example_input_array", None)
+        summary = build_run_summary(
+            masks=self.engine.masks, params=self.engine.params,
+            initial_counts=self.engine.initial_counts, config=config, metrics=metrics,
+            module=pl_module if isinstance(example, Tensor) else None,
+            example_input=example[:1] if isinstance(example, Tensor) else None,
+        )
+        write_run_summary(Path(trainer.log_dir) / SUMMARY_FILENAME, summary)
+
+
+def _refuse_sharded(trainer: pl.Trainer) -> None:
+    """Sharded strategies flatten or split parameters: masks by name would be wrong."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(
+            f"DynamicSparsityCallback does not support the sharded strategy {name}: use "
+            "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true' or a single device"
+        )
