@@ -1,6 +1,13 @@
-"""lightning-ggr: dynamic sparse training (GGR, SET, RigL, DSR) for PyTorch Lightning."""
+"""lightning-ggr: dynamic sparse training (GGR, SET, RigL, DSR) for PyTorch Lightning.
 
-from lightning_ggr.callback import DynamicSparsityCallback
+The engine (`lightning_ggr.sparse`) is plain PyTorch; the names that need Lightning
+(the callback, the benchmark zoo) are imported lazily, on first access, so
+``import lightning_ggr.sparse`` works without Lightning.
+"""
+
+from importlib import import_module
+from typing import Any
+
 from lightning_ggr.sparse import (
     METHODS,
     RewiringSchedule,
@@ -11,6 +18,24 @@ from lightning_ggr.sparse import (
 )
 
 __version__ = "0.1.0"
+
+#: Public names that live in modules importing Lightning: name -> module.
+_LAZY = {
+    "DynamicSparsityCallback": "lightning_ggr.callback",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_ggr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = [
     "METHODS",

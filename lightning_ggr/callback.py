@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
 from lightning_ggr.sparse.engine import SparseEngine, check_fraction
-from lightning_ggr.sparse.masks import select_sparse_parameters
+from lightning_ggr.sparse.masks import preserves_zeros, select_sparse_parameters
 from lightning_ggr.sparse.methods import METHODS
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS, RewiringSchedule
@@ -181,6 +181,8 @@ class DynamicSparsityCallback(Callback):
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
                 "state: new random masks are drawn and applied to the loaded weights."
             )
+        elif loaded is not None:
+            self._warn_if_settings_changed(loaded)
         self.engine = SparseEngine(
             params,
             sparsity=self.sparsity,
@@ -243,8 +245,24 @@ class DynamicSparsityCallback(Callback):
         self._loaded_state = dict(state_dict) if state_dict else None
 
     # ------------------------------------------------------------------- internals
+    def _warn_if_settings_changed(self, loaded: Mapping[str, Any]) -> None:
+        current = {"method": self.method, "sparsity": self.sparsity,
+                   "distribution": self.distribution}
+        saved = {key: loaded.get(key) for key in current}
+        if all(saved[key] is None or saved[key] == value for key, value in current.items()):
+            return
+        rank_zero_warn(
+            "the checkpoint's DynamicSparsityCallback state was saved with "
+            + ", ".join(f"{key}={value!r}" for key, value in saved.items())
+            + "; this callback has "
+            + ", ".join(f"{key}={value!r}" for key, value in current.items())
+            + ": the saved masks are kept as they are (with the checkpoint's density); "
+            "resume with the checkpoint's settings to avoid surprises"
+        )
+
     def _schedule(self, trainer: pl.Trainer) -> RewiringSchedule:
         stop_step = self.stop_step
+        source = f"stop_step={stop_step}"
         if stop_step is None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
@@ -253,14 +271,28 @@ class DynamicSparsityCallback(Callback):
                     "set stop_step instead"
                 )
             stop_step = int(self.stop_fraction * total)
+            source = f"stop_fraction={self.stop_fraction} of {total} steps = step {stop_step}"
         if self.sparsity == 0.0:
             stop_step = 0  # dense baseline: nothing to rewire
         elif self.interval == "step" and stop_step <= self.update_interval:
             raise ValueError(
-                f"stop_step={stop_step} comes before the first rewiring at step "
+                f"the stop point ({source}) comes at or before the first rewiring at step "
                 f"{self.update_interval}: no rewiring would ever run; lower update_interval "
                 "or raise stop_step/stop_fraction"
             )
+        elif self.interval == "epoch":
+            _ = trainer.estimated_stepping_batches  # sets up the data: num_training_batches
+            batches = trainer.num_training_batches
+            if math.isfinite(batches):
+                steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+                first = self.update_interval * steps_per_epoch
+                if stop_step <= first:
+                    # A warning, not an error: short smoke runs (one epoch) are legitimate.
+                    rank_zero_warn(
+                        f"the stop point ({source}) comes at or before the first rewiring (the "
+                        f"start of epoch {self.update_interval}, step {first}): no rewiring "
+                        "will run in this fit"
+                    )
         return RewiringSchedule(self.interval, self.update_interval, stop_step,
                                 self.drop_fraction)
 
@@ -279,12 +311,15 @@ class DynamicSparsityCallback(Callback):
         self._optimizer = owners[0]
         if self._step_hook is not None:
             self._step_hook.remove()
-        # Fires only when a step really ran (GradScaler may skip it).
-        self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
+            self._step_hook = None
+        if not preserves_zeros(self._optimizer):
+            # Fires only when a step really ran (GradScaler may skip it). Standard optimizers
+            # keep masked weights at 0 on their own, which saves one pass per step.
+            self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
-            self.engine.after_optimizer_step()
+            self.engine.after_optimizer_step([optimizer])
 
     def _log_densities(self, trainer: pl.Trainer, step: int) -> None:
         assert self.engine is not None
@@ -346,7 +381,10 @@ class DynamicSparsityCallback(Callback):
         }
 
     def _write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.engine is None or not trainer.is_global_zero or trainer.log_dir is None:
+        # Written next to the logger's files; a run without a logger leaves no file behind.
+        if self.engine is None or not trainer.is_global_zero or not trainer.loggers:
+            return
+        if trainer.log_dir is None:
             return
         from lightning_ggr.summary import SUMMARY_FILENAME, build_run_summary, write_run_summary
 
@@ -372,7 +410,9 @@ class DynamicSparsityCallback(Callback):
 def _refuse_sharded(trainer: pl.Trainer) -> None:
     """Sharded strategies flatten or split parameters: masks by name would be wrong."""
     name = type(trainer.strategy).__name__
-    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+    # By class name along the MRO: catches subclasses too, without importing optional packages.
+    lineage = [cls.__name__ for cls in type(trainer.strategy).__mro__]
+    if any(key in cls for cls in lineage for key in ("FSDP", "DeepSpeed", "ModelParallel")):
         raise ValueError(
             f"DynamicSparsityCallback does not support the sharded strategy {name}: use "
             "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true' or a single device"

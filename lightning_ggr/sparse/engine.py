@@ -101,6 +101,14 @@ class SparseEngine:
         self.initial_density = initial_densities(shapes, self.sparsity, distribution)
         total = sum(p.numel() for p in self.params.values())
         target = round((1.0 - self.sparsity) * total)
+        if target < len(shapes):
+            # Every layer keeps >= 1 active weight (an empty layer cuts the network in two).
+            raise ValueError(
+                f"sparsity={self.sparsity!r} leaves {target} active weights for the "
+                f"{len(shapes)} sparse layers ({total} weights); every layer keeps at least one "
+                f"active weight, so sparsity must be at most {1 - len(shapes) / total:.6g} for "
+                "these layers: lower the sparsity or exclude some layers"
+            )
         self.initial_counts = active_counts(shapes, self.initial_density, total=target)
         self.generator = torch.Generator().manual_seed(int(seed))
         if masks is None:
@@ -109,10 +117,11 @@ class SparseEngine:
                 for name, p in self.params.items()
             }
         else:
-            self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
+            self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
             self._adopt_masks(masks)
         self.threshold: float | None = None
         self.last_slot = 0
+        self.last_rewiring_step: int | None = None
         self.rewirings = 0
         self.skipped_rewirings = 0
         self._refresh_lists()
@@ -182,12 +191,18 @@ class SparseEngine:
             else:
                 report = self.rewire(self.schedule.drop_fraction_at(step), optimizers)
                 self.last_slot = self.schedule.slot(step, epoch)
+                self.last_rewiring_step = int(step)
         self.mask_gradients()
         return report
 
-    def after_optimizer_step(self) -> None:
-        """Re-zero masked weights after the optimizer moved them (weight decay, noise...)."""
+    def after_optimizer_step(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Re-zero masked weights (and the optimizers' state there) after a step.
+
+        Needed only for optimizers outside ``ZERO_PRESERVING_OPTIMIZERS``: for SGD, Adam and
+        the like a zero gradient and zero state already leave a masked weight at 0.
+        """
         self.apply_masks()
+        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
 
     # -------------------------------------------------------------------- rewiring
     def rewire(
@@ -250,13 +265,15 @@ class SparseEngine:
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """Masks (bool, CPU), schedule position, DSR threshold, generator state, targets.
+        """Masks (bool, CPU), schedule position and last rewiring step, DSR threshold,
+        generator state, per-layer targets.
 
         Only tensors and Python primitives: loadable with ``torch.load(weights_only=True)``.
         """
         return {
             "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
             "last_slot": int(self.last_slot),
+            "last_rewiring_step": self.last_rewiring_step,
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
             "threshold": None if self.threshold is None else float(self.threshold),
@@ -285,6 +302,7 @@ class SparseEngine:
         """Adopt saved masks and bookkeeping; the parameters are masked in place."""
         self._adopt_masks(state["masks"])
         self.last_slot = int(state["last_slot"])
+        self.last_rewiring_step = state.get("last_rewiring_step")
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
         self.threshold = state.get("threshold")

@@ -110,6 +110,26 @@ def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         torch._foreach_mul_(list(tensors), list(masks))
 
 
+#: Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
+#: there (including weight decay, momentum and Nesterov): re-zeroing masked weights after
+#: their step is a no-op and is skipped. Exact types only: a subclass may change ``step``.
+#: (Adamax is not here: its infinity-norm state becomes ``eps`` at masked positions.)
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step keeps masked weights at 0 by itself (see above)."""
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+
+
 def optimizer_state_tensors(
     optimizer: torch.optim.Optimizer, param: Tensor
 ) -> Iterable[Tensor]:

@@ -126,33 +126,37 @@ def initial_threshold(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]
 # -------------------------------------------------------------------------- allocation
 
 
-def allocate_proportional(survivors: Sequence[int], capacity: Sequence[int], total: int) -> list[int]:
+def allocate_proportional(
+    survivors: Sequence[int], capacity: Sequence[int], total: int
+) -> list[int]:
     """DSR: split ``total`` new weights in proportion to each layer's surviving count.
 
-    Integer shares by largest remainder; a layer never gets more than its ``capacity``
-    (free positions), the excess going to the others in the same proportion.
+    A layer whose share exceeds its ``capacity`` (free positions) is filled and the rest is
+    re-split among the others, in the same proportion; the final integer shares follow
+    the largest remainders, so they add up to ``total`` exactly.
     """
     counts = [0] * len(survivors)
     remaining = total
     open_layers = [i for i, cap in enumerate(capacity) if cap > 0]
     while remaining > 0 and open_layers:
-        weight = [max(survivors[i], 0) for i in open_layers]
-        if sum(weight) == 0:
-            weight = [1] * len(open_layers)
-        exact = [remaining * w / sum(weight) for w in weight]
-        share = [min(math.floor(e), capacity[i] - counts[i]) for e, i in zip(exact, open_layers)]
-        leftover = remaining - sum(share)
-        order = sorted(range(len(open_layers)), key=lambda j: exact[j] - share[j], reverse=True)
-        for j in order:
-            if leftover == 0:
-                break
-            if share[j] < capacity[open_layers[j]] - counts[open_layers[j]]:
-                share[j] += 1
-                leftover -= 1
-        for j, i in enumerate(open_layers):
-            counts[i] += share[j]
-        remaining = total - sum(counts)
-        open_layers = [i for i in open_layers if counts[i] < capacity[i]]
+        weight = {i: max(survivors[i], 0) for i in open_layers}
+        if sum(weight.values()) == 0:
+            weight = dict.fromkeys(open_layers, 1)
+        exact = {i: remaining * weight[i] / sum(weight.values()) for i in open_layers}
+        overfull = [i for i in open_layers if exact[i] > capacity[i] - counts[i]]
+        if overfull:
+            for i in overfull:
+                remaining -= capacity[i] - counts[i]
+                counts[i] = capacity[i]
+            open_layers = [i for i in open_layers if i not in overfull]
+            continue
+        share = {i: math.floor(exact[i]) for i in open_layers}
+        leftover = remaining - sum(share.values())
+        for i in sorted(open_layers, key=lambda i: exact[i] - share[i], reverse=True)[:leftover]:
+            share[i] += 1
+        for i in open_layers:
+            counts[i] += share[i]
+        remaining = 0
     if remaining:
         raise ValueError(f"{total} weights do not fit into {sum(capacity)} free positions")
     return counts

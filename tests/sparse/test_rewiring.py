@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from lightning_ggr.sparse.methods import METHODS, MethodSpec, get_method
+from lightning_ggr.sparse.rewiring import (
+    adapt_threshold,
+    allocate_proportional,
+    grow,
+    remove_by_magnitude,
+    remove_by_threshold,
+    rewire_,
+)
+
+
+def make_layers(seed=0, shapes=((6, 3, 3, 3), (20, 54), (10, 20)), density=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    weights, masks, grads = {}, {}, {}
+    for i, shape in enumerate(shapes):
+        name = f"l{i}.weight"
+        masks[name] = torch.rand(shape, generator=gen) < density
+        weights[name] = torch.randn(shape, generator=gen) * masks[name]
+        grads[name] = torch.randn(shape, generator=gen)
+    return weights, masks, grads
+
+
+def test_magnitude_removal_drops_the_smallest_active_weights():
+    weights = {"w": torch.tensor([0.5, -0.1, 0.0, 2.0, -0.3])}
+    masks = {"w": torch.tensor([True, True, False, True, True])}
+    dropped = remove_by_magnitude(weights, masks, 0.5)["w"]
+    assert dropped.tolist() == [False, True, False, False, True]
+
+
+def test_magnitude_removal_keeps_one_weight_per_layer():
+    weights = {"w": torch.tensor([0.5, 0.1])}
+    masks = {"w": torch.tensor([True, False])}
+    assert not remove_by_magnitude(weights, masks, 1.0)["w"].any()
+
+
+def test_threshold_removal_and_its_adaptation():
+    weights = {"a": torch.tensor([0.01, 0.5, 0.02]), "b": torch.tensor([0.001, 0.002])}
+    masks = {"a": torch.ones(3, dtype=torch.bool), "b": torch.ones(2, dtype=torch.bool)}
+    dropped = remove_by_threshold(weights, masks, 0.05)
+    assert dropped["a"].tolist() == [True, False, True]
+    # Every weight of b is below H: its largest one survives.
+    assert dropped["b"].tolist() == [True, False]
+    assert adapt_threshold(0.1, removed=5, target=10, tolerance=0.1) == 0.2
+    assert adapt_threshold(0.1, removed=20, target=10, tolerance=0.1) == 0.05
+    assert adapt_threshold(0.1, removed=10, target=10, tolerance=0.1) == 0.1
+
+
+def test_proportional_allocation_respects_capacity_and_total():
+    counts = allocate_proportional(survivors=[90, 10, 0], capacity=[5, 100, 100], total=50)
+    assert sum(counts) == 50
+    assert counts[0] == 5  # capped; the excess goes to the others
+    assert counts == [5, 45, 0]
+
+
+def test_gradient_growth_picks_the_largest_inactive_gradients():
+    mask = torch.tensor([True, False, False, False, False])
+    gradient = torch.tensor([9.0, 1.0, -5.0, 3.0, 0.5])
+    grown = grow(mask, gradient, 2, "gradient", 0.5, torch.Generator().manual_seed(0))
+    assert grown.tolist() == [False, False, True, True, False]
+
+
+def test_mixed_growth_splits_between_gradient_and_random():
+    mask = torch.zeros(1000, dtype=torch.bool)
+    gradient = torch.zeros(1000)
+    gradient[:10] = torch.arange(10.0, 20.0)
+    grown = grow(mask, gradient, 20, "mixed", 0.5, torch.Generator().manual_seed(0))
+    assert int(grown.sum()) == 20
+    assert grown[:10].all()  # the 10 largest gradients, then 10 random others
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("drop_fraction", [0.05, 0.3, 1.0])
+def test_rewiring_conserves_counts_and_keeps_weights_exact(method, drop_fraction):
+    weights, masks, grads = make_layers()
+    before = {n: int(m.sum()) for n, m in masks.items()}
+    old_masks = {n: m.clone() for n, m in masks.items()}
+    old_weights = {n: w.clone() for n, w in weights.items()}
+    report = rewire_(weights, masks, grads, get_method(method), drop_fraction,
+                     generator=torch.Generator().manual_seed(1), init_value=1e-10)
+    after = {n: int(m.sum()) for n, m in masks.items()}
+    assert sum(after.values()) == sum(before.values())
+    assert report.total_removed == report.total_grown
+    assert report.active == after
+    if not METHODS[method].moves_between_layers:
+        assert after == before
+    for name in masks:
+        assert (weights[name][~masks[name]] == 0).all()
+        assert all(c >= 1 for c in after.values())
+        new = masks[name] & ~old_masks[name]
+        assert (weights[name][new] == 1e-10).all()
+        # Active before and after: kept as is, or dropped and regrown as a new weight.
+        both = masks[name] & old_masks[name]
+        same = weights[name][both] == old_weights[name][both]
+        regrown = weights[name][both] == 1e-10
+        assert (same | regrown).all()
+        assert int((~same).sum()) <= report.removed[name]
+
+
+def test_ggr_allocates_by_global_gradient():
+    # Layer "hungry" holds all of the large inactive gradients: it gets every new weight.
+    weights = {"hungry": torch.zeros(100), "sated": torch.zeros(100)}
+    masks = {name: torch.zeros(100, dtype=torch.bool) for name in ("hungry", "sated")}
+    masks["hungry"][:10] = True
+    masks["sated"][:50] = True
+    weights["hungry"][:10] = torch.linspace(1, 2, 10)
+    weights["sated"][:50] = torch.linspace(1, 2, 50)
+    grads = {"hungry": torch.full((100,), 5.0), "sated": torch.full((100,), 0.01)}
+    report = rewire_(weights, masks, grads, METHODS["ggr"], 0.2,
+                     generator=torch.Generator().manual_seed(0))
+    assert report.removed == {"hungry": 2, "sated": 10}
+    assert report.grown == {"hungry": 12, "sated": 0}
+    assert report.total_moved == 10
+    assert int(masks["hungry"].sum()) == 20 and int(masks["sated"].sum()) == 40
+
+
+def test_methods_need_gradients_as_documented():
+    assert not METHODS["set"].needs_gradients and not METHODS["dsr"].needs_gradients
+    # ggr_set inserts at random but its allocation reads the gradient.
+    assert all(METHODS[m].needs_gradients for m in ("rigl", "ggr", "set_rigl", "ggr_set",
+                                                    "ggr_rigl"))
+    weights, masks, _ = make_layers()
+    with pytest.raises(ValueError, match="pass the dense gradients"):
+        rewire_(weights, masks, None, METHODS["rigl"], 0.1, generator=torch.Generator())
+
+
+def test_unknown_method_and_bad_spec_are_refused():
+    with pytest.raises(ValueError, match="method must be one of 'set', 'rigl'"):
+        get_method("rigl2")
+    with pytest.raises(ValueError, match="insertion must be one of"):
+        MethodSpec("magnitude", "keep", "sideways")

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_ggr import global_topk_counts
+
+
+def brute_force_counts(scores, k):
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    top = flat.topk(k).indices
+    return torch.bincount(owner[top], minlength=len(scores)).tolist()
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=7), data=st.data())
+def test_counts_equal_brute_force_global_sort(sizes, data):
+    # Distinct values (a random permutation) so the top-k set is unique.
+    values = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(
+        data.draw(st.integers(0, 2**31)))).float()
+    scores = list(values.split(sizes))
+    k = data.draw(st.integers(0, sum(sizes)))
+    counts = global_topk_counts(scores, k)
+    assert counts == brute_force_counts(scores, k)
+    assert sum(counts) == k
+
+
+def test_paper_figure_1_example():
+    # Figure 1: five new weights go 1, 3, 1 to three layers.
+    scores = [torch.tensor([0.9, 0.1, 0.0]), torch.tensor([0.8, 0.7, 0.6, 0.05]),
+              torch.tensor([0.5, 0.2])]
+    assert global_topk_counts(scores, 5) == [1, 3, 1]
+
+
+def test_accepts_a_generator_and_multidimensional_tensors():
+    scores = (torch.arange(24.0).reshape(2, 3, 4) * (i + 1) for i in range(3))
+    assert sum(global_topk_counts(scores, 10)) == 10
+
+
+def test_k_larger_than_all_values_is_refused():
+    with pytest.raises(ValueError, match="exceeds"):
+        global_topk_counts([torch.ones(3), torch.ones(2)], 6)
+
+
+@pytest.mark.parametrize("k", [-1, 2.5, True])
+def test_bad_k_is_refused(k):
+    with pytest.raises((ValueError, TypeError), match="k must be"):
+        global_topk_counts([torch.ones(3)], k)
+
+
+def test_streaming_never_concatenates_all_layers(monkeypatch):
+    # Peak extra memory is k + one layer: every torch.cat sees at most 2k elements.
+    seen = []
+    real_cat = torch.cat
+
+    def spy(tensors, *args, **kwargs):
+        seen.append(sum(t.numel() for t in tensors))
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", spy)
+    scores = [torch.rand(10_000) for _ in range(5)]
+    global_topk_counts(scores, 7)
+    assert seen and max(seen) <= 14

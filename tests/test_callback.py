@@ -1,0 +1,166 @@
+"""DynamicSparsityCallback inside a real Trainer (CPU)."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ggr import DynamicSparsityCallback
+
+
+class NoisySGD(torch.optim.SGD):
+    """An optimizer that moves every weight, masked or not: the callback must re-zero them."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.add_(torch.randn_like(param) * 1e-3)
+                self.state[param]["noise"] = torch.randn_like(param)
+        return loss
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, optimizer: str = "sgd"):
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+            nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "noisy":
+            return NoisySGD(self.parameters(), lr=0.05, momentum=0.9)
+        if self.optimizer_name == "adamax":
+            return torch.optim.Adamax(self.parameters(), lr=1e-2)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def loader(n=64, batch_size=8):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    data = TensorDataset(x, torch.randint(0, 10, (n,), generator=gen))
+    return DataLoader(data, batch_size=batch_size)
+
+
+def trainer(tmp_path, callbacks, **kwargs):
+    kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("logger", False)
+    return pl.Trainer(default_root_dir=tmp_path, callbacks=callbacks, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+class Invariants(pl.Callback):
+    """After every optimizer step: masked weights and optimizer state are exactly zero."""
+
+    def __init__(self, sparse):
+        self.sparse = sparse
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = dict(pl_module.named_parameters())
+        optimizer = trainer.optimizers[0]
+        for name, mask in self.sparse.masks.items():
+            assert (params[name][~mask] == 0).all(), name
+            for value in optimizer.state[params[name]].values():
+                if torch.is_tensor(value) and value.shape == mask.shape:
+                    assert (value[~mask] == 0).all(), f"optimizer state of {name}"
+        self.checked += 1
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "dsr", "ggr"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamax", "noisy"])
+def test_masks_weights_and_optimizer_state_stay_exact(tmp_path, method, optimizer):
+    sparse = DynamicSparsityCallback(method=method, sparsity=0.8, interval="step",
+                                     update_interval=3, stop_fraction=0.75, log_figures=False)
+    check = Invariants(sparse)
+    trainer(tmp_path, [sparse, check]).fit(TinyModule(optimizer), loader())
+    module_names = [n for n, _ in TinyModule().named_parameters()]
+    assert list(sparse.masks) == ["net.0.weight", "net.3.weight", "net.6.weight"]
+    assert set(sparse.masks) <= set(module_names)
+    assert check.checked == 16
+    assert sparse.engine.rewirings == 3  # steps 3, 6, 9 < stop 12
+    total = sum(m.numel() for m in sparse.masks.values())
+    assert sum(int(m.sum()) for m in sparse.masks.values()) == round(0.2 * total)
+    densities = sparse.layer_densities()
+    assert densities == {n: int(m.sum()) / m.numel() for n, m in sparse.masks.items()}
+
+
+def test_epoch_interval_rewires_at_the_start_of_every_epoch_but_the_first(tmp_path):
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.9, interval="epoch",
+                                     stop_fraction=1.0, log_figures=False)
+    steps = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if sparse.last_report is not None and sparse.engine.rewirings > len(steps):
+                steps.append(trainer.global_step - 1)
+
+    trainer(tmp_path, [sparse, Spy()], max_epochs=4).fit(TinyModule(), loader())
+    assert steps == [8, 16, 24]  # 8 steps per epoch
+
+
+def test_dense_baseline_never_rewires(tmp_path):
+    sparse = DynamicSparsityCallback(sparsity=0.0, interval="step", log_figures=False)
+    trainer(tmp_path, [sparse]).fit(TinyModule(), loader())
+    assert sparse.engine.rewirings == 0
+    assert all(m.all() for m in sparse.masks.values())
+
+
+def test_include_and_exclude_select_parameters(tmp_path):
+    sparse = DynamicSparsityCallback(sparsity=0.5, exclude=["net.6.*"], log_figures=False)
+    trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
+    assert list(sparse.masks) == ["net.0.weight", "net.3.weight"]
+    sparse = DynamicSparsityCallback(sparsity=0.5, include=["net.6.weight"], log_figures=False)
+    trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
+    assert list(sparse.masks) == ["net.6.weight"]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_without_nan(tmp_path):
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
+                                     update_interval=2, log_figures=False)
+    trainer(tmp_path, [sparse, Invariants(sparse)], precision="bf16-mixed").fit(
+        TinyModule(), loader())
+    assert sparse.engine.rewirings >= 3
+    assert all(torch.isfinite(p).all() for p in sparse.engine.params.values())
+
+
+def read_scalars(log_dir):
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags}
+
+
+def test_densities_and_rewiring_counts_reach_tensorboard(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
+                                     update_interval=4, stop_step=13, drop_fraction=0.2,
+                                     log_figures=False)
+    trainer(tmp_path, [sparse], logger=logger).fit(TinyModule(), loader())
+    scalars = read_scalars(logger.log_dir)
+    for name in sparse.masks:
+        assert f"density/{name}" in scalars
+        assert scalars[f"density/{name}"][-1][1] == pytest.approx(sparse.layer_densities()[name])
+    assert scalars["density/global"][0] == (0, pytest.approx(0.2, abs=1e-3))
+    removed = scalars["rewiring/removed"]
+    assert [step for step, _ in removed] == [4, 8, 12]
+    fractions = [value for _, value in scalars["rewiring/drop_fraction"]]
+    assert fractions == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 13)) for s in (4, 8, 12)])
+    assert scalars["rewiring/grown"] == removed
+    assert "rewiring/moved" in scalars
