@@ -103,11 +103,22 @@ def random_mask(
     return mask.view(*shape).to(device)
 
 
+_ZEROS: dict[torch.dtype, Tensor] = {}
+
+
 @torch.no_grad()
 def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
-    """Zero every masked entry of ``tensors`` in place, in one fused pass."""
-    if tensors:
-        torch._foreach_mul_(list(tensors), list(masks))
+    """Zero every masked entry of ``tensors`` in place: one pass each, no allocation.
+
+    ``torch.where(mask, t, 0, out=t)`` reads the 1-byte mask directly (``t.mul_(mask)`` and
+    ``torch._foreach_mul_`` first copy it to a float tensor) and writes an exact 0 even
+    where ``t`` holds NaN or inf.
+    """
+    for tensor, mask in zip(tensors, masks, strict=True):
+        zero = _ZEROS.get(tensor.dtype)
+        if zero is None:
+            zero = _ZEROS.setdefault(tensor.dtype, torch.zeros((), dtype=tensor.dtype))
+        torch.where(mask, tensor, zero, out=tensor)
 
 
 #: Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0

@@ -134,3 +134,23 @@ def test_state_dict_round_trip():
     assert all(torch.equal(other.masks[n], engine.masks[n]) for n in engine.masks)
     assert other.threshold == engine.threshold is not None
     assert torch.equal(other.generator.get_state(), engine.generator.get_state())
+
+
+def test_per_step_masking_allocates_nothing_and_clears_nan():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    engine = SparseEngine(params, sparsity=0.9, seed=0)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)),
+                                torch.randint(0, 10, (4,))).backward()
+    engine.mask_gradients()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine.mask_gradients()
+        engine.apply_masks()
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+    assert allocated == 0
+    grad = params["5.weight"].grad
+    grad.fill_(float("nan"))
+    engine.mask_gradients()
+    assert (grad[~engine.masks["5.weight"]] == 0).all()
