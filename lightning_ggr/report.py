@@ -1,0 +1,453 @@
+"""Results tables of finished runs, as the paper prints them (Tables 1, 2 and 4).
+
+Every run leaves a summary (:data:`~lightning_ggr.summary.SUMMARY_FILENAME`, written by the
+callback at the end of training); this module finds them, groups them and prints::
+
+    lightning-ggr report RUN_DIRS... [--format markdown|csv] [--output DIR]
+    python -m lightning_ggr.report RUN_DIRS...
+
+Rules (the paper's, section 5):
+
+- A *setting* is ``(dataset, model, method, sparsity, distribution)``; its seeds are
+  averaged and shown as ``mean ± std (n=seeds)``, ``std`` the sample standard deviation.
+- Runs with ``sparsity == 0`` (or ``method == "dense"``) are the dense reference, column
+  ``s=0``, whatever their method and distribution.
+- A setting whose mean accuracy is below 5% failed to fit the data: it is not reported
+  (``-``). Its Table 4 structure numbers are still shown, as the paper does.
+- Table 2 averages each method over the (dataset, model) *scenarios*. Scenarios where every
+  method failed are left out of the average for that column; a method that failed where
+  another method worked gets ``-`` for that column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+
+#: The method name of the dense reference.
+DENSE = "dense"
+#: Row order of methods; others follow alphabetically.
+METHOD_ORDER = ("dense", "set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl")
+#: Column order of initial distributions; others follow alphabetically.
+DISTRIBUTION_ORDER = ("erk", "uniform")
+#: Mean accuracy (percent) below which a setting counts as failed (the paper: 5%).
+FAILED_BELOW = 5.0
+#: The metric read as accuracy when the requested one is missing.
+FALLBACK_METRIC = "val/acc"
+#: Key under which :func:`collect_runs` stores where a run was read from.
+PATH_KEY = "_path"
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table entry: mean of ``n`` values, their sample std (``None`` for one value or for
+    averages of averages), and whether the setting failed (printed ``-``)."""
+
+    mean: float
+    std: float | None
+    n: int
+    failed: bool = False
+
+    @classmethod
+    def of(cls, values: Sequence[float], failed_below: float | None = None) -> Cell:
+        mean = statistics.fmean(values)
+        std = statistics.stdev(values) if len(values) > 1 else None
+        failed = failed_below is not None and mean < failed_below
+        return cls(mean, std, len(values), failed)
+
+    def text(self, digits: int = 2) -> str:
+        """``-`` if failed, else ``mean``, ``mean ± std (n=N)`` or ``mean (n=N)``."""
+        if self.failed:
+            return "-"
+        mean = f"{self.mean:.{digits}f}"
+        if self.std is not None:
+            return f"{mean} ± {self.std:.{digits}f} (n={self.n})"
+        return mean if self.n == 1 else f"{mean} (n={self.n})"
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def collect_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every run summary under ``paths`` (searched recursively; a summary file is taken as
+    is), in path order; each dict gets its file under ``"_path"``.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        files.extend([path] if path.is_file() else sorted(path.rglob(SUMMARY_FILENAME)))
+    runs, seen = [], set()
+    for file in files:
+        resolved = file.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        run = read_run_summary(file)
+        run[PATH_KEY] = str(file)
+        runs.append(run)
+    return runs
+
+
+def _order(value: str, order: Sequence[str]) -> tuple[int, str]:
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
+def is_dense(run: Mapping[str, Any]) -> bool:
+    """A dense reference run: ``sparsity == 0`` or ``method == "dense"``."""
+    return str(run.get("method", "")).lower() == DENSE or float(run.get("sparsity", 0) or 0) == 0
+
+
+def _method(run: Mapping[str, Any]) -> str:
+    return DENSE if is_dense(run) else str(run.get("method", "?")).lower()
+
+
+def _sparsity(run: Mapping[str, Any]) -> float:
+    return 0.0 if is_dense(run) else round(float(run.get("sparsity", 0) or 0), 6)
+
+
+def _distribution(run: Mapping[str, Any]) -> str:
+    return "" if is_dense(run) else str(run.get("distribution", "?")).lower()
+
+
+def column_name(sparsity: float, distribution: str) -> str:
+    """``s=0`` for the dense reference, else ``s=<sparsity> <distribution>``."""
+    return "s=0" if sparsity == 0 else f"s={sparsity:g} {distribution}"
+
+
+def accuracies(
+    runs: Sequence[Mapping[str, Any]],
+    metric: str = "test/acc",
+    *,
+    fallback: str | None = FALLBACK_METRIC,
+    scale: str = "auto",
+) -> tuple[list[float | None], list[str]]:
+    """Each run's accuracy in percent (``None`` when it has none), and notes for the user.
+
+    A run without ``metric`` uses ``fallback`` (noted). ``scale``: ``"fraction"`` (values in
+    ``[0, 1]``, multiplied by 100), ``"percent"``, or ``"auto"``: fraction when every value
+    is at most 1.
+    """
+    if scale not in ("auto", "fraction", "percent"):
+        raise ValueError(f"scale must be 'auto', 'fraction' or 'percent', got {scale!r}")
+    raw: list[float | None] = []
+    fell_back, missing = [], []
+    for run in runs:
+        metrics = run.get("metrics") or {}
+        value = metrics.get(metric)
+        if value is None and fallback is not None and fallback != metric:
+            value = metrics.get(fallback)
+            if value is not None:
+                fell_back.append(run.get(PATH_KEY, "?"))
+        if value is None:
+            missing.append(run.get(PATH_KEY, "?"))
+        raw.append(None if value is None else float(value))
+    notes = []
+    if fell_back:
+        notes.append(f"{len(fell_back)} run(s) have no {metric!r}; used {fallback!r} instead: "
+                     + ", ".join(map(str, fell_back)))
+    if missing:
+        notes.append(f"{len(missing)} run(s) have no accuracy ({metric!r}"
+                     + (f" or {fallback!r}" if fallback else "") + "), left out: "
+                     + ", ".join(map(str, missing)))
+    present = [v for v in raw if v is not None]
+    fraction = scale == "fraction" or (scale == "auto" and bool(present)
+                                       and all(v <= 1.0 for v in present))
+    if fraction:
+        if scale == "auto":
+            notes.append("accuracies are fractions (all <= 1): shown in percent")
+        raw = [None if v is None else 100.0 * v for v in raw]
+    return raw, notes
+
+
+def _settings(
+    runs: Sequence[Mapping[str, Any]], metric: str, scale: str
+) -> dict[tuple[str, str, str, float, str], list[tuple[Mapping[str, Any], float | None]]]:
+    """(dataset, model, method, sparsity, distribution) -> [(run, accuracy)]."""
+    values, _ = accuracies(runs, metric, scale=scale)
+    groups: dict[tuple[str, str, str, float, str], list] = defaultdict(list)
+    for run, value in zip(runs, values, strict=True):
+        key = (str(run.get("dataset", "?")), str(run.get("model", "?")), _method(run),
+               _sparsity(run), _distribution(run))
+        groups[key].append((run, value))
+    return groups
+
+
+def _columns(keys: Iterable[tuple[float, str]]) -> list[tuple[float, str]]:
+    return sorted(set(keys), key=lambda k: (k[0], _order(k[1], DISTRIBUTION_ORDER)))
+
+
+def _accuracy_cell(values: Sequence[float | None], failed_below: float) -> Cell | None:
+    present = [v for v in values if v is not None]
+    return Cell.of(present, failed_below) if present else None
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def table1(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "test/acc",
+    failed_below: float = FAILED_BELOW,
+    scale: str = "auto",
+) -> list[Row]:
+    """Table 1: top-1 accuracy (%) by dataset, model and method (rows) and sparsity x
+    distribution (columns); the dense reference in column ``s=0``. Cells are :class:`Cell`
+    (mean ± std over seeds) or ``""``."""
+    groups = _settings(runs, metric, scale)
+    columns = _columns((key[3], key[4]) for key in groups)
+    rows_keys = sorted({key[:3] for key in groups},
+                       key=lambda k: (k[0], k[1], _order(k[2], METHOD_ORDER)))
+    rows = []
+    for dataset, model, method in rows_keys:
+        row: Row = {"dataset": dataset, "model": model, "method": method}
+        for sparsity, distribution in columns:
+            members = groups.get((dataset, model, method, sparsity, distribution), [])
+            cell = _accuracy_cell([v for _, v in members], failed_below)
+            row[column_name(sparsity, distribution)] = "" if cell is None else cell
+        rows.append(row)
+    return rows
+
+
+def table2(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "test/acc",
+    failed_below: float = FAILED_BELOW,
+    scale: str = "auto",
+) -> list[Row]:
+    """Table 2: each method's accuracy (%) averaged over (dataset, model) scenarios.
+
+    Per column (sparsity x distribution): a scenario where every method failed is left out;
+    a method that failed in a scenario where another worked gets ``-``; otherwise its cell is
+    the mean over the scenarios it ran of its per-scenario mean over seeds, ``n`` = number
+    of scenarios (fewer than the others' means missing runs).
+    """
+    groups = _settings(runs, metric, scale)
+    # (method, column) -> scenario -> per-scenario Cell
+    by_column: dict[tuple[float, str], dict[str, dict[tuple[str, str], Cell]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for (dataset, model, method, sparsity, distribution), members in groups.items():
+        cell = _accuracy_cell([v for _, v in members], failed_below)
+        if cell is not None:
+            by_column[(sparsity, distribution)][method][(dataset, model)] = cell
+    columns = _columns(by_column)
+    methods = sorted({m for column in by_column.values() for m in column},
+                     key=lambda m: _order(m, METHOD_ORDER))
+    rows = []
+    for method in methods:
+        row: Row = {"method": method}
+        for column in columns:
+            per_method = by_column[column]
+            working = {s for cells in per_method.values() for s, c in cells.items()
+                       if not c.failed}
+            cells = per_method.get(method, {})
+            value: Cell | str = ""
+            if any(c.failed for s, c in cells.items() if s in working):
+                value = Cell(math.nan, None, 0, failed=True)
+            elif cells:
+                used = [c.mean for s, c in cells.items() if s in working]
+                value = (Cell(statistics.fmean(used), None, len(used)) if used
+                         else Cell(math.nan, None, 0, failed=True))
+            row[column_name(*column)] = value
+        rows.append(row)
+    return rows
+
+
+def _mean_of(members: Sequence[Mapping[str, Any]], *path: str, factor: float = 1.0) -> Cell | str:
+    values = []
+    for run in members:
+        value: Any = run
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values.append(float(value) * factor)
+    return Cell.of(values) if values else ""
+
+
+def table4(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "test/acc",
+    failed_below: float = FAILED_BELOW,
+    scale: str = "auto",
+) -> list[Row]:
+    """Table 4: structure of the trained sparse networks, one row per sparse setting.
+
+    Columns: accuracy (``-`` if failed), empty neurons and empty inputs in percent of all
+    neurons / inputs of the sparse layers, Params* in millions (dense parameters left after
+    removing empty neurons and inputs) and sparse inference MFLOPs (multiply-adds) when the
+    run recorded them. Dense reference runs are not listed.
+    """
+    groups = _settings(runs, metric, scale)
+    keys = sorted((k for k in groups if k[2] != DENSE),
+                  key=lambda k: (k[0], k[1], k[3], _order(k[2], METHOD_ORDER),
+                                 _order(k[4], DISTRIBUTION_ORDER)))
+    rows = []
+    for key in keys:
+        dataset, model, method, sparsity, distribution = key
+        members = [run for run, _ in groups[key]]
+        accuracy = _accuracy_cell([v for _, v in groups[key]], failed_below)
+        rows.append({
+            "dataset": dataset,
+            "model": model,
+            "method": method,
+            "sparsity": f"{sparsity:g}",
+            "init": distribution,
+            "top-1 acc": "" if accuracy is None else accuracy,
+            "empty neurons %": _mean_of(members, "analysis", "overall", "empty_neurons_pct"),
+            "empty inputs %": _mean_of(members, "analysis", "overall", "empty_inputs_pct"),
+            "Params* [M]": _mean_of(members, "analysis", "overall", "params_star", factor=1e-6),
+            "MFLOPs": _mean_of(members, "flops", "sparse", factor=1e-6),
+        })
+    return rows
+
+
+# -------------------------------------------------------------------------------- printing
+
+
+def _header(rows: Sequence[Row]) -> list[str]:
+    header: list[str] = []
+    for row in rows:
+        header.extend(k for k in row if k not in header)
+    return header
+
+
+def _text(value: Any, digits: int) -> str:
+    if isinstance(value, Cell):
+        return value.text(digits)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def to_markdown(rows: Sequence[Row], digits: int = 2) -> str:
+    """A GitHub-flavoured Markdown table; :class:`Cell` as ``mean ± std (n=N)`` or ``-``."""
+    header = _header(rows)
+    if not header:
+        return "(no runs)\n"
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(header), "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += [line(_text(row.get(k, ""), digits) for k in header) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: Sequence[Row], digits: int = 4) -> str:
+    """CSV; a :class:`Cell` column ``c`` becomes ``c`` (mean, ``-`` if failed), ``c std``
+    and ``c n``; an empty entry is a setting with no run."""
+    header = _header(rows)
+    cell_columns = {k for row in rows for k, v in row.items() if isinstance(v, Cell)}
+    names: list[str] = []
+    for key in header:
+        names += [key, f"{key} std", f"{key} n"] if key in cell_columns else [key]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        out: list[str] = []
+        for key in header:
+            value = row.get(key, "")
+            if key not in cell_columns:
+                out.append(_text(value, digits))
+            elif isinstance(value, Cell):
+                out += [
+                    "-" if value.failed else f"{value.mean:.{digits}f}",
+                    "" if value.failed or value.std is None else f"{value.std:.{digits}f}",
+                    str(value.n),
+                ]
+            else:
+                out += ["", "", ""]
+        writer.writerow(out)
+    return buffer.getvalue()
+
+
+TABLES = {
+    "table1": ("Table 1: top-1 accuracy (%), mean ± std over seeds", table1),
+    "table2": ("Table 2: top-1 accuracy (%) averaged over dataset/model scenarios "
+               "(n = scenarios)", table2),
+    "table4": ("Table 4: empty neurons and inputs (% of all sparse-layer neurons / inputs), "
+               "Params*, sparse MFLOPs", table4),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-ggr report RUN_DIRS...``: print Tables 1, 2 and 4 of the runs found."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-ggr report",
+        description="Collect finished runs (every " + SUMMARY_FILENAME + " under RUN_DIRS) "
+        "and print the paper's Tables 1, 2 and 4.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="directories searched recursively, or summary files")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown",
+                        help="what to print (default: markdown)")
+    parser.add_argument("--output", metavar="DIR", default=None,
+                        help="also write table1.md, table1.csv, ... into DIR")
+    parser.add_argument("--metric", default="test/acc",
+                        help=f"metric holding the accuracy (default: test/acc; runs without "
+                        f"it fall back to {FALLBACK_METRIC})")
+    parser.add_argument("--accuracy-scale", choices=("auto", "fraction", "percent"),
+                        default="auto", help="fraction: multiply by 100; auto: fraction when "
+                        "every value is at most 1 (default)")
+    parser.add_argument("--failed-below", type=float, default=FAILED_BELOW,
+                        help="mean accuracy (%%) below which a setting is reported '-' "
+                        "(default: 5, as the paper)")
+    parser.add_argument("--tables", nargs="+", choices=tuple(TABLES), default=list(TABLES),
+                        help="which tables (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect_runs(args.run_dirs)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"error: no {SUMMARY_FILENAME} found under {' '.join(args.run_dirs)}",
+              file=sys.stderr)
+        return 1
+    _, notes = accuracies(runs, args.metric, scale=args.accuracy_scale)
+    print(f"{len(runs)} run(s) found.", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    blocks = []
+    for name in args.tables:
+        title, build = TABLES[name]
+        rows = build(runs, metric=args.metric, failed_below=args.failed_below,
+                     scale=args.accuracy_scale)
+        markdown, comma_separated = to_markdown(rows), to_csv(rows)
+        if output is not None:
+            (output / f"{name}.md").write_text(f"## {title}\n\n{markdown}", encoding="utf-8")
+            (output / f"{name}.csv").write_text(comma_separated, encoding="utf-8")
+        if args.format == "markdown":
+            blocks.append(f"## {title}\n\n{markdown}")
+        else:
+            blocks.append(f"# {name}\n{comma_separated}")
+    sys.stdout.write("\n".join(blocks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
