@@ -8,10 +8,12 @@ The engine (`lightning_ggr.sparse`) is plain PyTorch; the names that need Lightn
 from importlib import import_module
 from typing import Any
 
+from lightning_ggr.export import compact_sequential, load_sparse_model, save_sparse_model
 from lightning_ggr.sparse import (
     METHODS,
     RewiringSchedule,
     SparseEngine,
+    analyze_masks,
     global_topk_counts,
     initial_densities,
     select_sparse_parameters,
@@ -43,7 +45,11 @@ __all__ = [
     "RewiringSchedule",
     "SparseEngine",
     "__version__",
+    "analyze_masks",
+    "compact_sequential",
     "global_topk_counts",
     "initial_densities",
+    "load_sparse_model",
+    "save_sparse_model",
     "select_sparse_parameters",
 ]

@@ -44,7 +44,8 @@ def _check_patterns(name: str, value: Any) -> list[str] | None:
     if isinstance(value, str) or not all(isinstance(p, str) for p in value):
         raise TypeError(f"{name} must be a list of name patterns (strings), got {value!r}")
     if not value:
-        raise ValueError(f"{name} must not be empty; use None for the default selection")
+        raise ValueError(f"{name} must not be empty (use None for the default selection), "
+                         f"got {value!r}")
     return list(value)
 
 
@@ -83,7 +84,8 @@ class DynamicSparsityCallback(Callback):
         dsr_tolerance: DSR's tolerance around its target removal count, in ``(0, 1)``.
         log_figures: log the density chart, mask images and weight histograms to
             TensorBoard at rewirings and epoch ends (rank 0 only).
-        mask_layers: parameter names whose masks are drawn as images (default: a few).
+        mask_layers: parameter names or shell-style patterns whose masks are drawn as
+            images (default: the first three sparse convolutions that are not depthwise).
     """
 
     def __init__(
@@ -161,7 +163,11 @@ class DynamicSparsityCallback(Callback):
             return
         _refuse_sharded(trainer)
         # Fails early, with a clear message, when a pattern matches nothing.
-        select_sparse_parameters(pl_module, self.include, self.exclude)
+        params = select_sparse_parameters(pl_module, self.include, self.exclude)
+        if self.mask_layers is not None:
+            from lightning_ggr.plots import resolve_mask_layers
+
+            resolve_mask_layers(params, self.mask_layers)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
                 rank_zero_warn(
@@ -401,7 +407,7 @@ class DynamicSparsityCallback(Callback):
         summary = build_run_summary(
             masks=self.engine.masks, params=self.engine.params,
             initial_counts=self.engine.initial_counts, config=config, metrics=metrics,
-            module=pl_module if isinstance(example, Tensor) else None,
+            module=pl_module,
             example_input=example[:1] if isinstance(example, Tensor) else None,
         )
         write_run_summary(Path(trainer.log_dir) / SUMMARY_FILENAME, summary)

@@ -164,3 +164,31 @@ def test_densities_and_rewiring_counts_reach_tensorboard(tmp_path):
     assert fractions == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 13)) for s in (4, 8, 12)])
     assert scalars["rewiring/grown"] == removed
     assert "rewiring/moved" in scalars
+
+
+def test_figures_histograms_and_summary_come_out_of_a_real_run(tmp_path):
+    from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
+                                     update_interval=2, mask_layers=["net.0.weight"])
+    trainer(tmp_path, [sparse], logger=logger, max_epochs=1).fit(TinyModule(), loader())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0,
+                                                             "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "sparsity/density_per_layer" in tags["images"]
+    assert "masks/net.0.weight" in tags["images"]
+    assert {f"weights/{name}" for name in sparse.masks} <= set(tags["histograms"])
+    assert {f"moved/{name}" for name in sparse.masks} <= set(tags["scalars"])
+    summary = read_run_summary(f"{logger.log_dir}/{SUMMARY_FILENAME}")
+    assert summary["method"] == "ggr" and summary["sparsity"] == 0.8
+    assert summary["model"] == "TinyModule"
+    assert summary["layers"]["net.6.weight"]["active"] == int(sparse.masks["net.6.weight"].sum())
+    assert summary["global_density"] == pytest.approx(0.2, abs=1e-3)
+
+
+def test_unknown_mask_layer_fails_before_training(tmp_path):
+    sparse = DynamicSparsityCallback(sparsity=0.5, mask_layers=["nope.*"])
+    with pytest.raises(ValueError, match="mask_layers"):
+        trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())

@@ -1,5 +1,11 @@
 """The engine: dynamic sparse training in plain PyTorch (no Lightning import)."""
 
+from lightning_ggr.sparse.analysis import (
+    LayerAnalysis,
+    SparsityAnalysis,
+    analyze_masks,
+    sparse_flops,
+)
 from lightning_ggr.sparse.densities import active_counts, erk_score, initial_densities
 from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.masks import (
@@ -15,11 +21,14 @@ from lightning_ggr.sparse.topk import global_topk_counts
 
 __all__ = [
     "METHODS",
+    "LayerAnalysis",
     "MethodSpec",
     "RewiringReport",
     "RewiringSchedule",
     "SparseEngine",
+    "SparsityAnalysis",
     "active_counts",
+    "analyze_masks",
     "apply_masks_",
     "cosine_drop_fraction",
     "erk_score",
@@ -30,4 +39,5 @@ __all__ = [
     "random_mask",
     "rewire_",
     "select_sparse_parameters",
+    "sparse_flops",
 ]
