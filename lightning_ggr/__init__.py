@@ -24,6 +24,12 @@ __version__ = "0.1.0"
 #: Public names that live in modules importing Lightning: name -> module.
 _LAZY = {
     "DynamicSparsityCallback": "lightning_ggr.callback",
+    "ImageClassifier": "lightning_ggr.zoo",
+    "CIFAR100DataModule": "lightning_ggr.zoo",
+    "TinyImageNetDataModule": "lightning_ggr.zoo",
+    "DigitsDataModule": "lightning_ggr.zoo",
+    "DatasetUnavailableError": "lightning_ggr.zoo",
+    "build_model": "lightning_ggr.zoo",
 }
 
 
@@ -41,11 +47,17 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "METHODS",
+    "CIFAR100DataModule",
+    "DatasetUnavailableError",
+    "DigitsDataModule",
     "DynamicSparsityCallback",
+    "ImageClassifier",
     "RewiringSchedule",
     "SparseEngine",
+    "TinyImageNetDataModule",
     "__version__",
     "analyze_masks",
+    "build_model",
     "compact_sequential",
     "global_topk_counts",
     "initial_densities",

@@ -395,12 +395,8 @@ class DynamicSparsityCallback(Callback):
         from lightning_ggr.summary import SUMMARY_FILENAME, build_run_summary, write_run_summary
 
         config = self.run_config()
-        hparams = dict(getattr(pl_module, "hparams", {}) or {})
-        config["model"] = str(hparams.get("model_name", hparams.get("model",
-                                                                    type(pl_module).__name__)))
-        datamodule = getattr(trainer, "datamodule", None)
-        config["dataset"] = str(getattr(datamodule, "dataset_name", type(datamodule).__name__)
-                                if datamodule is not None else None)
+        config["model"] = _model_name(pl_module)
+        config["dataset"] = _dataset_name(trainer, pl_module)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if isinstance(v, (Tensor, float, int)) and torch.as_tensor(v).numel() == 1}
         example = getattr(pl_module, "example_input_array", None)
@@ -411,6 +407,24 @@ class DynamicSparsityCallback(Callback):
             example_input=example[:1] if isinstance(example, Tensor) else None,
         )
         write_run_summary(Path(trainer.log_dir) / SUMMARY_FILENAME, summary)
+
+
+def _model_name(pl_module: pl.LightningModule) -> str:
+    """``pl_module.model_name`` (zoo), else a ``model``/``model_name`` hparam, else the class."""
+    name = getattr(pl_module, "model_name", None)
+    if name is None:
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        name = hparams.get("model_name", hparams.get("model"))
+    return str(name) if isinstance(name, str) else type(pl_module).__name__
+
+
+def _dataset_name(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """The datamodule's ``dataset_name`` (zoo), else its class name; None without one."""
+    name = getattr(pl_module, "dataset_name", None)
+    datamodule = getattr(trainer, "datamodule", None)
+    if name is None and datamodule is not None:
+        name = getattr(datamodule, "dataset_name", type(datamodule).__name__)
+    return None if name is None else str(name)
 
 
 def _refuse_sharded(trainer: pl.Trainer) -> None:
