@@ -127,6 +127,8 @@ class DynamicSparsityCallback(Callback):
             raise ValueError(f"init_value must be finite, got {init_value!r}")
         self.init_value = float(init_value)
         self.seed = _check_int("seed", seed, 0)
+        if self.seed >= 2**64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
         self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, 0.0, 1.0,
@@ -182,6 +184,11 @@ class DynamicSparsityCallback(Callback):
                            "of the optimizer holding the sparse weights counts as a step.")
         params = select_sparse_parameters(pl_module, self.include, self.exclude)
         loaded = self._loaded_state
+        if loaded is None and self.engine is not None:
+            rank_zero_warn(
+                "this DynamicSparsityCallback already trained a model: fitting again draws new "
+                "masks over the current weights. Resume with `ckpt_path` to keep the topology."
+            )
         if loaded is None and trainer.ckpt_path is not None:
             rank_zero_warn(
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "

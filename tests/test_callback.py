@@ -192,3 +192,10 @@ def test_unknown_mask_layer_fails_before_training(tmp_path):
     sparse = DynamicSparsityCallback(sparsity=0.5, mask_layers=["nope.*"])
     with pytest.raises(ValueError, match="mask_layers"):
         trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
+
+
+def test_fitting_twice_with_one_callback_warns(tmp_path):
+    sparse = DynamicSparsityCallback(sparsity=0.5, log_figures=False)
+    trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
+    with pytest.warns(UserWarning, match="already trained a model"):
+        trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())

@@ -21,7 +21,12 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.densities import DISTRIBUTIONS, active_counts, initial_densities
-from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, random_mask
+from lightning_ggr.sparse.masks import (
+    apply_masks_,
+    mask_optimizer_state_,
+    random_mask,
+    reset_optimizer_state_,
+)
 from lightning_ggr.sparse.methods import get_method
 from lightning_ggr.sparse.rewiring import RewiringReport, rewire_
 from lightning_ggr.sparse.schedules import RewiringSchedule
@@ -210,9 +215,16 @@ class SparseEngine:
     ) -> RewiringReport:
         """One rewiring now, with the gradients currently in ``.grad``.
 
-        Masks and weights change in place; the optimizer state of every masked position is
-        zeroed; under ``torch.distributed`` the new topology is broadcast from rank 0.
+        Masks and weights change in place; the optimizer state of every masked position and
+        of every grown one (a weight dropped and regrown restarts at ``init_value`` with no
+        momentum) is zeroed; under ``torch.distributed`` the new topology is broadcast from
+        rank 0.
         """
+        optimizers = list(optimizers)
+
+        def reset_grown(name: str, positions: Tensor) -> None:
+            reset_optimizer_state_(optimizers, self.params[name], positions)
+
         gradients = None
         if self.method.needs_gradients:
             gradients = {}
@@ -231,6 +243,7 @@ class SparseEngine:
             init_value=self.init_value,
             threshold=self.threshold,
             threshold_tolerance=self.dsr_tolerance,
+            on_grow=reset_grown if optimizers else None,
         )
         if report.threshold is not None:
             self.threshold = report.threshold

@@ -152,6 +152,16 @@ def optimizer_state_tensors(
 
 
 @torch.no_grad()
+def reset_optimizer_state_(
+    optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor
+) -> None:
+    """Zero the optimizer state of ``param`` at ``positions``: a new weight starts afresh."""
+    for optimizer in optimizers:
+        for value in optimizer_state_tensors(optimizer, param):
+            value.masked_fill_(positions, 0)
+
+
+@torch.no_grad()
 def mask_optimizer_state_(
     optimizers: Iterable[torch.optim.Optimizer], params: Sequence[Tensor], masks: Sequence[Tensor]
 ) -> None:

@@ -7,7 +7,7 @@ active weights exactly: ``sum(grown) == sum(removed)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -223,6 +223,7 @@ def rewire_(
     init_value: float = 1e-10,
     threshold: float | None = None,
     threshold_tolerance: float = 0.1,
+    on_grow: Callable[[str, Tensor], None] | None = None,
 ) -> RewiringReport:
     """Run removal, allocation and insertion in place on ``masks`` and ``weights``.
 
@@ -241,6 +242,9 @@ def rewire_(
         init_value: value of a newly grown weight.
         threshold: DSR's current threshold ``H`` (``None``: start from the data).
         threshold_tolerance: DSR's tolerance around the target removal count.
+        on_grow: called with each layer's name and the positions grown in it (a bool tensor,
+            including positions dropped and regrown in this rewiring), e.g. to reset their
+            optimizer state.
     """
     if method.needs_gradients and gradients is None:
         raise ValueError("this method grows by gradient: pass the dense gradients")
@@ -249,7 +253,8 @@ def rewire_(
     new_threshold = None
     if method.removal == "threshold":
         target = _round_half_up(drop_fraction * sum(before.values()))
-        if threshold is None:
+        # Start (or restart, if halving drove it to 0) from the data: H = 0 prunes nothing.
+        if threshold is None or threshold <= 0.0:
             threshold = initial_threshold(weights, masks, target)
         dropped = remove_by_threshold(weights, masks, threshold)
         removed_total = sum(int(d.sum()) for d in dropped.values())
@@ -277,6 +282,8 @@ def rewire_(
         new = grow(masks[name], gradient, count, method.insertion, gradient_ratio, generator)
         masks[name] |= new
         weights[name].masked_fill_(new, init_value)
+        if on_grow is not None:
+            on_grow(name, new)
         grown[name] = count
     return RewiringReport(
         drop_fraction=drop_fraction,

@@ -131,3 +131,10 @@ def test_unknown_method_and_bad_spec_are_refused():
         get_method("rigl2")
     with pytest.raises(ValueError, match="insertion must be one of"):
         MethodSpec("magnitude", "keep", "sideways")
+
+
+def test_dsr_threshold_restarts_from_the_data_when_it_reached_zero():
+    weights, masks, _ = make_layers()
+    report = rewire_(weights, masks, None, METHODS["dsr"], 0.2,
+                     generator=torch.Generator().manual_seed(0), threshold=0.0)
+    assert report.total_removed > 0

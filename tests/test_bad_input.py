@@ -1,0 +1,222 @@
+"""Bad arguments fail before training with a message naming them; extreme sparsity is safe."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
+from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+
+# (argument, bad value, exception, what the message must say besides the name and the value)
+BAD_ARGUMENTS = [
+    ("sparsity", 1.0, ValueError, r"\[0\.0, 1\.0\)"),
+    ("sparsity", -0.1, ValueError, r"\[0\.0, 1\.0\)"),
+    ("sparsity", float("nan"), ValueError, r"\[0\.0, 1\.0\)"),
+    ("sparsity", "0.9", TypeError, "float"),
+    ("sparsity", True, TypeError, "float"),
+    ("method", "rigl2", ValueError, "'set', 'rigl', 'dsr', 'ggr'"),
+    ("method", "GGR", ValueError, "'ggr'"),
+    ("distribution", "normal", ValueError, "'erk', 'uniform'"),
+    ("drop_fraction", 0.0, ValueError, r"\(0\.0, 1\.0\]"),
+    ("drop_fraction", 1.5, ValueError, r"\(0\.0, 1\.0\]"),
+    ("update_interval", 0, ValueError, ">= 1"),
+    ("update_interval", -3, ValueError, ">= 1"),
+    ("update_interval", 2.0, TypeError, "int"),
+    ("interval", "batch", ValueError, "'step', 'epoch'"),
+    ("stop_fraction", 0.0, ValueError, r"\(0\.0, 1\.0\]"),
+    ("stop_fraction", 1.01, ValueError, r"\(0\.0, 1\.0\]"),
+    ("stop_step", 0, ValueError, ">= 1"),
+    ("stop_step", 10.5, TypeError, "int"),
+    ("gradient_ratio", -0.01, ValueError, r"\[0\.0, 1\.0\]"),
+    ("gradient_ratio", 1.01, ValueError, r"\[0\.0, 1\.0\]"),
+    ("init_value", float("inf"), ValueError, "finite"),
+    ("init_value", "small", TypeError, "float"),
+    ("seed", -1, ValueError, ">= 0"),
+    ("seed", 2**64, ValueError, r"\[0, 2\*\*64\)"),
+    ("seed", 1.5, TypeError, "int"),
+    ("include", "net.0.weight", TypeError, "list of name patterns"),
+    ("include", [], ValueError, "must not be empty"),
+    ("exclude", [3], TypeError, "list of name patterns"),
+    ("dsr_tolerance", 0.0, ValueError, r"\(0\.0, 1\.0\)"),
+    ("dsr_tolerance", 1.0, ValueError, r"\(0\.0, 1\.0\)"),
+    ("log_figures", "yes", TypeError, "bool"),
+    ("mask_layers", "net.0.weight", TypeError, "list of name patterns"),
+]
+
+
+@pytest.mark.parametrize(("argument", "value", "error", "allowed"), BAD_ARGUMENTS,
+                         ids=[f"{a}={v!r}" for a, v, _, _ in BAD_ARGUMENTS])
+def test_bad_constructor_argument_is_refused_by_name(argument, value, error, allowed):
+    with pytest.raises(error) as caught:
+        DynamicSparsityCallback(**{argument: value})
+    message = str(caught.value)
+    assert message.startswith(argument), message
+    assert repr(value) in message, message
+    assert re.search(allowed, message), message
+
+
+# ----------------------------------------------------------- refused before the first step
+class NoSparseLayer(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LayerNorm(108), nn.Flatten())
+        self.head = nn.Parameter(torch.zeros(108, 4))
+
+    def forward(self, x):
+        return self.net(x) @ self.head
+
+
+class SharedWeight(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(108, 108), nn.Linear(108, 108),
+                                 nn.Linear(108, 4))
+        self.net[2].weight = self.net[1].weight  # tied: one tensor, two layers
+
+
+def refused_before_training(tmp_path, model, error, match, **callback_kwargs):
+    callback_kwargs = {"log_figures": False, "interval": "step", "update_interval": 2,
+                       **callback_kwargs}
+    sparse = DynamicSparsityCallback(**callback_kwargs)
+    trainer = make_trainer(tmp_path, [sparse], max_epochs=2)
+    with pytest.raises(error, match=match):
+        trainer.fit(model, tiny_dataloader())
+    assert model.seen_batches == [], "training started before the error"
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "match"),
+    [
+        (TinyModule, {"include": ["net.*.bias", "head.*"]}, r"include pattern 'head\.\*' "
+                                                           "matches no parameter"),
+        (TinyModule, {"exclude": ["classifier.*"]}, r"exclude pattern 'classifier\.\*' matches "
+                                                   "no selected sparse parameter"),
+        (NoSparseLayer, {}, "the model has no sparse parameter"),
+        (SharedWeight, {}, r"sparse parameter 'net\.1\.weight' is shared by "
+                           r"\['net\.1\.weight', 'net\.2\.weight'\]"),
+        # 312 weights in 3 layers: sparsity 0.995 leaves 2 active weights, fewer than 3 layers.
+        (TinyModule, {"sparsity": 0.995, "distribution": "erk"},
+         r"sparsity=0\.995 leaves 2 active weights for the 3 sparse layers.*at most 0\.990385"),
+        (TinyModule, {"sparsity": 0.999, "distribution": "uniform"},
+         r"sparsity=0\.999 leaves 0 active weights"),
+        (TinyModule, {"stop_step": 2}, r"stop point \(stop_step=2\) comes at or before the "
+                                       "first rewiring at step 2"),
+        # stop_fraction of a 16-step run: stop at step 1, before the first rewiring at step 2.
+        (TinyModule, {"stop_fraction": 0.1}, r"stop_fraction=0\.1 of 16 steps = step 1"),
+    ],
+    ids=["include", "exclude", "no-sparse-layer", "shared", "erk-infeasible",
+         "uniform-infeasible", "stop-step-before-start", "stop-fraction-before-start"],
+)
+def test_what_only_the_model_tells_is_refused_before_the_first_step(tmp_path, model, kwargs,
+                                                                    match):
+    refused_before_training(tmp_path, model(), ValueError, match, **kwargs)
+
+
+def test_epoch_interval_that_never_rewires_warns(tmp_path):
+    sparse = DynamicSparsityCallback(interval="epoch", stop_fraction=0.5, log_figures=False)
+    with pytest.warns(UserWarning, match=r"start of epoch 1, step 8\): no rewiring will run"):
+        make_trainer(tmp_path, [sparse], max_epochs=2).fit(TinyModule(), tiny_dataloader())
+    assert sparse.engine.rewirings == 0
+
+
+class MySharded(FSDPStrategy):
+    """A user's strategy built on FSDP under another name."""
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy),
+     MySharded()],
+    ids=["fsdp", "model-parallel", "deepspeed", "fsdp-subclass"],
+)
+def test_sharded_strategies_are_refused_in_setup(strategy):
+    # FSDP and DeepSpeed need a GPU or an extra package to build a Trainer; setup only reads
+    # the trainer's strategy (and, after the check, its model and checkpoint callbacks).
+    trainer = SimpleNamespace(strategy=strategy, checkpoint_callbacks=[])
+    sparse = DynamicSparsityCallback(log_figures=False)
+    with pytest.raises(ValueError, match=rf"sharded strategy {type(strategy).__name__}: use "
+                                         r"'ddp', 'ddp_spawn'"):
+        sparse.setup(trainer, TinyModule(), "fit")
+
+
+def test_ddp_and_single_device_strategies_pass_setup(tmp_path):
+    for strategy in ("ddp", "ddp_spawn", "auto"):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
+                             default_root_dir=tmp_path)
+        DynamicSparsityCallback(log_figures=False).setup(trainer, TinyModule(), "fit")
+
+
+# ------------------------------------------------------------------------- extreme sparsity
+class TinyLayers(TinyModule):
+    """Two layers with fewer than a dozen weights next to two big ones (1811 weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 1, 1),  # 3 weights
+            nn.Conv2d(1, 2, 2),  # 8 weights
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2, 300),  # 600 weights
+            nn.ReLU(),
+            nn.Linear(300, 4),  # 1200 weights
+        )
+
+
+class Counts(pl.Callback):
+    """Every layer keeps >= 1 active weight at init and after every step; totals conserved."""
+
+    def __init__(self) -> None:
+        self.minimum_seen: dict[str, int] = {}
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        sparse = trainer.callbacks[0]
+        params = dict(pl_module.named_parameters())
+        for name, mask in sparse.masks.items():
+            count = int(mask.sum())
+            self.minimum_seen[name] = min(count, self.minimum_seen.get(name, count))
+            assert (params[name][~mask] == 0).all()
+            assert torch.isfinite(params[name]).all()
+        assert sum(int(m.sum()) for m in sparse.masks.values()) == sum(
+            sparse.initial_counts.values())
+        self.steps += 1
+
+
+@pytest.mark.parametrize("method", ["ggr", "set", "rigl", "dsr"])
+@pytest.mark.parametrize(
+    ("model", "sparsity", "distribution"),
+    [(TinyModule, 0.99, "uniform"),  # 3 active weights for 3 layers: one each
+     (TinyLayers, 0.995, "uniform"),  # 9 active weights; the small layers hold 1 each
+     (TinyLayers, 0.99, "erk")],
+    ids=["one-per-layer", "tiny-layers-uniform", "tiny-layers-erk"],
+)
+def test_extreme_sparsity_keeps_one_weight_per_layer_through_every_rewiring(
+        tmp_path, method, model, sparsity, distribution):
+    # Drop fraction 1: every rewiring tries to take every active weight of every layer.
+    sparse = DynamicSparsityCallback(method=method, sparsity=sparsity, distribution=distribution,
+                                     interval="step", update_interval=1, stop_step=8,
+                                     drop_fraction=1.0, log_figures=False)
+    counts = Counts()
+    make_trainer(tmp_path, [sparse, counts], max_epochs=1).fit(model(), tiny_dataloader())
+    assert counts.steps == 8
+    assert sparse.engine.rewirings == 7
+    assert set(counts.minimum_seen) == set(sparse.masks)
+    assert min(counts.minimum_seen.values()) >= 1
+    if distribution == "uniform":  # the edge case is really reached: a layer holds one weight
+        assert min(counts.minimum_seen.values()) == 1
+
+
+def test_budget_of_exactly_one_weight_per_layer_is_accepted():
+    # 312 weights, 3 layers: the largest sparsity keeping one weight per layer.
+    params = select_sparse_parameters(TinyModule())
+    engine = SparseEngine(params, sparsity=1 - 3 / 312, method="ggr")
+    assert engine.active_counts() == dict.fromkeys(SPARSE_NAMES, 1)
+    with pytest.raises(ValueError, match="leaves 2 active weights for the 3 sparse layers"):
+        SparseEngine(params, sparsity=1 - 2 / 312, method="ggr")
