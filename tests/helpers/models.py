@@ -13,14 +13,29 @@ from torch.utils.data import DataLoader, TensorDataset
 #: Names of the sparse parameters (the default selection: Conv/Linear weights), in order.
 SPARSE_NAMES = ("net.0.weight", "net.2.weight", "net.6.weight")
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamax", "noisy")
+
+
+class NoisySGD(torch.optim.SGD):
+    """Moves every weight and writes state everywhere, masked or not: the callback's
+    post-step hook must re-zero both (it is not one of the zero-preserving optimizers)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.add_(torch.randn_like(param) * 1e-3)
+                self.state[param]["noise"] = torch.randn_like(param)
+        return loss
 
 
 class TinyModule(pl.LightningModule):
     """``Conv2d(3, 6, 3) -> ReLU -> depthwise Conv2d(6, 6, 3) -> ReLU -> pool -> Linear(24, 4)``.
 
     Args:
-        optimizer: ``"sgd"`` (momentum 0.9, weight decay 5e-4), ``"adam"`` or ``"adamw"``.
+        optimizer: ``"sgd"`` (momentum 0.9, weight decay 5e-4), ``"adam"``, ``"adamw"``,
+            ``"adamax"`` or ``"noisy"`` (:class:`NoisySGD`).
         lr: learning rate.
         nonfinite_steps: optimizer steps (``global_step``) whose loss is made ``inf``.
         nonfinite_rank: only this rank injects the ``inf`` (``None``: every rank).
@@ -84,6 +99,10 @@ class TinyModule(pl.LightningModule):
         return None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "noisy":
+            return NoisySGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "adamax":
+            return torch.optim.Adamax(self.parameters(), lr=1e-2)
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         if self.optimizer_name == "adamw":
