@@ -1,0 +1,596 @@
+"""CPU-scale reproduction study of the GGR paper's Tables 1, 3, 4 and Figure 2 (issue #6).
+
+Every method (dense, SET, RigL, DSR, GGR, SET+RigL, GGR-SET, GGR-RigL) at sparsity
+0.9 / 0.97 / 0.99 with ERK and uniform initial densities, on the 12k-image real CIFAR-100
+subset (``shared/data/cifar100_subset.npz``), with a narrow VGG-style CNN that one CPU
+thread trains in about a minute. Same hyper-parameters for every method, tuned only on the
+dense network's validation accuracy. Built from the package's public pieces only:
+``lightning.Trainer`` + ``lightning_ggr.zoo.module.ImageClassifier`` +
+``lightning_ggr.DynamicSparsityCallback`` (which writes the run summary JSON).
+
+Subcommands (see ``docs/study.md``)::
+
+    python benchmarks/study.py tune   --lrs 0.05 0.1 0.2   # dense only, validation accuracy
+    python benchmarks/study.py run    --workers 3          # the grid; resumable
+    python benchmarks/study.py report                      # docs/results/*.md + figure
+    python benchmarks/study.py status                      # finished / missing runs
+
+Resuming: each finished run leaves ``<out>/<key>/result.json`` (written last, atomically,
+next to the package's ``lightning_ggr_summary.json``); ``run`` skips every key that has
+one and restarts unfinished ones from scratch. A run that raises is recorded with
+``"status": "failed"`` (and reported as such, never dropped); ``--retry-failed`` reruns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar100_subset.npz"
+DEFAULT_OUT = REPO / "runs" / "study"
+DEFAULT_RESULTS = REPO / "docs" / "results"
+
+METHODS = ("set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl")
+MAIN_METHODS = ("set", "rigl", "dsr", "ggr")
+ABLATIONS = ("set", "rigl", "set_rigl", "ggr_set", "ggr_rigl", "ggr")
+LABELS = {"dense": "Dense", "set": "SET", "rigl": "RigL", "dsr": "DSR", "ggr": "GGR",
+          "set_rigl": "SET+RigL", "ggr_set": "GGR-SET", "ggr_rigl": "GGR-RigL"}
+SPARSITIES = (0.9, 0.97, 0.99)
+DISTRIBUTIONS = ("erk", "uniform")
+DIST_LABELS = {"erk": "ERK", "uniform": "uni"}
+FIGURE_RUN = "ggr-uniform-s0.99-seed0"
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Recipe:
+    """The hyper-parameters every run shares (frozen after tuning the dense network)."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    #: Tuned on the dense network's validation accuracy (0.05 / 0.1 / 0.2, see docs).
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    #: The paper's CIFAR-100 milestones 30/60/80 of 100 epochs, scaled to ``epochs``.
+    milestones: tuple[int, ...] = (2, 4, 5)
+    lr_decay: float = 0.2
+    #: Rewire every this many optimizer steps until ``stop_fraction`` of training (see docs).
+    update_interval: int = 6
+    stop_fraction: float = 0.5
+    drop_fraction: float = 0.1
+    widths: tuple[int, int, int] = (16, 32, 64)
+    hidden: int = 256
+    val_size: int = 1000
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str  # "dense" or one of METHODS
+    sparsity: float
+    distribution: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        if self.method == "dense":
+            return f"dense-seed{self.seed}"
+        return f"{self.method}-{self.distribution}-s{self.sparsity}-seed{self.seed}"
+
+
+def grid(seeds_099: int = 3, dense_seeds: int = 3, seeds_other: int = 1) -> list[RunSpec]:
+    """The study's runs, most important first (so a cut-off study still answers the claims).
+
+    Order: 0.99 (uniform, then ERK) seed 0 and dense seed 0; 0.99 seed 1; 0.97 seed 0;
+    0.99 seed 2; 0.9 seed 0; further seeds of the other sparsities; remaining dense seeds.
+    """
+    def block(sparsity: float, seed: int) -> list[RunSpec]:
+        return [RunSpec(m, sparsity, d, seed) for d in ("uniform", "erk") for m in METHODS]
+
+    runs = [*block(0.99, 0), RunSpec("dense", 0.0, "erk", 0)]
+    if seeds_099 > 1:
+        runs += block(0.99, 1)
+    runs += block(0.97, 0)
+    for seed in range(2, seeds_099):
+        runs += block(0.99, seed)
+    runs += block(0.9, 0)
+    for seed in range(1, seeds_other):
+        runs += block(0.97, seed) + block(0.9, seed)
+    runs += [RunSpec("dense", 0.0, "erk", s) for s in range(1, dense_seeds)]
+    return runs
+
+
+# ---------------------------------------------------------------------------- network
+def tiny_vgg(widths: tuple[int, int, int] = (16, 32, 64), hidden: int = 256,
+             num_classes: int = 100):
+    """A narrow VGG-style CNN for 32x32 inputs, with VGG's oversized dense classifier.
+
+    conv3x3(c1) - pool - conv3x3(c2) - pool - conv3x3(c3) - pool - flatten (c3 x 4 x 4) -
+    linear(hidden) - linear(classes); batch-norm + ReLU after every conv. With the default
+    widths the first conv has only 432 weights (4 at 99% uniform sparsity) while the first
+    linear layer holds 262k of the 311k sparse weights: the imbalance the paper's VGG16
+    shows, at CPU scale. Uniform Kaiming initialization (the
+    package's ``kaiming_uniform_init_``, as the paper).
+    """
+    from torch import nn
+
+    from lightning_ggr.zoo.models import kaiming_uniform_init_
+
+    c1, c2, c3 = widths
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    model = nn.Sequential(
+        *block(3, c1), nn.MaxPool2d(2),
+        *block(c1, c2), nn.MaxPool2d(2),
+        *block(c2, c3), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c3 * 16, hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+    return kaiming_uniform_init_(model)
+
+
+# ------------------------------------------------------------------------ one run
+_DATAMODULES: dict[tuple, object] = {}
+
+
+def _datamodule(data: Path, recipe: Recipe, seed: int):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from study_data import CifarSubsetDataModule
+
+    # One in-memory copy of the images per process, re-seeded per run.
+    key = (str(data), recipe.val_size, recipe.batch_size)
+    dm = _DATAMODULES.get(key)
+    if dm is None:
+        dm = CifarSubsetDataModule(data, val_size=recipe.val_size, batch_size=recipe.batch_size)
+        dm.setup()
+        _DATAMODULES[key] = dm
+    dm.seed = seed
+    return dm
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".result.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as file:
+        json.dump(payload, file, indent=2, allow_nan=False)
+        file.write("\n")
+    os.replace(tmp, path)
+
+
+def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: bool = True,
+              log_figures: bool = False, threads: int = 1) -> dict:
+    """Train (and test) one configuration; returns the result dict (also written to disk)."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_ggr import DynamicSparsityCallback
+    from lightning_ggr.zoo.module import ImageClassifier
+
+    torch.set_num_threads(threads)
+    run_dir = out / spec.key
+    if run_dir.exists():  # an unfinished earlier attempt: start it over
+        shutil.rmtree(run_dir)
+    start = time.time()
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    dm = _datamodule(data, recipe, spec.seed)
+    module = ImageClassifier(
+        tiny_vgg(recipe.widths, recipe.hidden), num_classes=100, lr=recipe.lr,
+        momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs, milestones=recipe.milestones,
+        lr_decay=recipe.lr_decay,
+    )
+    module.example_input_array = torch.zeros(1, 3, 32, 32)  # lets the summary count FLOPs
+    callback = DynamicSparsityCallback(
+        method="ggr" if spec.method == "dense" else spec.method,
+        sparsity=spec.sparsity, distribution=spec.distribution,
+        drop_fraction=recipe.drop_fraction, interval="step",
+        update_interval=recipe.update_interval, stop_fraction=recipe.stop_fraction,
+        seed=spec.seed, log_figures=log_figures,
+    )
+    logger = TensorBoardLogger(save_dir=str(out), name=spec.key, version=0,
+                               default_hp_metric=False)
+    trainer = pl.Trainer(
+        max_epochs=recipe.epochs, accelerator="cpu", devices=1, logger=logger,
+        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.time() - start
+    val_acc = float(trainer.callback_metrics.get("val/acc", float("nan")))
+    test_acc = None
+    if test:
+        trainer.test(module, datamodule=dm, verbose=False)  # rewrites the summary with test/acc
+        test_acc = float(trainer.callback_metrics["test/acc"])
+    result = {
+        "status": "ok", **asdict(spec), "key": spec.key,
+        "val_acc": val_acc if math.isfinite(val_acc) else None, "test_acc": test_acc,
+        "wall_s": round(time.time() - start, 2), "fit_s": round(fit_s, 2),
+        "rewirings": None if callback.engine is None else callback.engine.rewirings,
+        "layer_densities": callback.layer_densities(),
+        "recipe": asdict(recipe), "torch_threads": threads,
+        "summary": str(Path(trainer.log_dir) / "lightning_ggr_summary.json"),
+    }
+    _atomic_json(run_dir / "result.json", result)
+    return result
+
+
+def _worker(args: tuple) -> dict:
+    spec, recipe, data, out, threads = args
+    if (out / "STOP").exists():  # graceful stop: runs already started finish, no new ones
+        return {"status": "not started (STOP file)", "key": spec.key}
+    try:
+        return train_one(spec, recipe, data, out, log_figures=spec.key == FIGURE_RUN,
+                         threads=threads)
+    except Exception as error:  # recorded, never dropped
+        result = {"status": "failed", **asdict(spec), "key": spec.key, "test_acc": None,
+                  "error": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exc()}
+        _atomic_json(out / spec.key / "result.json", result)
+        return result
+
+
+def _init_worker() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- results
+def load_results(out: Path) -> dict[str, dict]:
+    results = {}
+    for path in sorted(out.glob("*/result.json")):
+        with open(path) as file:
+            result = json.load(file)
+        results[result["key"]] = result
+    return results
+
+
+def pending(runs: Iterable[RunSpec], out: Path, retry_failed: bool) -> list[RunSpec]:
+    done = load_results(out)
+    todo = []
+    for spec in runs:
+        result = done.get(spec.key)
+        if result is None or (retry_failed and result.get("status") != "ok"):
+            todo.append(spec)
+    return todo
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import multiprocessing as mp
+
+    recipe = _recipe(args)
+    runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
+    todo = pending(runs, args.out, args.retry_failed)
+    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} finished, "
+          f"{len(todo)} to go; {args.workers} worker(s); recipe {asdict(recipe)}", flush=True)
+    start = time.time()
+    jobs = [(spec, recipe, args.data, args.out, 1) for spec in todo]
+    context = mp.get_context("spawn")
+    with context.Pool(args.workers, initializer=_init_worker, maxtasksperchild=None) as pool:
+        for i, result in enumerate(pool.imap_unordered(_worker, jobs, chunksize=1), 1):
+            acc = result.get("test_acc")
+            print(f"[{time.time() - start:7.0f}s] {i}/{len(jobs)} {result['key']}: "
+                  f"{result['status']} test_acc={acc if acc is None else round(100 * acc, 2)} "
+                  f"wall={result.get('wall_s')}s {result.get('error', '')}", flush=True)
+    print(f"done in {time.time() - start:.0f}s", flush=True)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Dense network only, validation accuracy (never test), a few learning rates."""
+    import multiprocessing as mp
+
+    base = _recipe(args)
+    tune_out = args.out.parent / (args.out.name + "_tune")
+    jobs = []
+    for lr in args.lrs:
+        recipe = Recipe(**{**asdict(base), "lr": lr})
+        jobs.append((RunSpec("dense", 0.0, "erk", 0), recipe, args.data, tune_out / f"lr{lr}"))
+    context = mp.get_context("spawn")
+    with context.Pool(args.workers, initializer=_init_worker) as pool:
+        results = pool.map(_tune_job, jobs, chunksize=1)
+    for lr, result in zip(args.lrs, results, strict=True):
+        print(f"lr={lr}: val/acc={result['val_acc']:.4f} wall={result['wall_s']}s", flush=True)
+    _atomic_json(tune_out / "tuning.json", {"lrs": list(args.lrs), "results": results})
+
+
+def _tune_job(job: tuple) -> dict:
+    spec, recipe, data, out = job
+    return train_one(spec, recipe, data, out, test=False)
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    recipe = Recipe()
+    changes = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k, None)}
+    return Recipe(**{**asdict(recipe), **changes})
+
+
+# --------------------------------------------------------------------------- reporting
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _cell(results: list[dict]) -> str:
+    if not results:
+        return "missing"
+    accs = [100 * r["test_acc"] for r in results if r.get("status") == "ok"]
+    failed = len(results) - len(accs)
+    if not accs:
+        return f"failed (n={failed})"
+    mean, std = _stats(accs)
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (n={len(accs)})"
+    return text + (f", {failed} failed" if failed else "")
+
+
+def _group(results: dict[str, dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results.values():
+        key = ("dense",) if r["method"] == "dense" else (r["method"], r["sparsity"],
+                                                          r["distribution"])
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def table1(results: dict[str, dict], methods: tuple[str, ...] = METHODS) -> str:
+    groups = _group(results)
+    head = ["Method", "dense (s=0)"] + [f"s={s} {DIST_LABELS[d]}" for s in SPARSITIES
+                                          for d in DISTRIBUTIONS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dense = _cell(groups.get(("dense",), []))
+    lines.append("| Dense | " + dense + " |" + " |" * (len(head) - 2))
+    for m in methods:
+        cells = [_cell(groups.get((m, s, d), [])) for s in SPARSITIES for d in DISTRIBUTIONS]
+        lines.append(f"| {LABELS[m]} | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: dict[str, dict], sparsity: float = 0.99,
+                 reference: str = "ggr") -> str:
+    """GGR minus each method, paired by seed (same seed = same initial mask draw, model
+    initialization and batch order), mean ± std of the per-seed differences."""
+    head = ["GGR minus", *[f"s={sparsity} {DIST_LABELS[d]}" for d in DISTRIBUTIONS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in METHODS:
+        if m == reference:
+            continue
+        cells = []
+        for d in DISTRIBUTIONS:
+            diffs, wins = [], 0
+            for seed in range(10):
+                ref = results.get(RunSpec(reference, sparsity, d, seed).key)
+                other = results.get(RunSpec(m, sparsity, d, seed).key)
+                if ref and other and ref.get("status") == other.get("status") == "ok":
+                    diffs.append(100 * (ref["test_acc"] - other["test_acc"]))
+                    wins += diffs[-1] > 0
+            cells.append(f"{_mean_text(diffs)} (GGR ahead {wins}/{len(diffs)})"
+                         if diffs else "-")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def final_density_table(results: dict[str, dict], sparsity: float, distribution: str) -> str:
+    """Mean final density per layer and method (over seeds), with the initial density."""
+    ok = [r for r in results.values() if r.get("status") == "ok" and r["method"] != "dense"
+          and r["sparsity"] == sparsity and r["distribution"] == distribution]
+    if not ok:
+        return "(no runs)"
+    layers = list(ok[0]["layer_densities"])
+    sizes, initial = {}, {}
+    summary = next((x for x in map(_summary, ok) if x is not None), None)
+    if summary is not None:
+        sizes = {n: v["total"] for n, v in summary["layers"].items()}
+        initial = {n: v["initial_active"] / v["total"] for n, v in summary["layers"].items()}
+    head = ["Layer (weights)", "initial", *[LABELS[m] for m in METHODS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in layers:
+        row = [f"`{name}` ({sizes.get(name, '?')})", f"{initial.get(name, float('nan')):.4f}"]
+        for m in METHODS:
+            values = [r["layer_densities"][name] for r in ok if r["method"] == m]
+            row.append(f"{statistics.fmean(values):.4f}" if values else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _summary(result: dict) -> dict | None:
+    path = Path(result.get("summary") or "")
+    if not path.is_file():
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def table4(results: dict[str, dict], sparsity: float = 0.97) -> str:
+    head = ["Method", "Top-1 ERK", "Top-1 uni", "Empty neurons ERK %", "Empty neurons uni %",
+            "Empty inputs ERK %", "Empty inputs uni %", "Params* ERK [k]", "Params* uni [k]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups = _group(results)
+    for m in METHODS:
+        acc, neurons, inputs, params = [], [], [], []
+        for d in DISTRIBUTIONS:
+            runs = [r for r in groups.get((m, sparsity, d), []) if r.get("status") == "ok"]
+            summaries = [s for s in map(_summary, runs) if s is not None]
+            acc.append(_mean_text([100 * r["test_acc"] for r in runs]))
+            overall = [s["analysis"]["overall"] for s in summaries]
+            neurons.append(_mean_text([o["empty_neurons_pct"] for o in overall], 1))
+            inputs.append(_mean_text([o["empty_inputs_pct"] for o in overall], 1))
+            params.append(_mean_text([o["params_star"] / 1e3 for o in overall], 1))
+        lines.append(f"| {LABELS[m]} | " + " | ".join(acc + neurons + inputs + params) + " |")
+    return "\n".join(lines)
+
+
+def _mean_text(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean, std = _stats(values)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def density_table(summary: dict) -> str:
+    lines = ["| Layer | Size | Initial active | Final active | Initial density | "
+             "Final density |", "|---|---|---|---|---|---|"]
+    for name, layer in summary["layers"].items():
+        lines.append(f"| `{name}` | {layer['total']} | {layer['initial_active']} | "
+                     f"{layer['active']} | {layer['initial_active'] / layer['total']:.4f} | "
+                     f"{layer['density']:.4f} |")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    results = load_results(args.out)
+    runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
+    missing = [s.key for s in runs if s.key not in results]
+    failed = sorted(k for k, r in results.items() if r.get("status") != "ok")
+    ok = [r for r in results.values() if r.get("status") == "ok"]
+    walls = [r["wall_s"] for r in ok]
+    args.results.mkdir(parents=True, exist_ok=True)
+    footer = (f"\n\n{len(ok)} finished runs, {len(failed)} failed "
+              f"({', '.join(failed) or 'none'}), {len(missing)} missing "
+              f"({', '.join(missing) or 'none'}).\n")
+    intro1 = ("Top-1 test accuracy (%) on the 2,000 test images of the CIFAR-100 subset, "
+              "mean ± sample std over seeds (n = number of seeds). Every run of the grid is "
+              "included; none is dropped.\n\n")
+    from lightning_ggr import report as package_report
+
+    summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
+    cross1 = ("\n## Cross-check: `lightning_ggr.report.table1` on the same run summaries\n\n"
+              "The package's own report (as `lightning-ggr report runs/study` prints it), "
+              "which applies the paper's rule: a setting whose mean accuracy is below 5% "
+              "counts as failed and is printed `-`. (`model` reads `ImageClassifier`: the "
+              "summary names the LightningModule when the network is passed as an "
+              "`nn.Module`.)\n\n" + package_report.to_markdown(package_report.table1(summaries)))
+    (args.results / "table1.md").write_text(
+        "# Table 1 / Table 3 style: accuracy by method, sparsity and initial distribution\n\n"
+        + intro1 + table1(results) + footer + cross1)
+    intro4 = ("Sparsity 0.97, after training (mean ± std over seeds where there are several). "
+              "Empty neuron: output channel/row with no active weight; empty input: input "
+              "channel/column no neuron uses; Params*: dense parameters left after removing "
+              "every empty neuron and input (thousands; the dense network has "
+              f"{_dense_params(results)} sparse-layer weights).\n\n")
+    (args.results / "paired_099.md").write_text(
+        "# GGR against each method at 99% sparsity, paired by seed\n\n"
+        "Test accuracy of GGR minus that of the method, in percentage points, per seed "
+        "(runs with the same seed share the initial mask draw, the weight initialization "
+        "and the batch order); mean ± std over seeds and how many seeds GGR is ahead.\n\n"
+        + paired_table(results) + footer)
+    (args.results / "final_densities.md").write_text(
+        "# Final layer densities by method (mean over seeds)\n\n"
+        "Methods with `keep` allocation (SET, RigL, SET+RigL) keep the initial densities; "
+        "DSR, GGR and the GGR ablations move weights between layers.\n\n"
+        + "\n\n".join(f"## Sparsity {s}, {DIST_LABELS[d]}\n\n"
+                       + final_density_table(results, s, d)
+                       for s in (0.99, 0.97, 0.9) for d in ("uniform", "erk"))
+        + "\n")
+    at_097 = [r for r in summaries if r.get("sparsity") == 0.97]
+    cross4 = ("\n## Cross-check: `lightning_ggr.report.table4` (0.97 runs; Params* in millions)"
+              "\n\n" + package_report.to_markdown(package_report.table4(at_097), digits=4))
+    (args.results / "table4.md").write_text(
+        "# Table 4 style: empty neurons and inputs at 97% sparsity\n\n" + intro4
+        + table4(results) + footer + cross4)
+    figure_run = results.get(FIGURE_RUN)
+    if figure_run is not None and figure_run.get("status") == "ok":
+        summary = _summary(figure_run)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from lightning_ggr.plots import density_figure
+
+        layers = summary["layers"]
+        figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
+                                {n: v["active"] for n, v in layers.items()},
+                                {n: v["total"] for n, v in layers.items()})
+        # The library's density axis spans 0..1; at 1% density the bars would be
+        # invisible, so zoom it to the densities there are (the counts axis is unchanged).
+        top = max(max(v["initial_active"], v["active"]) / v["total"] for v in layers.values())
+        figure.axes[0].set_ylim(0.0, min(1.05, 1.25 * top))
+        figure.savefig(args.results / "figure2_ggr_uniform_099.png", dpi=120,
+                       bbox_inches="tight")
+        (args.results / "figure2_ggr_uniform_099.md").write_text(
+            "# Figure 2 style: layer densities of the 99% uniform GGR run (seed 0)\n\n"
+            "Drawn by `lightning_ggr.plots.density_figure` from the run summary; the density "
+            "axis is zoomed to the range of the densities.\n\n"
+            "![densities](figure2_ggr_uniform_099.png)\n\n" + density_table(summary) + "\n")
+    timing = {"runs_ok": len(ok), "failed": failed, "missing": missing,
+              "wall_s_mean": statistics.fmean(walls) if walls else None,
+              "wall_s_min": min(walls) if walls else None,
+              "wall_s_max": max(walls) if walls else None}
+    _atomic_json(args.results / "runs.json", {
+        "timing": timing,
+        "runs": [{k: r.get(k) for k in ("key", "method", "sparsity", "distribution", "seed",
+                                        "status", "test_acc", "val_acc", "wall_s",
+                                        "rewirings", "error")}
+                 for r in sorted(results.values(), key=lambda r: r["key"])],
+    })
+    print(table1(results))
+    print()
+    print(table4(results))
+    print(json.dumps(timing, indent=1))
+
+
+def _dense_params(results: dict[str, dict]) -> str:
+    for r in results.values():
+        summary = _summary(r) if r.get("status") == "ok" else None
+        if summary is not None:
+            return f"{summary['analysis']['overall']['total']:,}"
+    return "?"
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    results = load_results(args.out)
+    runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
+    done = [s for s in runs if s.key in results]
+    print(f"{len(done)}/{len(runs)} finished")
+    for spec in runs:
+        r = results.get(spec.key)
+        if r is None:
+            print(f"  missing  {spec.key}")
+        elif r.get("status") != "ok":
+            print(f"  FAILED   {spec.key}: {r.get('error')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "tune", "report", "status"):
+        p = sub.add_parser(name)
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run directories")
+        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+        p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 thread each")
+        p.add_argument("--seeds-099", type=int, default=3, help="seeds for sparsity 0.99")
+        p.add_argument("--seeds-other", type=int, default=1, help="seeds for 0.9 and 0.97")
+        p.add_argument("--dense-seeds", type=int, default=3)
+        p.add_argument("--epochs", type=int, default=None, help="override (tuning only)")
+        p.add_argument("--lr", type=float, default=None, help="override (tuning only)")
+        p.add_argument("--retry-failed", action="store_true")
+        if name == "tune":
+            p.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    args = parser.parse_args(argv)
+    {"run": cmd_run, "tune": cmd_tune, "report": cmd_report, "status": cmd_status}[
+        args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""In-memory CIFAR-100 subset for the CPU-scale study (benchmarks only, not the package).
+
+Reads ``cifar100_subset.npz`` (12k real CIFAR-100 images, see ``shared/data/README.md``)
+into tensors once and serves them with the usual CIFAR augmentation (4-pixel padded
+random crop, horizontal flip) done on whole batches of tensors: no worker processes,
+no PIL, so one training run costs one CPU thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+#: Per-channel mean/std of CIFAR-100's training set (the usual constants).
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def _to_tensor(x: np.ndarray) -> Tensor:
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+    return ((t - mean) / std).contiguous()
+
+
+def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Random crop with ``pad`` zero padding and random horizontal flip, per image.
+
+    One gather for the whole batch (no Python loop over images).
+    """
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    rows = dy + torch.arange(h)
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))
+    return padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
+                  rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+class _Augment:
+    """``collate_fn`` for a loader that yields whole batches (``batch_size=None``)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        return augment_batch(x, self.generator), y
+
+
+class CifarSubsetDataModule(pl.LightningDataModule):
+    """The 12k-image CIFAR-100 subset, held in memory.
+
+    Args:
+        path: the ``.npz`` file.
+        val_size: images held out of the 10,000 training images for validation
+            (stratified, fixed seed 0): the learning rate is tuned on them, never on test.
+        batch_size: training and evaluation batch size.
+        seed: seed of the shuffling and augmentation streams.
+    """
+
+    dataset_name = "cifar100_subset"
+
+    def __init__(self, path: str | Path, val_size: int = 1000, batch_size: int = 128,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_classes = 100
+        self._loaded = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._loaded:
+            return
+        data = np.load(self.path)
+        x, y = _to_tensor(data["x_train"]), torch.from_numpy(data["y_train"]).long()
+        rng = np.random.default_rng(0)
+        per_class = self.val_size // self.num_classes
+        val_idx = np.concatenate([
+            rng.permutation(np.flatnonzero(data["y_train"] == c))[:per_class]
+            for c in range(self.num_classes)
+        ])
+        train_mask = np.ones(len(y), dtype=bool)
+        train_mask[val_idx] = False
+        self.train_set = TensorDataset(x[train_mask], y[train_mask])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+        self.test_set = TensorDataset(_to_tensor(data["x_test"]),
+                                      torch.from_numpy(data["y_test"]).long())
+        self._loaded = True
+
+    def train_dataloader(self) -> DataLoader:
+        # The sampler yields index lists; TensorDataset slices whole batches at once.
+        sampler = BatchSampler(
+            RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed)),
+            batch_size=self.batch_size, drop_last=True)
+        return DataLoader(self.train_set, sampler=sampler, batch_size=None, num_workers=0,
+                          collate_fn=_Augment(self.seed + 1))
+
+    def _eval_loader(self, dataset: TensorDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=500, shuffle=False, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
