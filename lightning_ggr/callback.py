@@ -142,6 +142,7 @@ class DynamicSparsityCallback(Callback):
         self._loaded_state: dict | None = None
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._summary_path: Path | None = None
         self._global_density = 1.0 - self.sparsity
 
     # ------------------------------------------------------------------ public view
@@ -213,8 +214,12 @@ class DynamicSparsityCallback(Callback):
             self._loaded_state = None
         self._attach_step_hook(trainer, params)
         self._global_density = self.engine.global_density()
+        self._warn_if_init_value_underflows(params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores optimizer state after on_fit_start: state from a checkpoint
+        # without our masks (or an optimizer reused across fits) must be masked once here.
+        self.engine.enforce_masks([self._optimizer])
         self._log_densities(trainer, step=trainer.global_step)
         self._log_views(trainer)
 
@@ -309,6 +314,16 @@ class DynamicSparsityCallback(Callback):
         return RewiringSchedule(self.interval, self.update_interval, stop_step,
                                 self.drop_fraction)
 
+    def _warn_if_init_value_underflows(self, params: Mapping[str, Tensor]) -> None:
+        dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
+        lost = [d for d in dtypes if self.init_value != 0 and float(
+            torch.tensor(self.init_value, dtype=d)) == 0.0]
+        if lost:
+            rank_zero_warn(
+                f"init_value={self.init_value} is 0 in {lost[0]}: new weights start at exactly 0 "
+                f"(the paper avoids that); use an init_value >= {torch.finfo(lost[0]).tiny}"
+            )
+
     def _attach_step_hook(self, trainer: pl.Trainer, params: Mapping[str, Tensor]) -> None:
         wanted = {id(p) for p in params.values()}
         owners = [
@@ -399,7 +414,12 @@ class DynamicSparsityCallback(Callback):
             return
         if trainer.log_dir is None:
             return
-        from lightning_ggr.summary import SUMMARY_FILENAME, build_run_summary, write_run_summary
+        from lightning_ggr.summary import (
+            SUMMARY_FILENAME,
+            build_run_summary,
+            read_run_summary,
+            write_run_summary,
+        )
 
         config = self.run_config()
         config["model"] = _model_name(pl_module)
@@ -413,7 +433,13 @@ class DynamicSparsityCallback(Callback):
             module=pl_module,
             example_input=example[:1] if isinstance(example, Tensor) else None,
         )
-        write_run_summary(Path(trainer.log_dir) / SUMMARY_FILENAME, summary)
+        path = Path(trainer.log_dir) / SUMMARY_FILENAME
+        if path == self._summary_path and path.exists():
+            # Test after fit, same run: keep the fit's metrics (val/*), add the new ones.
+            previous = read_run_summary(path).get("metrics") or {}
+            summary["metrics"] = {**previous, **summary["metrics"]}
+        write_run_summary(path, summary)
+        self._summary_path = path
 
 
 def _model_name(pl_module: pl.LightningModule) -> str:

@@ -152,3 +152,48 @@ def test_fitting_twice_with_one_callback_warns(tmp_path):
     trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
     with pytest.warns(UserWarning, match="already trained a model"):
         trainer(tmp_path, [sparse], max_epochs=1).fit(TinyModule(), loader())
+
+
+class WithUnusedLayer(TinyModule):
+    """A sparse layer that never sees a gradient (an auxiliary head left unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = torch.nn.Linear(24, 4)
+
+
+@pytest.mark.parametrize("method", ["ggr", "rigl"])
+def test_a_layer_without_gradient_does_not_crash_gradient_growth(tmp_path, method):
+    sparse = DynamicSparsityCallback(method=method, sparsity=0.8, interval="step",
+                                     update_interval=2, log_figures=False)
+    trainer(tmp_path, [sparse, Invariants(sparse)], max_epochs=1).fit(WithUnusedLayer(),
+                                                                       loader())
+    assert sparse.engine.rewirings == 1
+    assert "aux.weight" in sparse.masks
+
+
+def test_init_value_that_underflows_the_parameter_dtype_warns(tmp_path):
+    sparse = DynamicSparsityCallback(sparsity=0.5, log_figures=False)
+    with pytest.warns(UserWarning, match="init_value=1e-10 is 0 in torch.float16"):
+        trainer(tmp_path, [sparse], max_epochs=1, precision="16-true").fit(TinyModule(),
+                                                                          loader())
+
+
+def test_test_after_fit_keeps_the_fit_metrics_in_the_summary(tmp_path):
+    from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+
+    class Evaluated(TinyModule):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.loss(batch))
+
+        def test_step(self, batch, batch_idx):
+            self.log("test/loss", self.loss(batch))
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    sparse = DynamicSparsityCallback(sparsity=0.5, log_figures=False)
+    fit_trainer = trainer(tmp_path, [sparse], logger=logger, max_epochs=1)
+    module = Evaluated()
+    fit_trainer.fit(module, loader(), loader())
+    fit_trainer.test(module, loader())
+    metrics = read_run_summary(f"{logger.log_dir}/{SUMMARY_FILENAME}")["metrics"]
+    assert {"val/loss", "test/loss"} <= set(metrics)

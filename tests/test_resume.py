@@ -139,6 +139,10 @@ def test_resuming_from_a_checkpoint_without_callback_state_warns(tmp_path):
                            ckpt_path=tmp_path / "ckpt" / "last.ckpt", max_steps=10)
     counts = sparse.engine.active_counts()
     assert sum(counts.values()) == sum(sparse.initial_counts.values())
+    # The dense run's momentum was restored after on_fit_start: it must not move masked
+    # weights off 0 in the resumed steps (SGD gets no post-step re-zeroing).
+    for name, mask in sparse.masks.items():
+        assert (sparse.engine.params[name][~mask] == 0).all(), name
 
 
 def test_resuming_with_other_settings_than_the_checkpoint_warns(tmp_path):

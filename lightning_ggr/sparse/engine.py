@@ -137,6 +137,8 @@ class SparseEngine:
     def _refresh_lists(self) -> None:
         self._param_list = list(self.params.values())
         self._mask_list = [self.masks[name] for name in self.params]
+        # The dense baseline (sparsity 0) masks nothing: skip its per-step passes.
+        self._anything_masked = not all(bool(mask.all()) for mask in self._mask_list)
 
     @property
     def total_active(self) -> int:
@@ -155,11 +157,15 @@ class SparseEngine:
 
     # ---------------------------------------------------------------- per-step work
     def apply_masks(self) -> None:
-        """Zero every masked weight (one fused pass)."""
-        apply_masks_([p.data for p in self._param_list], self._mask_list)
+        """Zero every masked weight (one pass, no allocation)."""
+        if self._anything_masked:
+            apply_masks_([p.data for p in self._param_list], self._mask_list)
 
     def mask_gradients(self) -> None:
-        """Zero every masked gradient (one fused pass), so no update reaches a masked weight."""
+        """Zero every masked gradient (one pass, no allocation): no update reaches a masked
+        weight."""
+        if not self._anything_masked:
+            return
         grads, masks = [], []
         for param, mask in zip(self._param_list, self._mask_list, strict=True):
             if param.grad is not None:
@@ -200,14 +206,23 @@ class SparseEngine:
         self.mask_gradients()
         return report
 
+    def enforce_masks(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Zero masked weights and the optimizers' state there, whatever happened before.
+
+        Call it once when an optimizer's state was loaded from elsewhere (a checkpoint of a
+        dense run, an optimizer reused across fits): per-step work relies on that state
+        being zero at masked positions.
+        """
+        self.apply_masks()
+        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
+
     def after_optimizer_step(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Re-zero masked weights (and the optimizers' state there) after a step.
 
         Needed only for optimizers outside ``ZERO_PRESERVING_OPTIMIZERS``: for SGD, Adam and
         the like a zero gradient and zero state already leave a masked weight at 0.
         """
-        self.apply_masks()
-        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
+        self.enforce_masks(optimizers)
 
     # -------------------------------------------------------------------- rewiring
     def rewire(
@@ -229,9 +244,9 @@ class SparseEngine:
         if self.method.needs_gradients:
             gradients = {}
             for name, param in self.params.items():
-                if param.grad is None:
-                    raise RuntimeError(f"{name!r} has no gradient: cannot grow by gradient")
-                gradients[name] = param.grad
+                # A layer unused in this step (aux head, conditional branch) has no gradient:
+                # it scores 0 everywhere, so it gets weights only where nothing scores higher.
+                gradients[name] = torch.zeros_like(param) if param.grad is None else param.grad
         report = rewire_(
             {name: p.data for name, p in self.params.items()},
             self.masks,
@@ -247,7 +262,12 @@ class SparseEngine:
         )
         if report.threshold is not None:
             self.threshold = report.threshold
-        self.broadcast_topology()
+        if _distributed():
+            local = {name: mask.clone() for name, mask in self.masks.items()}
+            self.broadcast_topology()
+            # Had this rank grown differently, rank 0's new positions start afresh here too.
+            for name, mask in self.masks.items():
+                reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name])
         mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
         self.rewirings += 1
         return report
@@ -314,6 +334,8 @@ class SparseEngine:
     def load_state_dict(self, state: Mapping) -> None:
         """Adopt saved masks and bookkeeping; the parameters are masked in place."""
         self._adopt_masks(state["masks"])
+        if "initial_counts" in state:
+            self.initial_counts = {name: int(c) for name, c in state["initial_counts"].items()}
         self.last_slot = int(state["last_slot"])
         self.last_rewiring_step = state.get("last_rewiring_step")
         self.rewirings = int(state.get("rewirings", 0))

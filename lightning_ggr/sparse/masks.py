@@ -168,5 +168,5 @@ def mask_optimizer_state_(
     """Zero the optimizer state at every masked position, so no momentum revives a weight."""
     for optimizer in optimizers:
         for param, mask in zip(params, masks, strict=True):
-            for value in optimizer_state_tensors(optimizer, param):
-                value.mul_(mask)
+            values = list(optimizer_state_tensors(optimizer, param))
+            apply_masks_(values, [mask] * len(values))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +27,6 @@ class RewiringReport:
     active: dict[str, int]
     threshold: float | None = None
     skipped: bool = False
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_removed(self) -> int:

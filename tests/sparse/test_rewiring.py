@@ -135,6 +135,9 @@ def test_unknown_method_and_bad_spec_are_refused():
 
 def test_dsr_threshold_restarts_from_the_data_when_it_reached_zero():
     weights, masks, _ = make_layers()
+    active = sum(int(m.sum()) for m in masks.values())
     report = rewire_(weights, masks, None, METHODS["dsr"], 0.2,
                      generator=torch.Generator().manual_seed(0), threshold=0.0)
-    assert report.total_removed > 0
+    target = round(0.2 * active)
+    assert abs(report.total_removed - target) <= 0.1 * target  # H = k-th smallest magnitude
+    assert report.threshold is not None and report.threshold > 0
