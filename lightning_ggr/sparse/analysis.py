@@ -25,14 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+from lightning_ggr.sparse.masks import CONV_MODULES as _CONV_TYPES
 
 
 def _pct(part: int, whole: int) -> float:

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-#: Module types whose ``weight`` is sparse by default.
-DEFAULT_SPARSE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
+#: Convolution types (their weight is ``(out, in / groups, *kernel)``, transposed:
+#: ``(in, out / groups, *kernel)``).
+CONV_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
@@ -18,6 +18,9 @@ DEFAULT_SPARSE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+#: Module types whose ``weight`` is sparse by default.
+DEFAULT_SPARSE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_MODULES)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
