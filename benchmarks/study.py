@@ -15,6 +15,13 @@ Subcommands (see ``docs/study.md``)::
     python benchmarks/study.py report                      # docs/results/*.md + figure
     python benchmarks/study.py status                      # finished / missing runs
 
+Supplementary grid (``--network wide``, run directories ``runs/study_wide``): the same conv
+stack with an oversized classifier (1024 -> 2048 -> 100, 2.3M weights, VGG16-like waste);
+dense + SET, RigL, DSR, GGR at 0.99 x {ERK, uniform} x 3 seeds, same recipe::
+
+    python benchmarks/study.py run    --network wide --workers 2
+    python benchmarks/study.py report --network wide   # docs/results/wide_table.md + figure
+
 Resuming: each finished run leaves ``<out>/<key>/result.json`` (written last, atomically,
 next to the package's ``lightning_ggr_summary.json``); ``run`` skips every key that has
 one and restarts unfinished ones from scratch. A run that raises is recorded with
@@ -41,6 +48,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar100_subset.npz"
 DEFAULT_OUT = REPO / "runs" / "study"
 DEFAULT_RESULTS = REPO / "docs" / "results"
+#: Supplementary ``--network wide`` grid (see ``wide_grid``): run directories.
+DEFAULT_WIDE_OUT = REPO / "runs" / "study_wide"
+#: Hidden width of the wide variant's classifier: flatten 1024 -> 2048 -> 100.
+WIDE_HIDDEN = 2048
 
 METHODS = ("set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl")
 MAIN_METHODS = ("set", "rigl", "dsr", "ggr")
@@ -110,6 +121,17 @@ def grid(seeds_099: int = 3, dense_seeds: int = 3, seeds_other: int = 1) -> list
     for seed in range(1, seeds_other):
         runs += block(0.97, seed) + block(0.9, seed)
     runs += [RunSpec("dense", 0.0, "erk", s) for s in range(1, dense_seeds)]
+    return runs
+
+
+def wide_grid(seeds: int = 3, sparsity: float = 0.99) -> list[RunSpec]:
+    """The supplementary ``--network wide`` grid: dense + SET, RigL, DSR, GGR at ``sparsity``
+    x {uniform, ERK} x ``seeds`` seeds (27 runs by default), seed by seed, so that seed 0
+    of every setting finishes first."""
+    runs = []
+    for seed in range(seeds):
+        runs.append(RunSpec("dense", 0.0, "erk", seed))
+        runs += [RunSpec(m, sparsity, d, seed) for d in ("uniform", "erk") for m in MAIN_METHODS]
     return runs
 
 
@@ -232,12 +254,12 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
 
 
 def _worker(args: tuple) -> dict:
-    spec, recipe, data, out, threads = args
+    spec, recipe, data, out, threads, *rest = args
+    log_figures = rest[0] if rest else spec.key == FIGURE_RUN
     if (out / "STOP").exists():  # graceful stop: runs already started finish, no new ones
         return {"status": "not started (STOP file)", "key": spec.key}
     try:
-        return train_one(spec, recipe, data, out, log_figures=spec.key == FIGURE_RUN,
-                         threads=threads)
+        return train_one(spec, recipe, data, out, log_figures=log_figures, threads=threads)
     except Exception as error:  # recorded, never dropped
         result = {"status": "failed", **asdict(spec), "key": spec.key, "test_acc": None,
                   "error": f"{type(error).__name__}: {error}",
@@ -282,12 +304,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     import multiprocessing as mp
 
     recipe = _recipe(args)
-    runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
+    runs = _runs(args)
     todo = pending(runs, args.out, args.retry_failed)
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} finished, "
           f"{len(todo)} to go; {args.workers} worker(s); recipe {asdict(recipe)}", flush=True)
     start = time.time()
-    jobs = [(spec, recipe, args.data, args.out, 1) for spec in todo]
+    wide = getattr(args, "network", "tiny") == "wide"
+    jobs = [(spec, recipe, args.data, args.out, 1) + ((False,) if wide else ())
+            for spec in todo]
     context = mp.get_context("spawn")
     with context.Pool(args.workers, initializer=_init_worker, maxtasksperchild=None) as pool:
         for i, result in enumerate(pool.imap_unordered(_worker, jobs, chunksize=1), 1):
@@ -324,7 +348,15 @@ def _tune_job(job: tuple) -> dict:
 def _recipe(args: argparse.Namespace) -> Recipe:
     recipe = Recipe()
     changes = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k, None)}
+    if getattr(args, "network", "tiny") == "wide":
+        changes["hidden"] = WIDE_HIDDEN  # same conv stack, classifier 1024 -> 2048 -> 100
     return Recipe(**{**asdict(recipe), **changes})
+
+
+def _runs(args: argparse.Namespace) -> list[RunSpec]:
+    if getattr(args, "network", "tiny") == "wide":
+        return wide_grid(args.dense_seeds)
+    return grid(args.seeds_099, args.dense_seeds, args.seeds_other)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -549,6 +581,145 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(json.dumps(timing, indent=1))
 
 
+def cmd_wide_report(args: argparse.Namespace) -> None:
+    """``report --network wide``: ``docs/results/wide_table.md`` (+ ``wide_*.png``)."""
+    results = load_results(args.out)
+    runs = _runs(args)
+    sparsity = runs[-1].sparsity
+    seeds = sorted({s.seed for s in runs})
+    missing = [s.key for s in runs if s.key not in results]
+    failed = sorted(k for k, r in results.items() if r.get("status") != "ok")
+    ok = {k: r for k, r in results.items() if r.get("status") == "ok"}
+    walls = [r["wall_s"] for r in ok.values()]
+
+    def acc(method: str, dist: str, seed: int) -> float | None:
+        spec = RunSpec(method, 0.0 if method == "dense" else sparsity, dist, seed)
+        r = ok.get(spec.key)
+        return None if r is None else 100 * r["test_acc"]
+
+    def per_seed(method: str, dist: str) -> tuple[list[float], str]:
+        values = [acc(method, dist, s) for s in seeds]
+        text = " / ".join("missing" if v is None else f"{v:.2f}" for v in values)
+        return [v for v in values if v is not None], text
+
+    dense, dense_seeds = per_seed("dense", "erk")
+    lines = ["| Method | s=0.99 ERK | per seed (0/1/2) | s=0.99 uni | per seed (0/1/2) |",
+             "|---|---|---|---|---|",
+             f"| Dense | {_mean_text(dense)} (n={len(dense)}) | {dense_seeds} | | |"]
+    failed_cells = []
+    for m in MAIN_METHODS:
+        row = [LABELS[m]]
+        for d in ("erk", "uniform"):
+            values, text = per_seed(m, d)
+            mark = ""
+            if values and statistics.fmean(values) < 5.0:
+                mark = " (<5%: failed)"
+                failed_cells.append(f"{LABELS[m]} {DIST_LABELS[d]}")
+            row += [f"{_mean_text(values)} (n={len(values)}){mark}", text]
+        lines.append("| " + " | ".join(row) + " |")
+    accuracy = "\n".join(lines)
+
+    lines = ["| GGR minus | s=0.99 ERK | per seed (0/1/2) | s=0.99 uni | per seed (0/1/2) |",
+             "|---|---|---|---|---|"]
+    for m in MAIN_METHODS:
+        if m == "ggr":
+            continue
+        row = [LABELS[m]]
+        for d in ("erk", "uniform"):
+            diffs = []
+            for s in seeds:
+                a, b = acc("ggr", d, s), acc(m, d, s)
+                diffs.append(None if a is None or b is None else a - b)
+            got = [x for x in diffs if x is not None]
+            wins = sum(x > 0 for x in got)
+            row += [f"{_mean_text(got)} (GGR ahead {wins}/{len(got)})" if got else "-",
+                    " / ".join("-" if x is None else f"{x:+.2f}" for x in diffs)]
+        lines.append("| " + " | ".join(row) + " |")
+    paired = "\n".join(lines)
+
+    def densities(dist: str) -> str:
+        runs_d = [r for r in ok.values() if r["method"] != "dense" and r["distribution"] == dist]
+        if not runs_d:
+            return "(no runs)"
+        summary = next((x for x in map(_summary, runs_d) if x is not None), None)
+        layers = list(runs_d[0]["layer_densities"])
+        sizes = {n: v["total"] for n, v in summary["layers"].items()} if summary else {}
+        initial = ({n: v["initial_active"] / v["total"] for n, v in summary["layers"].items()}
+                   if summary else {})
+        methods = ("ggr", "dsr", "rigl", "set")
+        head = ["Layer (weights)", "initial density (active)",
+                *[f"{LABELS[m]} final density (active)" for m in methods]]
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in layers:
+            size = sizes.get(name)
+            init = initial.get(name, float("nan"))
+            row = [f"`{name}` ({size:,})" if size else f"`{name}`",
+                   f"{init:.4f} ({round(init * size):,})" if size else f"{init:.4f}"]
+            for m in methods:
+                values = [r["layer_densities"][name] for r in runs_d if r["method"] == m]
+                if not values:
+                    row.append("-")
+                    continue
+                mean = statistics.fmean(values)
+                row.append(f"{mean:.4f} ({round(mean * size):,})" if size else f"{mean:.4f}")
+            out.append("| " + " | ".join(row) + " |")
+        return "\n".join(out)
+
+    from lightning_ggr import report as package_report
+
+    summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
+    cross = package_report.to_markdown(package_report.table1(summaries)) if summaries else "-"
+    total = _dense_params(ok)
+    timing = (f"{len(ok)} finished runs, {len(failed)} failed ({', '.join(failed) or 'none'}), "
+              f"{len(missing)} missing ({', '.join(missing) or 'none'})."
+              + (f" Wall time per run: mean {statistics.fmean(walls):.0f} s, "
+                 f"{min(walls):.0f}-{max(walls):.0f} s (2 runs in parallel, 1 thread each, "
+                 "on a shared 2-core CPU)." if walls else ""))
+    figure_note = ""
+    figure_run = ok.get(RunSpec("ggr", sparsity, "uniform", 0).key)
+    summary = _summary(figure_run) if figure_run else None
+    if summary is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from lightning_ggr.plots import density_figure
+
+        layers = summary["layers"]
+        figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
+                                {n: v["active"] for n, v in layers.items()},
+                                {n: v["total"] for n, v in layers.items()})
+        top = max(max(v["initial_active"], v["active"]) / v["total"] for v in layers.values())
+        figure.axes[0].set_ylim(0.0, min(1.05, 1.25 * top))
+        args.results.mkdir(parents=True, exist_ok=True)
+        figure.savefig(args.results / "wide_figure2_ggr_uniform_099.png", dpi=120,
+                       bbox_inches="tight")
+        figure_note = ("\n\n## GGR, 99% uniform, seed 0: initial vs final density per layer\n\n"
+                       "![densities](wide_figure2_ggr_uniform_099.png)\n\n"
+                       + density_table(summary))
+    text = (
+        "# Supplementary: the wide-classifier network at 99% sparsity\n\n"
+        "`python benchmarks/study.py run --network wide` / `report --network wide`. Same "
+        "conv stack as the main study (3->16->32->64, conv1 432 weights), classifier "
+        f"1024 -> {WIDE_HIDDEN} -> 100 ({total} sparse-layer weights); same recipe as the "
+        "main study (6 epochs, lr 0.1, rewiring every 6 steps until half of training). "
+        "Top-1 test accuracy (%) on the 2,000 test images, mean ± sample std over seeds; "
+        "every run is included, none dropped. The paper's rule: a setting whose mean is "
+        "below 5% failed to fit the data.\n\n"
+        "## Accuracy\n\n" + accuracy
+        + "\n\nSettings below the 5% line: " + (", ".join(failed_cells) or "none") + ".\n\n"
+        "## GGR minus each method, paired by seed (percentage points)\n\n" + paired
+        + "\n\n## Final layer densities at 0.99 uniform (mean over seeds; active weights in "
+        "brackets)\n\n" + densities("uniform")
+        + "\n\n## Final layer densities at 0.99 ERK (mean over seeds)\n\n" + densities("erk")
+        + figure_note
+        + "\n\n## Cross-check: `lightning_ggr.report.table1` on the same run summaries\n\n"
+        "(Applies the 5% rule itself: a failed setting is printed `-`.)\n\n" + cross
+        + "\n\n" + timing + "\n")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "wide_table.md").write_text(text)
+    print(text)
+
+
 def _dense_params(results: dict[str, dict]) -> str:
     for r in results.values():
         summary = _summary(r) if r.get("status") == "ok" else None
@@ -559,7 +730,7 @@ def _dense_params(results: dict[str, dict]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> None:
     results = load_results(args.out)
-    runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
+    runs = _runs(args)
     done = [s for s in runs if s.key in results]
     print(f"{len(done)}/{len(runs)} finished")
     for spec in runs:
@@ -576,7 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("run", "tune", "report", "status"):
         p = sub.add_parser(name)
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run directories")
+        p.add_argument("--out", type=Path, default=None,
+                       help=f"run directories (default {DEFAULT_OUT.relative_to(REPO)}, "
+                            f"or {DEFAULT_WIDE_OUT.relative_to(REPO)} with --network wide)")
         p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
         p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 thread each")
         p.add_argument("--seeds-099", type=int, default=3, help="seeds for sparsity 0.99")
@@ -585,9 +758,19 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--epochs", type=int, default=None, help="override (tuning only)")
         p.add_argument("--lr", type=float, default=None, help="override (tuning only)")
         p.add_argument("--retry-failed", action="store_true")
+        p.add_argument("--network", choices=("tiny", "wide"), default="tiny",
+                       help="tiny: the main study (tiny_vgg, hidden 256, the full grid); "
+                            "wide: the supplementary grid (same convs, classifier "
+                            f"1024 -> {WIDE_HIDDEN} -> 100; dense + SET/RigL/DSR/GGR at "
+                            "0.99 x {ERK, uniform} x --dense-seeds seeds)")
         if name == "tune":
             p.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_WIDE_OUT if args.network == "wide" else DEFAULT_OUT
+    if args.network == "wide" and args.command == "report":
+        cmd_wide_report(args)
+        return
     {"run": cmd_run, "tune": cmd_tune, "report": cmd_report, "status": cmd_status}[
         args.command](args)
 
