@@ -454,6 +454,17 @@ def _summary(result: dict) -> dict | None:
         return json.load(file)
 
 
+def save_density_chart(summary: dict, path: Path) -> None:
+    """The Figure-2-style chart (initial vs final density per layer) of one run's summary."""
+    from lightning_ggr.plots import density_figure
+
+    layers = summary["layers"]
+    figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
+                            {n: v["active"] for n, v in layers.items()},
+                            {n: v["total"] for n, v in layers.items()})
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def table4(results: dict[str, dict], sparsity: float = 0.97) -> str:
     head = ["Method", "Top-1 ERK", "Top-1 uni", "Empty neurons ERK %", "Empty neurons uni %",
             "Empty inputs ERK %", "Empty inputs uni %", "Params* ERK [k]", "Params* uni [k]"]
@@ -544,21 +555,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     figure_run = results.get(FIGURE_RUN)
     if figure_run is not None and figure_run.get("status") == "ok":
         summary = _summary(figure_run)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from lightning_ggr.plots import density_figure
-
-        layers = summary["layers"]
-        figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
-                                {n: v["active"] for n, v in layers.items()},
-                                {n: v["total"] for n, v in layers.items()})
-        # The library's density axis spans 0..1; at 1% density the bars would be
-        # invisible, so zoom it to the densities there are (the counts axis is unchanged).
-        top = max(max(v["initial_active"], v["active"]) / v["total"] for v in layers.values())
-        figure.axes[0].set_ylim(0.0, min(1.05, 1.25 * top))
-        figure.savefig(args.results / "figure2_ggr_uniform_099.png", dpi=120,
-                       bbox_inches="tight")
+        save_density_chart(summary, args.results / "figure2_ggr_uniform_099.png")
         (args.results / "figure2_ggr_uniform_099.md").write_text(
             "# Figure 2 style: layer densities of the 99% uniform GGR run (seed 0)\n\n"
             "Drawn by `lightning_ggr.plots.density_figure` from the run summary; the density "
@@ -679,20 +676,8 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
     figure_run = ok.get(RunSpec("ggr", sparsity, "uniform", 0).key)
     summary = _summary(figure_run) if figure_run else None
     if summary is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from lightning_ggr.plots import density_figure
-
-        layers = summary["layers"]
-        figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
-                                {n: v["active"] for n, v in layers.items()},
-                                {n: v["total"] for n, v in layers.items()})
-        top = max(max(v["initial_active"], v["active"]) / v["total"] for v in layers.values())
-        figure.axes[0].set_ylim(0.0, min(1.05, 1.25 * top))
         args.results.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.results / "wide_figure2_ggr_uniform_099.png", dpi=120,
-                       bbox_inches="tight")
+        save_density_chart(summary, args.results / "wide_figure2_ggr_uniform_099.png")
         figure_note = ("\n\n## GGR, 99% uniform, seed 0: initial vs final density per layer\n\n"
                        "![densities](wide_figure2_ggr_uniform_099.png)\n\n"
                        + density_table(summary))

@@ -49,10 +49,11 @@ def density_figure(
     """Density and active count of every layer, initial vs current (the paper's Figure 2).
 
     Bars: density ``n_l / N_l`` at initialization (light) and now (dark), on the left axis
-    (linear, 0 to 1). Markers: active counts ``n_l`` at initialization (hollow) and now
-    (filled), on the right axis (log scale: counts span orders of magnitude). The x axis is
-    the layer index ``1..L`` in the order of ``sizes``; a key beside the chart maps each
-    index to its parameter name. Drawn on an Agg canvas (no ``pyplot``).
+    (linear, from 0 to a quarter above the largest density shown, at most 1.05). Markers:
+    active counts ``n_l`` at initialization (hollow) and now (filled), on the right axis
+    (log scale: counts span orders of magnitude). The x axis is the layer index ``1..L`` in
+    the order of ``sizes``; a key beside the chart maps each index to its parameter name.
+    Drawn on an Agg canvas (no ``pyplot``).
 
     Args:
         initial_counts: name -> active weights at initialization.
@@ -86,7 +87,9 @@ def density_figure(
              label="density, initial")
     axes.bar(index + width / 2, current / size, width, color=_CURRENT_COLOR,
              label="density, current")
-    axes.set_ylim(0.0, 1.05)
+    # Zoomed to the densities shown: at 99% sparsity bars on a 0..1 axis would be invisible.
+    top = float(max(np.max(initial / size), np.max(current / size))) if count else 1.0
+    axes.set_ylim(0.0, min(1.05, max(1.25 * top, 0.01)))
     axes.set_xlabel("layer")
     axes.set_ylabel("density (active / total)")
     step = max(1, math.ceil(count / 30))

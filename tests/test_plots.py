@@ -170,3 +170,13 @@ def test_resolve_mask_layers_names_and_patterns():
         resolve_mask_layers(masks, ["b", "c*"])
     with pytest.raises(TypeError, match="list of names"):
         resolve_mask_layers(masks, "b")
+
+
+def test_density_axis_zooms_to_low_densities():
+    from lightning_ggr.plots import density_figure
+
+    sizes = {"a": 1000, "b": 10_000}
+    low = density_figure({"a": 10, "b": 100}, {"a": 30, "b": 80}, sizes)
+    assert low.axes[0].get_ylim() == pytest.approx((0.0, 0.0375))
+    high = density_figure({"a": 900, "b": 100}, {"a": 1000, "b": 80}, sizes)
+    assert high.axes[0].get_ylim() == pytest.approx((0.0, 1.05))
