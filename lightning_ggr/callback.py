@@ -253,6 +253,10 @@ class DynamicSparsityCallback(Callback):
         if stage == "fit" and self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        if stage != "fit":
+            # Lightning restores callback state for test/validate/predict too: that state is
+            # not a run to resume, and must not leak into a later fit.
+            self._loaded_state = None
 
     # --------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -163,3 +163,19 @@ def test_save_weights_only_checkpoints_warn_that_the_topology_is_lost(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True)
     with pytest.warns(UserWarning, match=r"save_weights_only=True.*loses the sparse topology"):
         fit(tmp_path, "ggr", "sgd", [checkpoints], enable_checkpointing=True, max_steps=6)
+
+
+def test_a_checkpoint_loaded_for_testing_does_not_leak_into_a_later_fit(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    fit(tmp_path / "a", "ggr", "sgd", [checkpoints], enable_checkpointing=True)
+
+    class Tested(TinyModule):
+        def test_step(self, batch, batch_idx):
+            self.log("test/loss", self.loss(batch))
+
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
+                                     update_interval=2, stop_step=7, log_figures=False)
+    make_trainer(tmp_path / "b", [sparse]).test(Tested(), tiny_dataloader(),
+                                                ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    make_trainer(tmp_path / "b", [sparse], max_steps=8).fit(TinyModule(), tiny_dataloader())
+    assert sparse.engine.rewirings == 3  # steps 2, 4, 6 of its own schedule

@@ -213,6 +213,8 @@ class SparseEngine:
         dense run, an optimizer reused across fits): per-step work relies on that state
         being zero at masked positions.
         """
+        if not self._anything_masked:
+            return
         self.apply_masks()
         mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
 
