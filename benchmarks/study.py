@@ -33,16 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from lightning_ggr.callbacks.summary import write_json
+from lightning_ggr.sparse.methods import METHODS as PACKAGE_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar100_subset.npz"
@@ -53,7 +54,7 @@ DEFAULT_WIDE_OUT = REPO / "runs" / "study_wide"
 #: Hidden width of the wide variant's classifier: flatten 1024 -> 2048 -> 100.
 WIDE_HIDDEN = 2048
 
-METHODS = ("set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl")
+METHODS = tuple(PACKAGE_METHODS)  # the package's preset table: one list of method names
 MAIN_METHODS = ("set", "rigl", "dsr", "ggr")
 ABLATIONS = ("set", "rigl", "set_rigl", "ggr_set", "ggr_rigl", "ggr")
 LABELS = {"dense": "Dense", "set": "SET", "rigl": "RigL", "dsr": "DSR", "ggr": "GGR",
@@ -186,15 +187,6 @@ def _datamodule(data: Path, recipe: Recipe, seed: int):
     return dm
 
 
-def _atomic_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".result.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=2, allow_nan=False)
-        file.write("\n")
-    os.replace(tmp, path)
-
-
 def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: bool = True,
               log_figures: bool = False, threads: int = 1) -> dict:
     """Train (and test) one configuration; returns the result dict (also written to disk)."""
@@ -249,7 +241,7 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         "recipe": asdict(recipe), "torch_threads": threads,
         "summary": str(Path(trainer.log_dir) / "lightning_ggr_summary.json"),
     }
-    _atomic_json(run_dir / "result.json", result)
+    write_json(run_dir / "result.json", result)
     return result
 
 
@@ -264,7 +256,7 @@ def _worker(args: tuple) -> dict:
         result = {"status": "failed", **asdict(spec), "key": spec.key, "test_acc": None,
                   "error": f"{type(error).__name__}: {error}",
                   "traceback": traceback.format_exc()}
-        _atomic_json(out / spec.key / "result.json", result)
+        write_json(out / spec.key / "result.json", result)
         return result
 
 
@@ -337,7 +329,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         results = pool.map(_tune_job, jobs, chunksize=1)
     for lr, result in zip(args.lrs, results, strict=True):
         print(f"lr={lr}: val/acc={result['val_acc']:.4f} wall={result['wall_s']}s", flush=True)
-    _atomic_json(tune_out / "tuning.json", {"lrs": list(args.lrs), "results": results})
+    write_json(tune_out / "tuning.json", {"lrs": list(args.lrs), "results": results})
 
 
 def _tune_job(job: tuple) -> dict:
@@ -456,7 +448,7 @@ def _summary(result: dict) -> dict | None:
 
 def save_density_chart(summary: dict, path: Path) -> None:
     """The Figure-2-style chart (initial vs final density per layer) of one run's summary."""
-    from lightning_ggr.plots import density_figure
+    from lightning_ggr.callbacks.plots import density_figure
 
     layers = summary["layers"]
     figure = density_figure({n: v["initial_active"] for n, v in layers.items()},
@@ -515,10 +507,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     intro1 = ("Top-1 test accuracy (%) on the 2,000 test images of the CIFAR-100 subset, "
               "mean ± sample std over seeds (n = number of seeds). Every run of the grid is "
               "included; none is dropped.\n\n")
-    from lightning_ggr import report as package_report
+    from lightning_ggr.zoo import report as package_report
 
     summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
-    cross1 = ("\n## Cross-check: `lightning_ggr.report.table1` on the same run summaries\n\n"
+    cross1 = ("\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same run summaries\n\n"
               "The package's own report (as `lightning-ggr report runs/study` prints it), "
               "which applies the paper's rule: a setting whose mean accuracy is below 5% "
               "counts as failed and is printed `-`. (`model` reads `ImageClassifier`: the "
@@ -547,7 +539,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                        for s in (0.99, 0.97, 0.9) for d in ("uniform", "erk"))
         + "\n")
     at_097 = [r for r in summaries if r.get("sparsity") == 0.97]
-    cross4 = ("\n## Cross-check: `lightning_ggr.report.table4` (0.97 runs; Params* in millions)"
+    cross4 = ("\n## Cross-check: `lightning_ggr.zoo.report.table4` (0.97 runs; Params* in millions)"
               "\n\n" + package_report.to_markdown(package_report.table4(at_097), digits=4))
     (args.results / "table4.md").write_text(
         "# Table 4 style: empty neurons and inputs at 97% sparsity\n\n" + intro4
@@ -558,14 +550,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         save_density_chart(summary, args.results / "figure2_ggr_uniform_099.png")
         (args.results / "figure2_ggr_uniform_099.md").write_text(
             "# Figure 2 style: layer densities of the 99% uniform GGR run (seed 0)\n\n"
-            "Drawn by `lightning_ggr.plots.density_figure` from the run summary; the density "
-            "axis is zoomed to the range of the densities.\n\n"
+            "Drawn by `lightning_ggr.callbacks.plots.density_figure` from the run summary; "
+            "the density axis is zoomed to the range of the densities.\n\n"
             "![densities](figure2_ggr_uniform_099.png)\n\n" + density_table(summary) + "\n")
     timing = {"runs_ok": len(ok), "failed": failed, "missing": missing,
               "wall_s_mean": statistics.fmean(walls) if walls else None,
               "wall_s_min": min(walls) if walls else None,
               "wall_s_max": max(walls) if walls else None}
-    _atomic_json(args.results / "runs.json", {
+    write_json(args.results / "runs.json", {
         "timing": timing,
         "runs": [{k: r.get(k) for k in ("key", "method", "sparsity", "distribution", "seed",
                                         "status", "test_acc", "val_acc", "wall_s",
@@ -662,7 +654,7 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
             out.append("| " + " | ".join(row) + " |")
         return "\n".join(out)
 
-    from lightning_ggr import report as package_report
+    from lightning_ggr.zoo import report as package_report
 
     summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
     cross = package_report.to_markdown(package_report.table1(summaries)) if summaries else "-"
@@ -697,7 +689,7 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
         "brackets)\n\n" + densities("uniform")
         + "\n\n## Final layer densities at 0.99 ERK (mean over seeds)\n\n" + densities("erk")
         + figure_note
-        + "\n\n## Cross-check: `lightning_ggr.report.table1` on the same run summaries\n\n"
+        + "\n\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same run summaries\n\n"
         "(Applies the 5% rule itself: a failed setting is printed `-`.)\n\n" + cross
         + "\n\n" + timing + "\n")
     args.results.mkdir(parents=True, exist_ok=True)

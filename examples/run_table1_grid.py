@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lightning_ggr.summary import SUMMARY_FILENAME  # written by the callback when a run ends
+from lightning_ggr.callbacks.summary import SUMMARY_FILENAME  # each finished run writes it
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PAIRS = ("cifar100_resnet18", "cifar100_mobilenet_v2", "cifar100_vgg16",
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{number}/{len(runs)}] done already: {run_dir}", flush=True)
             continue
         print(f"[{number}/{len(runs)}] {shlex.join(command)}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "lightning_ggr.cli", *run_args, *extra],
+        code = subprocess.run([sys.executable, "-m", "lightning_ggr.zoo.cli", *run_args, *extra],
                               check=False).returncode
         if code:
             failed.append(run_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_ggr.cli import LightningGGRCLI
+from lightning_ggr.zoo.cli import LightningGGRCLI
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,5 +94,5 @@ def test_grid_skips_finished_runs(tmp_path, monkeypatch, capsys):
                          "--sparsities", "0.9", "--distributions", "erk", "--skip-existing",
                          "--save-dir", str(tmp_path)])
     assert code == 0
-    assert len(calls) == 1 and calls[0][1:4] == ["-m", "lightning_ggr.cli", "fit"]
+    assert len(calls) == 1 and calls[0][1:4] == ["-m", "lightning_ggr.zoo.cli", "fit"]
     assert "done already" in capsys.readouterr().out

@@ -4,25 +4,30 @@ from lightning_ggr.sparse.analysis import (
     LayerAnalysis,
     SparsityAnalysis,
     analyze_masks,
+    count_parameters,
     sparse_flops,
 )
-from lightning_ggr.sparse.densities import active_counts, erk_score, initial_densities
-from lightning_ggr.sparse.engine import SparseEngine
-from lightning_ggr.sparse.masks import (
-    apply_masks_,
-    mask_optimizer_state_,
-    random_mask,
-    select_sparse_parameters,
+from lightning_ggr.sparse.densities import (
+    active_counts,
+    erk_score,
+    initial_densities,
+    layer_budget,
 )
-from lightning_ggr.sparse.methods import METHODS, MethodSpec, get_method
-from lightning_ggr.sparse.rewiring import RewiringReport, rewire_
+from lightning_ggr.sparse.engine import SparseEngine
+from lightning_ggr.sparse.export import compact_sequential, load_sparse_model, save_sparse_model
+from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, random_mask
+from lightning_ggr.sparse.methods import METHODS, MethodName, MethodSpec, get_method
+from lightning_ggr.sparse.rewiring import Rewiring, RewiringReport
 from lightning_ggr.sparse.schedules import RewiringSchedule, cosine_drop_fraction
+from lightning_ggr.sparse.selection import select_sparse_parameters
 from lightning_ggr.sparse.topk import global_topk_counts
 
 __all__ = [
     "METHODS",
     "LayerAnalysis",
+    "MethodName",
     "MethodSpec",
+    "Rewiring",
     "RewiringReport",
     "RewiringSchedule",
     "SparseEngine",
@@ -30,14 +35,18 @@ __all__ = [
     "active_counts",
     "analyze_masks",
     "apply_masks_",
+    "compact_sequential",
     "cosine_drop_fraction",
+    "count_parameters",
     "erk_score",
     "get_method",
     "global_topk_counts",
     "initial_densities",
+    "layer_budget",
+    "load_sparse_model",
     "mask_optimizer_state_",
     "random_mask",
-    "rewire_",
+    "save_sparse_model",
     "select_sparse_parameters",
     "sparse_flops",
 ]

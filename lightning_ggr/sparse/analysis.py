@@ -25,7 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_ggr.sparse.masks import CONV_MODULES as _CONV_TYPES
+from lightning_ggr.sparse.selection import CONV_MODULES as _CONV_TYPES
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``, each shared tensor once (``meta`` modules too)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def _pct(part: int, whole: int) -> float:

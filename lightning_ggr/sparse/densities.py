@@ -5,18 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from lightning_ggr.sparse.checks import check_choice, check_sparsity
+
+#: Initial density distributions (paper section 3.1).
 DISTRIBUTIONS = ("erk", "uniform")
 
 
 def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
-
-
-def _check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0 or math.isnan(sparsity):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
 
 
 def _check_shapes(shapes: Mapping[str, Sequence[int]]) -> None:
@@ -55,11 +51,10 @@ def initial_densities(
     Returns:
         name -> density in ``(0, 1]``, in the order of ``shapes``.
     """
-    _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     _check_shapes(shapes)
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    density = 1.0 - float(sparsity)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    density = 1.0 - sparsity
     if distribution == "uniform":
         return {name: density for name in shapes}
 
@@ -79,6 +74,30 @@ def initial_densities(
         # Cap the most over-full layer first: capping one layer lowers the scale of the rest.
         dense.add(max(overfull, key=lambda n: scores[n]))
     return {name: 1.0 if name in dense else scale * scores[name] for name in shapes}
+
+
+def layer_budget(shapes: Mapping[str, Sequence[int]], sparsity: float) -> int:
+    """Active weights over all sparse layers: ``round((1 - sparsity) * total)``.
+
+    Every sparse layer keeps at least one active weight (an empty layer cuts the network in
+    two), so the budget must be at least the number of layers.
+
+    Raises:
+        ValueError: the budget is below one weight per layer; the message names the largest
+            sparsity these layers allow.
+    """
+    sparsity = check_sparsity(sparsity)
+    _check_shapes(shapes)
+    total = sum(_numel(shape) for shape in shapes.values())
+    budget = round((1.0 - sparsity) * total)
+    if budget < len(shapes):
+        raise ValueError(
+            f"sparsity={sparsity!r} leaves {budget} active weights for the {len(shapes)} sparse "
+            f"layers ({total} weights); every layer keeps at least one active weight, so "
+            f"sparsity must be at most {1 - len(shapes) / total:.6g} for these layers: lower "
+            "the sparsity or exclude some layers"
+        )
+    return budget
 
 
 def active_counts(

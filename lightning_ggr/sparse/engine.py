@@ -14,13 +14,19 @@ A training loop drives it with three calls::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ggr.sparse.densities import DISTRIBUTIONS, active_counts, initial_densities
+from lightning_ggr.sparse.checks import check_choice, check_int, check_sparsity
+from lightning_ggr.sparse.densities import (
+    DISTRIBUTIONS,
+    active_counts,
+    initial_densities,
+    layer_budget,
+)
 from lightning_ggr.sparse.masks import (
     apply_masks_,
     mask_optimizer_state_,
@@ -28,25 +34,12 @@ from lightning_ggr.sparse.masks import (
     reset_optimizer_state_,
 )
 from lightning_ggr.sparse.methods import get_method
-from lightning_ggr.sparse.rewiring import RewiringReport, rewire_
+from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import RewiringSchedule
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def check_fraction(name: str, value: float, low: float, high: float, *, closed_low: bool,
-                   closed_high: bool) -> float:
-    """Validate a float argument against an interval; the message names it and the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r}")
-    ok_low = value >= low if closed_low else value > low
-    ok_high = value <= high if closed_high else value < high
-    if math.isnan(value) or not (ok_low and ok_high):
-        left, right = "[" if closed_low else "(", "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
-    return float(value)
 
 
 class SparseEngine:
@@ -84,38 +77,27 @@ class SparseEngine:
         dsr_tolerance: float = 0.1,
         masks: Mapping[str, Tensor] | None = None,
     ) -> None:
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if schedule is not None and not isinstance(schedule, RewiringSchedule):
+            raise TypeError(f"schedule must be a RewiringSchedule or None, got {schedule!r}")
         self.method_name = method
         self.method = get_method(method)
-        self.sparsity = check_fraction("sparsity", sparsity, 0.0, 1.0, closed_low=True,
-                                       closed_high=False)
-        self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio, 0.0, 1.0,
-                                             closed_low=True, closed_high=True)
-        self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, 0.0, 1.0,
-                                            closed_low=False, closed_high=False)
-        if not math.isfinite(float(init_value)):
-            raise ValueError(f"init_value must be finite, got {init_value!r}")
-        self.init_value = float(init_value)
-        self.distribution = distribution
+        self.sparsity = check_sparsity(sparsity)
+        self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+        #: removal -> allocation -> insertion; owns DSR's threshold.
+        self.rewiring = self.method.build(gradient_ratio=gradient_ratio, init_value=init_value,
+                                          dsr_tolerance=dsr_tolerance)
+        self.gradient_ratio = float(gradient_ratio)
+        self.init_value = self.rewiring.init_value
+        self.dsr_tolerance = float(dsr_tolerance)
         self.schedule = schedule
         self.params: dict[str, Tensor] = dict(params)
         if not self.params:
             raise ValueError("params is empty: there is no sparse parameter")
         shapes = {name: tuple(p.shape) for name, p in self.params.items()}
         self.initial_density = initial_densities(shapes, self.sparsity, distribution)
-        total = sum(p.numel() for p in self.params.values())
-        target = round((1.0 - self.sparsity) * total)
-        if target < len(shapes):
-            # Every layer keeps >= 1 active weight (an empty layer cuts the network in two).
-            raise ValueError(
-                f"sparsity={self.sparsity!r} leaves {target} active weights for the "
-                f"{len(shapes)} sparse layers ({total} weights); every layer keeps at least one "
-                f"active weight, so sparsity must be at most {1 - len(shapes) / total:.6g} for "
-                "these layers: lower the sparsity or exclude some layers"
-            )
-        self.initial_counts = active_counts(shapes, self.initial_density, total=target)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.initial_counts = active_counts(shapes, self.initial_density,
+                                            total=layer_budget(shapes, self.sparsity))
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**64, "2**64"))
         if masks is None:
             self.masks: dict[str, Tensor] = {
                 name: random_mask(p.shape, self.initial_counts[name], self.generator, p.device)
@@ -124,7 +106,6 @@ class SparseEngine:
         else:
             self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
             self._adopt_masks(masks)
-        self.threshold: float | None = None
         self.last_slot = 0
         self.last_rewiring_step: int | None = None
         self.rewirings = 0
@@ -243,27 +224,20 @@ class SparseEngine:
             reset_optimizer_state_(optimizers, self.params[name], positions)
 
         gradients = None
-        if self.method.needs_gradients:
+        if self.rewiring.needs_gradients:
             gradients = {}
             for name, param in self.params.items():
                 # A layer unused in this step (aux head, conditional branch) has no gradient:
                 # it scores 0 everywhere, so it gets weights only where nothing scores higher.
                 gradients[name] = torch.zeros_like(param) if param.grad is None else param.grad
-        report = rewire_(
+        report = self.rewiring(
             {name: p.data for name, p in self.params.items()},
             self.masks,
             gradients,
-            self.method,
             drop_fraction,
             generator=self.generator,
-            gradient_ratio=self.gradient_ratio,
-            init_value=self.init_value,
-            threshold=self.threshold,
-            threshold_tolerance=self.dsr_tolerance,
             on_grow=reset_grown if optimizers else None,
         )
-        if report.threshold is not None:
-            self.threshold = report.threshold
         if _distributed():
             local = {name: mask.clone() for name, mask in self.masks.items()}
             self.broadcast_topology()
@@ -298,8 +272,14 @@ class SparseEngine:
             torch.distributed.broadcast(values, src=src)
             param.copy_(values.to(param.device))
 
+    @property
+    def threshold(self) -> float | None:
+        """DSR's current threshold ``H`` (``None`` for other methods, or before the first
+        rewiring)."""
+        return getattr(self.rewiring.removal, "threshold", None)
+
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Masks (bool, CPU), schedule position and last rewiring step, DSR threshold,
         generator state, per-layer targets.
 
@@ -311,7 +291,7 @@ class SparseEngine:
             "last_rewiring_step": self.last_rewiring_step,
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
-            "threshold": None if self.threshold is None else float(self.threshold),
+            "threshold": self.threshold,
             "generator_state": self.generator.get_state(),
             "initial_counts": dict(self.initial_counts),
             "method": self.method_name,
@@ -333,16 +313,33 @@ class SparseEngine:
                                  f"the parameter {tuple(self.masks[name].shape)}")
             self.masks[name].copy_(mask.to(dtype=torch.bool))
 
-    def load_state_dict(self, state: Mapping) -> None:
+    @classmethod
+    def from_state_dict(
+        cls, params: Mapping[str, Tensor], state: Mapping[str, Any], **settings: Any
+    ) -> SparseEngine:
+        """An engine over ``params`` that resumes from ``state`` (a :meth:`state_dict`).
+
+        The saved masks are adopted (no masks are drawn) and the bookkeeping restored.
+        ``settings`` are the constructor's keyword arguments (``sparsity``, ``method``,
+        ``schedule``, ...); ``masks`` comes from ``state``.
+        """
+        engine = cls(params, masks=state["masks"], **settings)
+        engine._load_bookkeeping(state)
+        return engine
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Adopt saved masks and bookkeeping; the parameters are masked in place."""
         self._adopt_masks(state["masks"])
+        self._load_bookkeeping(state)
+
+    def _load_bookkeeping(self, state: Mapping[str, Any]) -> None:
         if "initial_counts" in state:
             self.initial_counts = {name: int(c) for name, c in state["initial_counts"].items()}
         self.last_slot = int(state["last_slot"])
         self.last_rewiring_step = state.get("last_rewiring_step")
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
-        self.threshold = state.get("threshold")
+        self.rewiring.load_state_dict({"threshold": state.get("threshold")})
         self.generator.set_state(state["generator_state"])
         self._refresh_lists()
         self.apply_masks()

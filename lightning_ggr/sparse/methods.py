@@ -1,17 +1,53 @@
-"""Method presets: every method is removal x allocation x insertion (see docs/methods.md)."""
+"""Method presets: every method is removal x allocation x insertion (see docs/methods.md).
+
+A new method is one entry of :data:`METHODS`; a new way to remove, allocate or insert is a
+small class in ``lightning_ggr.sparse.rewiring`` plus one entry in the matching table below.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
-REMOVALS = ("magnitude", "threshold")
-ALLOCATIONS = ("keep", "gradient", "proportional")
-INSERTIONS = ("gradient", "random", "mixed")
+from lightning_ggr.sparse.checks import check_choice, check_finite, check_fraction
+from lightning_ggr.sparse.rewiring import (
+    Allocation,
+    GradientAllocation,
+    GradientInsertion,
+    Insertion,
+    KeepAllocation,
+    MagnitudeRemoval,
+    MixedInsertion,
+    ProportionalAllocation,
+    RandomInsertion,
+    Removal,
+    Rewiring,
+    ThresholdRemoval,
+)
+
+#: Removal name -> factory taking the method's settings (see :meth:`MethodSpec.build`).
+REMOVALS: dict[str, Callable[..., Removal]] = {
+    "magnitude": lambda **settings: MagnitudeRemoval(),
+    "threshold": lambda *, dsr_tolerance, **settings: ThresholdRemoval(dsr_tolerance),
+}
+#: Allocation name -> factory.
+ALLOCATIONS: dict[str, Callable[..., Allocation]] = {
+    "keep": lambda **settings: KeepAllocation(),
+    "gradient": lambda **settings: GradientAllocation(),
+    "proportional": lambda **settings: ProportionalAllocation(),
+}
+#: Insertion name -> factory.
+INSERTIONS: dict[str, Callable[..., Insertion]] = {
+    "gradient": lambda **settings: GradientInsertion(),
+    "random": lambda **settings: RandomInsertion(),
+    "mixed": lambda *, gradient_ratio, **settings: MixedInsertion(gradient_ratio),
+}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """The three independent choices of a dynamic-sparse-training method.
+    """The three independent choices of a dynamic-sparse-training method, by name.
 
     Attributes:
         removal: ``"magnitude"``: each layer drops ``round(f * n_l)`` smallest active
@@ -30,22 +66,40 @@ class MethodSpec:
     insertion: str
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (
-            ("removal", self.removal, REMOVALS),
-            ("allocation", self.allocation, ALLOCATIONS),
-            ("insertion", self.insertion, INSERTIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        check_choice("removal", self.removal, tuple(REMOVALS))
+        check_choice("allocation", self.allocation, tuple(ALLOCATIONS))
+        check_choice("insertion", self.insertion, tuple(INSERTIONS))
 
     @property
     def needs_gradients(self) -> bool:
         """Whether rewiring reads the dense gradient (RigL- and GGR-style growth)."""
-        return self.allocation == "gradient" or self.insertion in ("gradient", "mixed")
+        return self.build().needs_gradients
 
     @property
     def moves_between_layers(self) -> bool:
-        return self.allocation != "keep"
+        """Whether layer densities can change (the allocation is not "keep")."""
+        return self.build().allocation.moves_between_layers
+
+    def build(self, *, gradient_ratio: float = 0.5, init_value: float = 1e-10,
+              dsr_tolerance: float = 0.1) -> Rewiring:
+        """The :class:`~lightning_ggr.sparse.rewiring.Rewiring` this spec names.
+
+        Args:
+            gradient_ratio: share of mixed insertion grown by gradient, ``[0, 1]``.
+            init_value: value of a newly grown weight (finite).
+            dsr_tolerance: DSR's tolerance around its target removal count, ``(0, 1)``.
+        """
+        settings: dict[str, Any] = {
+            "gradient_ratio": check_fraction("gradient_ratio", gradient_ratio),
+            "dsr_tolerance": check_fraction("dsr_tolerance", dsr_tolerance,
+                                            closed_low=False, closed_high=False),
+        }
+        return Rewiring(
+            REMOVALS[self.removal](**settings),
+            ALLOCATIONS[self.allocation](**settings),
+            INSERTIONS[self.insertion](**settings),
+            init_value=check_finite("init_value", init_value),
+        )
 
 
 #: The methods of the paper's Tables 1 and 3, lower case as the literature writes them.
@@ -59,13 +113,10 @@ METHODS: dict[str, MethodSpec] = {
     "ggr_rigl": MethodSpec("magnitude", "gradient", "gradient"),
 }
 
+#: The method names as a type (for signatures and LightningCLI's ``--help``).
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
 
 def get_method(name: str) -> MethodSpec:
     """The preset called ``name``; a clear error listing the allowed names otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a string, one of {tuple(METHODS)}; got {name!r}")
-    try:
-        return METHODS[name]
-    except KeyError:
-        allowed = ", ".join(repr(m) for m in METHODS)
-        raise ValueError(f"method must be one of {allowed}; got {name!r}") from None
+    return METHODS[check_choice("method", name, tuple(METHODS))]

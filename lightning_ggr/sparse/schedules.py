@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lightning_ggr.sparse.checks import check_choice, check_fraction, check_int
+
+#: Units of ``update_interval``.
 INTERVALS = ("step", "epoch")
 
 
@@ -31,14 +34,30 @@ class RewiringSchedule:
     Args:
         interval: ``"step"`` or ``"epoch"``.
         update_interval: slot length in steps or epochs, ``>= 1``.
-        stop_step: no rewiring at or after this optimizer step.
-        drop_fraction: initial drop fraction ``f_0``, decayed by :func:`cosine_drop_fraction`.
+        stop_step: no rewiring at or after this optimizer step, ``>= 0`` (0: never rewire).
+        drop_fraction: initial drop fraction ``f_0`` in ``(0, 1]``, decayed by
+            :func:`cosine_drop_fraction`.
+
+    Raises:
+        ValueError, TypeError: an argument outside the ranges above.
     """
 
     interval: str
     update_interval: int
     stop_step: int
     drop_fraction: float
+
+    def __post_init__(self) -> None:
+        # Frozen: store the checked values (canonical Python types) through object.__setattr__.
+        checked = {
+            "interval": check_choice("interval", self.interval, INTERVALS),
+            "update_interval": check_int("update_interval", self.update_interval, 1),
+            "stop_step": check_int("stop_step", self.stop_step, 0),
+            "drop_fraction": check_fraction("drop_fraction", self.drop_fraction,
+                                            closed_low=False),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     def slot(self, step: int, epoch: int) -> int:
         """Index of the slot that optimizer step ``step`` (in epoch ``epoch``) belongs to."""

@@ -5,6 +5,7 @@ LightningModule. These classes reproduce the paper's experiments and drive the
 ``lightning-ggr`` command line.
 """
 
+from lightning_ggr.sparse.analysis import count_parameters
 from lightning_ggr.zoo.data import (
     CIFAR100DataModule,
     DatasetUnavailableError,
@@ -16,7 +17,6 @@ from lightning_ggr.zoo.models import (
     MODEL_NAMES,
     SmallCNN,
     build_model,
-    count_parameters,
     kaiming_uniform_init_,
 )
 from lightning_ggr.zoo.module import ImageClassifier, WarmupMultiStep

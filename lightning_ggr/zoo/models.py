@@ -24,6 +24,8 @@ from typing import Literal, get_args
 import torchvision
 from torch import Tensor, nn
 
+from lightning_ggr.sparse.analysis import count_parameters  # noqa: F401  (zoo's public name)
+
 ModelName = Literal["resnet18", "mobilenet_v2", "vgg16", "small_cnn"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 INPUT_SIZES: tuple[int, ...] = (32, 64)
@@ -177,13 +179,3 @@ def build_model(
     if name == "small_cnn":
         return SmallCNN(num_classes, in_channels)
     raise ValueError(f"model must be one of {', '.join(map(repr, MODEL_NAMES))}; got {name!r}")
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Total number of parameters (works on ``meta``-device models too).
-
-    Args:
-        model: the network.
-    """
-    return sum(p.numel() for p in model.parameters())
-

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ggr.callbacks.training_length import optimizer_steps_per_epoch
 from lightning_ggr.zoo.models import MODEL_NAMES, ModelName, build_model
 
 
@@ -189,8 +190,8 @@ class ImageClassifier(pl.LightningModule):
             # What trainer.estimated_stepping_batches does too: load the train dataloader so
             # num_training_batches is known (per process, after limit_train_batches).
             trainer.fit_loop.setup_data()
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
+        steps = optimizer_steps_per_epoch(trainer)
+        if not math.isfinite(steps):
             if self.hparams.warmup_epochs == 0 and not self.hparams.milestones:
                 return 1  # the schedule is constant: epoch length does not matter
             raise ValueError(
@@ -198,7 +199,7 @@ class ImageClassifier(pl.LightningModule):
                 "dataloader with a length (or warmup_epochs=0 and milestones=[]); got one "
                 "without __len__"
             )
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        return max(1, int(steps))
 
 
 def _check_hyperparameters(num_classes: int, lr: float, momentum: float, weight_decay: float,

@@ -79,7 +79,7 @@ def test_active_counts_are_exact_and_within_one_of_the_density(shapes, sparsity,
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
 def test_invalid_sparsity_is_refused(sparsity):
-    with pytest.raises(ValueError, match="sparsity must be in"):
+    with pytest.raises(ValueError, match=r"sparsity must be a real number in \[0, 1\)"):
         initial_densities({"a": (4, 4)}, sparsity)
 
 

@@ -154,3 +154,28 @@ def test_per_step_masking_allocates_nothing_and_clears_nan():
     grad.fill_(float("nan"))
     engine.mask_gradients()
     assert (grad[~engine.masks["5.weight"]] == 0).all()
+
+
+def test_from_state_dict_adopts_the_saved_masks_without_drawing_new_ones(monkeypatch):
+    import lightning_ggr.sparse.engine as engine_module
+
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="dsr", seed=5)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)),
+                                torch.randint(0, 10, (4,))).backward()
+    engine.rewire(0.2)
+    state = engine.state_dict()
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("a resumed engine must not draw masks")
+
+    monkeypatch.setattr(engine_module, "random_mask", no_draw)
+    resumed_model = tiny_net()
+    resumed = SparseEngine.from_state_dict(select_sparse_parameters(resumed_model), state,
+                                           sparsity=0.8, method="dsr", seed=5)
+    assert all(torch.equal(resumed.masks[n], engine.masks[n]) for n in engine.masks)
+    assert resumed.threshold == engine.threshold is not None
+    assert resumed.rewirings == 1 and resumed.last_slot == engine.last_slot
+    assert torch.equal(resumed.generator.get_state(), engine.generator.get_state())
+    for name, param in select_sparse_parameters(resumed_model).items():
+        assert (param[~resumed.masks[name]] == 0).all()

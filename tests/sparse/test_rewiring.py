@@ -3,12 +3,13 @@ import torch
 
 from lightning_ggr.sparse.methods import METHODS, MethodSpec, get_method
 from lightning_ggr.sparse.rewiring import (
+    GradientInsertion,
+    MixedInsertion,
+    ThresholdRemoval,
     adapt_threshold,
     allocate_proportional,
-    grow,
     remove_by_magnitude,
     remove_by_threshold,
-    rewire_,
 )
 
 
@@ -58,7 +59,7 @@ def test_proportional_allocation_respects_capacity_and_total():
 def test_gradient_growth_picks_the_largest_inactive_gradients():
     mask = torch.tensor([True, False, False, False, False])
     gradient = torch.tensor([9.0, 1.0, -5.0, 3.0, 0.5])
-    grown = grow(mask, gradient, 2, "gradient", 0.5, torch.Generator().manual_seed(0))
+    grown = GradientInsertion()(mask, gradient, 2, torch.Generator().manual_seed(0))
     assert grown.tolist() == [False, False, True, True, False]
 
 
@@ -66,7 +67,7 @@ def test_mixed_growth_splits_between_gradient_and_random():
     mask = torch.zeros(1000, dtype=torch.bool)
     gradient = torch.zeros(1000)
     gradient[:10] = torch.arange(10.0, 20.0)
-    grown = grow(mask, gradient, 20, "mixed", 0.5, torch.Generator().manual_seed(0))
+    grown = MixedInsertion(0.5)(mask, gradient, 20, torch.Generator().manual_seed(0))
     assert int(grown.sum()) == 20
     assert grown[:10].all()  # the 10 largest gradients, then 10 random others
 
@@ -78,8 +79,9 @@ def test_rewiring_conserves_counts_and_keeps_weights_exact(method, drop_fraction
     before = {n: int(m.sum()) for n, m in masks.items()}
     old_masks = {n: m.clone() for n, m in masks.items()}
     old_weights = {n: w.clone() for n, w in weights.items()}
-    report = rewire_(weights, masks, grads, get_method(method), drop_fraction,
-                     generator=torch.Generator().manual_seed(1), init_value=1e-10)
+    rewiring = get_method(method).build(init_value=1e-10)
+    report = rewiring(weights, masks, grads, drop_fraction,
+                      generator=torch.Generator().manual_seed(1))
     after = {n: int(m.sum()) for n, m in masks.items()}
     assert sum(after.values()) == sum(before.values())
     assert report.total_removed == report.total_grown
@@ -108,8 +110,8 @@ def test_ggr_allocates_by_global_gradient():
     weights["hungry"][:10] = torch.linspace(1, 2, 10)
     weights["sated"][:50] = torch.linspace(1, 2, 50)
     grads = {"hungry": torch.full((100,), 5.0), "sated": torch.full((100,), 0.01)}
-    report = rewire_(weights, masks, grads, METHODS["ggr"], 0.2,
-                     generator=torch.Generator().manual_seed(0))
+    report = METHODS["ggr"].build()(weights, masks, grads, 0.2,
+                                    generator=torch.Generator().manual_seed(0))
     assert report.removed == {"hungry": 2, "sated": 10}
     assert report.grown == {"hungry": 12, "sated": 0}
     assert report.total_moved == 10
@@ -123,7 +125,7 @@ def test_methods_need_gradients_as_documented():
                                                     "ggr_rigl"))
     weights, masks, _ = make_layers()
     with pytest.raises(ValueError, match="pass the dense gradients"):
-        rewire_(weights, masks, None, METHODS["rigl"], 0.1, generator=torch.Generator())
+        METHODS["rigl"].build()(weights, masks, None, 0.1, generator=torch.Generator())
 
 
 def test_unknown_method_and_bad_spec_are_refused():
@@ -136,8 +138,36 @@ def test_unknown_method_and_bad_spec_are_refused():
 def test_dsr_threshold_restarts_from_the_data_when_it_reached_zero():
     weights, masks, _ = make_layers()
     active = sum(int(m.sum()) for m in masks.values())
-    report = rewire_(weights, masks, None, METHODS["dsr"], 0.2,
-                     generator=torch.Generator().manual_seed(0), threshold=0.0)
+    rewiring = METHODS["dsr"].build()
+    assert isinstance(rewiring.removal, ThresholdRemoval)
+    rewiring.removal.threshold = 0.0
+    report = rewiring(weights, masks, None, 0.2, generator=torch.Generator().manual_seed(0))
     target = round(0.2 * active)
     assert abs(report.total_removed - target) <= 0.1 * target  # H = k-th smallest magnitude
     assert report.threshold is not None and report.threshold > 0
+
+
+def test_a_new_method_is_one_combination_of_existing_axes():
+    # Not a preset: DSR's threshold removal with GGR's allocation and RigL's insertion.
+    spec = MethodSpec("threshold", "gradient", "gradient")
+    rewiring = spec.build(dsr_tolerance=0.2, init_value=0.5)
+    assert spec.needs_gradients and spec.moves_between_layers
+    assert isinstance(rewiring.removal, ThresholdRemoval) and rewiring.removal.tolerance == 0.2
+    weights, masks, grads = make_layers()
+    before = sum(int(m.sum()) for m in masks.values())
+    report = rewiring(weights, masks, grads, 0.3, generator=torch.Generator().manual_seed(0))
+    assert sum(int(m.sum()) for m in masks.values()) == before
+    assert report.total_removed == report.total_grown > 0
+    assert report.threshold == rewiring.removal.threshold is not None
+
+
+def test_dsr_threshold_state_lives_in_its_removal_and_round_trips():
+    removal = ThresholdRemoval(tolerance=0.1)
+    assert removal.state_dict() == {"threshold": None}
+    weights, masks, _ = make_layers()
+    removal(weights, masks, 0.2)
+    saved = removal.state_dict()
+    assert saved["threshold"] > 0
+    other = ThresholdRemoval()
+    other.load_state_dict(saved)
+    assert other.threshold == removal.threshold

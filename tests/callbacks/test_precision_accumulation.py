@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-import lightning_ggr.sparse.engine as engine_module
 from lightning_ggr import DynamicSparsityCallback
+from lightning_ggr.sparse.rewiring import Rewiring
 from tests.helpers import TinyModule, make_trainer, tiny_dataloader
 
 
@@ -120,13 +120,13 @@ def test_fp16_inf_on_a_rewiring_step_postpones_it(tmp_path, nonfinite_steps, exp
 def test_fp16_rewiring_grows_from_the_unscaled_gradient(tmp_path, monkeypatch):
     """Growth sees the gradient after GradScaler.unscale_, not the loss-scaled one."""
     seen = []
-    rewire = engine_module.rewire_
+    rewire = Rewiring.__call__
 
-    def spy(weights, masks, gradients, *args, **kwargs):
+    def spy(self, weights, masks, gradients, *args, **kwargs):
         seen.append({n: g.detach().clone() for n, g in gradients.items()})
-        return rewire(weights, masks, gradients, *args, **kwargs)
+        return rewire(self, weights, masks, gradients, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "rewire_", spy)
+    monkeypatch.setattr(Rewiring, "__call__", spy)
     model = TinyModule()
     fp32 = {}
 
@@ -154,9 +154,9 @@ def test_accumulation_rewires_per_optimizer_step_on_the_accumulated_gradient(tmp
     model = TinyModule()
     boundaries = [0]  # index in model.seen_batches where each optimizer step's window ends
     checked = []
-    rewire = engine_module.rewire_
+    rewire = Rewiring.__call__
 
-    def spy(weights, masks, gradients, *args, **kwargs):
+    def spy(self, weights, masks, gradients, *args, **kwargs):
         window = model.seen_batches[boundaries[-1]:]
         assert 1 <= len(window) <= accumulate
         # Lightning divides each micro-batch loss by accumulate_grad_batches.
@@ -174,9 +174,9 @@ def test_accumulation_rewires_per_optimizer_step_on_the_accumulated_gradient(tmp
             if len(window) > 1:  # the check can tell the accumulated from the last gradient
                 assert not torch.allclose(gradients[name], only_last)
         checked.append(len(window))
-        return rewire(weights, masks, gradients, *args, **kwargs)
+        return rewire(self, weights, masks, gradients, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "rewire_", spy)
+    monkeypatch.setattr(Rewiring, "__call__", spy)
 
     class Window(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

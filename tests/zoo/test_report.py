@@ -14,7 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ggr.report import (
+from lightning_ggr.callbacks.summary import (
+    SUMMARY_FILENAME,
+    build_run_summary,
+    read_run_summary,
+    write_run_summary,
+)
+from lightning_ggr.zoo.report import (
     Cell,
     accuracies,
     collect_runs,
@@ -24,12 +30,6 @@ from lightning_ggr.report import (
     table4,
     to_csv,
     to_markdown,
-)
-from lightning_ggr.summary import (
-    SUMMARY_FILENAME,
-    build_run_summary,
-    read_run_summary,
-    write_run_summary,
 )
 
 # ----------------------------------------------------------------------------- summaries
@@ -261,7 +261,7 @@ def test_main_metric_fallback_and_errors(tmp_path, capsys):
 def test_python_dash_m_entry_point(tmp_path):
     _grid(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_ggr.report", str(tmp_path), "--tables", "table1"],
+        [sys.executable, "-m", "lightning_ggr.zoo.report", str(tmp_path), "--tables", "table1"],
         capture_output=True, text=True, check=False, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_ggr.export import (
+from lightning_ggr.sparse import count_parameters
+from lightning_ggr.sparse.export import (
     compact_sequential,
-    count_parameters,
     load_sparse_model,
     save_sparse_model,
 )

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_ggr.plots import (
+from lightning_ggr.callbacks.plots import (
     default_mask_layers,
     density_figure,
     figure_to_image,
@@ -173,7 +173,7 @@ def test_resolve_mask_layers_names_and_patterns():
 
 
 def test_density_axis_zooms_to_low_densities():
-    from lightning_ggr.plots import density_figure
+    from lightning_ggr.callbacks.plots import density_figure
 
     sizes = {"a": 1000, "b": 10_000}
     low = density_figure({"a": 10, "b": 100}, {"a": 30, "b": 80}, sizes)

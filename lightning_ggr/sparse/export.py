@@ -408,9 +408,3 @@ def compact_sequential(module: nn.Sequential, masks: Mapping[str, Tensor]) -> nn
                 _replace(compact, name, _slice_norm(op, boundary.keep, boundary.group,
                                                     flattened))
     return compact.eval()
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (each shared tensor once)."""
-    return sum(p.numel() for p in module.parameters())
-

@@ -1,10 +1,10 @@
 """Results tables of finished runs, as the paper prints them (Tables 1, 2 and 4).
 
-Every run leaves a summary (:data:`~lightning_ggr.summary.SUMMARY_FILENAME`, written by the
-callback at the end of training); this module finds them, groups them and prints::
+Every run leaves a summary (:data:`~lightning_ggr.callbacks.summary.SUMMARY_FILENAME`, written
+by the callback at the end of training); this module finds them, groups them and prints::
 
     lightning-ggr report RUN_DIRS... [--format markdown|csv] [--output DIR]
-    python -m lightning_ggr.report RUN_DIRS...
+    python -m lightning_ggr.zoo.report RUN_DIRS...
 
 Rules (the paper's, section 5):
 
@@ -33,14 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+from lightning_ggr.callbacks.summary import SUMMARY_FILENAME, read_run_summary
+from lightning_ggr.sparse.densities import DISTRIBUTIONS
+from lightning_ggr.sparse.methods import METHODS
 
 #: The method name of the dense reference.
 DENSE = "dense"
 #: Row order of methods; others follow alphabetically.
-METHOD_ORDER = ("dense", "set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl")
+METHOD_ORDER = (DENSE, *METHODS)
 #: Column order of initial distributions; others follow alphabetically.
-DISTRIBUTION_ORDER = ("erk", "uniform")
+DISTRIBUTION_ORDER = DISTRIBUTIONS
 #: Mean accuracy (percent) below which a setting counts as failed (the paper: 5%).
 FAILED_BELOW = 5.0
 #: The metric read as accuracy when the requested one is missing.

@@ -119,7 +119,7 @@ def test_densities_and_rewiring_counts_reach_tensorboard(tmp_path):
 
 
 def test_figures_histograms_and_summary_come_out_of_a_real_run(tmp_path):
-    from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+    from lightning_ggr.callbacks.summary import SUMMARY_FILENAME, read_run_summary
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
@@ -180,7 +180,7 @@ def test_init_value_that_underflows_the_parameter_dtype_warns(tmp_path):
 
 
 def test_test_after_fit_keeps_the_fit_metrics_in_the_summary(tmp_path):
-    from lightning_ggr.summary import SUMMARY_FILENAME, read_run_summary
+    from lightning_ggr.callbacks.summary import SUMMARY_FILENAME, read_run_summary
 
     class Evaluated(TinyModule):
         def validation_step(self, batch, batch_idx):

@@ -4,49 +4,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ggr.callbacks.reporting import SparsityReporter
+from lightning_ggr.callbacks.training_length import optimizer_steps_per_epoch
+from lightning_ggr.sparse.checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_int,
+    check_patterns,
+    check_sparsity,
+)
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
-from lightning_ggr.sparse.engine import SparseEngine, check_fraction
-from lightning_ggr.sparse.masks import preserves_zeros, select_sparse_parameters
-from lightning_ggr.sparse.methods import METHODS
+from lightning_ggr.sparse.engine import SparseEngine
+from lightning_ggr.sparse.masks import preserves_zeros
+from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS, RewiringSchedule
-
-MethodName = Literal["set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _check_patterns(name: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be a list of name patterns (strings), got {value!r}")
-    if not value:
-        raise ValueError(f"{name} must not be empty (use None for the default selection), "
-                         f"got {value!r}")
-    return list(value)
+from lightning_ggr.sparse.selection import select_sparse_parameters
 
 
 class DynamicSparsityCallback(Callback):
@@ -108,42 +91,33 @@ class DynamicSparsityCallback(Callback):
         mask_layers: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.method = _check_choice("method", method, tuple(METHODS))
-        self.sparsity = check_fraction("sparsity", sparsity, 0.0, 1.0, closed_low=True,
-                                       closed_high=False)
-        self.distribution = _check_choice("distribution", distribution, DISTRIBUTIONS)
-        self.drop_fraction = check_fraction("drop_fraction", drop_fraction, 0.0, 1.0,
-                                            closed_low=False, closed_high=True)
-        self.update_interval = _check_int("update_interval", update_interval, 1)
-        self.interval = _check_choice("interval", interval, INTERVALS)
-        self.stop_fraction = check_fraction("stop_fraction", stop_fraction, 0.0, 1.0,
-                                            closed_low=False, closed_high=True)
-        self.stop_step = None if stop_step is None else _check_int("stop_step", stop_step, 1)
-        self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio, 0.0, 1.0,
-                                             closed_low=True, closed_high=True)
-        if isinstance(init_value, bool) or not isinstance(init_value, (int, float)):
-            raise TypeError(f"init_value must be a float, got {init_value!r}")
-        if not math.isfinite(init_value):
-            raise ValueError(f"init_value must be finite, got {init_value!r}")
-        self.init_value = float(init_value)
-        self.seed = _check_int("seed", seed, 0)
-        if self.seed >= 2**64:  # torch.Generator.manual_seed's range
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
-        self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, 0.0, 1.0,
-                                            closed_low=False, closed_high=False)
-        if not isinstance(log_figures, bool):
-            raise TypeError(f"log_figures must be a bool, got {log_figures!r}")
-        self.log_figures = log_figures
-        self.mask_layers = _check_patterns("mask_layers", mask_layers)
+        # The same checks the engine and the schedule run, here so that a bad argument fails
+        # when the callback is built, before any training.
+        self.method = check_choice("method", method, tuple(METHODS))
+        self.sparsity = check_sparsity(sparsity)
+        self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
+        self.drop_fraction = check_fraction("drop_fraction", drop_fraction, closed_low=False)
+        self.update_interval = check_int("update_interval", update_interval, 1)
+        self.interval = check_choice("interval", interval, INTERVALS)
+        self.stop_fraction = check_fraction("stop_fraction", stop_fraction, closed_low=False)
+        self.stop_step = None if stop_step is None else check_int("stop_step", stop_step, 1)
+        self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio)
+        self.init_value = check_finite("init_value", init_value)
+        # torch.Generator.manual_seed's range.
+        self.seed = check_int("seed", seed, 0, 2**64, "2**64")
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.dsr_tolerance = check_fraction("dsr_tolerance", dsr_tolerance, closed_low=False,
+                                            closed_high=False)
+        self.log_figures = check_bool("log_figures", log_figures)
+        self.mask_layers = check_patterns("mask_layers", mask_layers)
+        self.reporter = SparsityReporter(self.log_figures, self.mask_layers)
+        self.reporter.global_density = 1.0 - self.sparsity
         self.engine: SparseEngine | None = None
         self.last_report: RewiringReport | None = None
         self._loaded_state: dict | None = None
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._summary_path: Path | None = None
-        self._global_density = 1.0 - self.sparsity
 
     # ------------------------------------------------------------------ public view
     @property
@@ -167,10 +141,7 @@ class DynamicSparsityCallback(Callback):
         _refuse_sharded(trainer)
         # Fails early, with a clear message, when a pattern matches nothing.
         params = select_sparse_parameters(pl_module, self.include, self.exclude)
-        if self.mask_layers is not None:
-            from lightning_ggr.plots import resolve_mask_layers
-
-            resolve_mask_layers(params, self.mask_layers)
+        self.reporter.check(params)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
                 rank_zero_warn(
@@ -197,31 +168,25 @@ class DynamicSparsityCallback(Callback):
             )
         elif loaded is not None:
             self._warn_if_settings_changed(loaded)
-        self.engine = SparseEngine(
-            params,
-            sparsity=self.sparsity,
-            distribution=self.distribution,
-            method=self.method,
-            schedule=self._schedule(trainer),
-            gradient_ratio=self.gradient_ratio,
-            init_value=self.init_value,
-            seed=self.seed,
-            dsr_tolerance=self.dsr_tolerance,
-            masks=None if loaded is None else loaded["masks"],
-        )
-        if loaded is not None:
-            self.engine.load_state_dict(loaded)
+        settings = {
+            "sparsity": self.sparsity, "distribution": self.distribution, "method": self.method,
+            "schedule": self._schedule(trainer), "gradient_ratio": self.gradient_ratio,
+            "init_value": self.init_value, "seed": self.seed, "dsr_tolerance": self.dsr_tolerance,
+        }
+        if loaded is None:
+            self.engine = SparseEngine(params, **settings)
+        else:
+            self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
             self._loaded_state = None
         self._attach_step_hook(trainer, params)
-        self._global_density = self.engine.global_density()
+        self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here.
         self.engine.enforce_masks([self._optimizer])
-        self._log_densities(trainer, step=trainer.global_step)
-        self._log_views(trainer)
+        self.reporter.training_started(trainer, self.engine)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -233,21 +198,22 @@ class DynamicSparsityCallback(Callback):
         report = self.engine.before_optimizer_step(step, trainer.current_epoch, [optimizer])
         if report is not None:
             self.last_report = report
-            self._log_report(trainer, report, step)
+            self.reporter.rewired(trainer, self.engine, report, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log("density", self._global_density, prog_bar=True, logger=False,
-                      on_step=True, on_epoch=False)
+        self.reporter.batch_ended(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_views(trainer)
+        self.reporter.epoch_ended(trainer, self.engine)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_summary(trainer, pl_module)
+        if self.engine is not None:
+            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config())
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write_summary(trainer, pl_module)
+        if self.engine is not None:
+            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._step_hook is not None:
@@ -265,6 +231,22 @@ class DynamicSparsityCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Deferred: the model (and its parameters) are only known in on_fit_start.
         self._loaded_state = dict(state_dict) if state_dict else None
+
+    def run_config(self) -> dict[str, Any]:
+        """The callback's settings, as stored in the run summary."""
+        return {
+            "method": self.method if self.sparsity > 0 else "dense",
+            "sparsity": self.sparsity,
+            "distribution": self.distribution,
+            "drop_fraction": self.drop_fraction,
+            "update_interval": self.update_interval,
+            "interval": self.interval,
+            "stop_step": None if self.engine is None or self.engine.schedule is None
+            else self.engine.schedule.stop_step,
+            "gradient_ratio": self.gradient_ratio,
+            "init_value": self.init_value,
+            "seed": self.seed,
+        }
 
     # ------------------------------------------------------------------- internals
     def _warn_if_settings_changed(self, loaded: Mapping[str, Any]) -> None:
@@ -304,10 +286,9 @@ class DynamicSparsityCallback(Callback):
             )
         elif self.interval == "epoch":
             _ = trainer.estimated_stepping_batches  # sets up the data: num_training_batches
-            batches = trainer.num_training_batches
-            if math.isfinite(batches):
-                steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-                first = self.update_interval * steps_per_epoch
+            steps_per_epoch = optimizer_steps_per_epoch(trainer)
+            if math.isfinite(steps_per_epoch):
+                first = self.update_interval * int(steps_per_epoch)
                 if stop_step <= first:
                     # A warning, not an error: short smoke runs (one epoch) are legitimate.
                     rank_zero_warn(
@@ -352,116 +333,6 @@ class DynamicSparsityCallback(Callback):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
             self.engine.after_optimizer_step([optimizer])
-
-    def _log_densities(self, trainer: pl.Trainer, step: int) -> None:
-        assert self.engine is not None
-        self._global_density = self.engine.global_density()
-        metrics = {f"density/{name}": d for name, d in self.engine.layer_densities().items()}
-        metrics["density/global"] = self._global_density
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-
-    def _log_report(self, trainer: pl.Trainer, report: RewiringReport, step: int) -> None:
-        assert self.engine is not None
-        if report.skipped:
-            rank_zero_warn(f"step {step}: non-finite gradients, rewiring postponed to the next "
-                           "step with finite gradients")
-            metrics = {"rewiring/skipped": float(self.engine.skipped_rewirings)}
-        else:
-            metrics = {
-                "rewiring/count": float(self.engine.rewirings),
-                "rewiring/drop_fraction": report.drop_fraction,
-                "rewiring/removed": float(report.total_removed),
-                "rewiring/grown": float(report.total_grown),
-                "rewiring/moved": float(report.total_moved),
-            }
-            if report.threshold is not None:
-                metrics["rewiring/dsr_threshold"] = report.threshold
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        if not report.skipped:
-            self._log_densities(trainer, step)
-            self._log_views(trainer, moved=report.moved)
-
-    def _log_views(self, trainer: pl.Trainer, moved: Mapping[str, int] | None = None) -> None:
-        if not self.log_figures or self.engine is None or not trainer.is_global_zero:
-            return
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not writers:
-            return
-        from lightning_ggr.plots import log_sparsity_views
-
-        for writer in writers:
-            log_sparsity_views(writer, self.engine.params, self.engine.masks,
-                               self.engine.initial_counts, trainer.global_step,
-                               mask_layers=self.mask_layers, moved=moved)
-
-    def run_config(self) -> dict[str, Any]:
-        """The callback's settings, as stored in the run summary."""
-        return {
-            "method": self.method if self.sparsity > 0 else "dense",
-            "sparsity": self.sparsity,
-            "distribution": self.distribution,
-            "drop_fraction": self.drop_fraction,
-            "update_interval": self.update_interval,
-            "interval": self.interval,
-            "stop_step": None if self.engine is None or self.engine.schedule is None
-            else self.engine.schedule.stop_step,
-            "gradient_ratio": self.gradient_ratio,
-            "init_value": self.init_value,
-            "seed": self.seed,
-        }
-
-    def _write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Written next to the logger's files; a run without a logger leaves no file behind.
-        if self.engine is None or not trainer.is_global_zero or not trainer.loggers:
-            return
-        if trainer.log_dir is None:
-            return
-        from lightning_ggr.summary import (
-            SUMMARY_FILENAME,
-            build_run_summary,
-            read_run_summary,
-            write_run_summary,
-        )
-
-        config = self.run_config()
-        config["model"] = _model_name(pl_module)
-        config["dataset"] = _dataset_name(trainer, pl_module)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if isinstance(v, (Tensor, float, int)) and torch.as_tensor(v).numel() == 1}
-        example = getattr(pl_module, "example_input_array", None)
-        summary = build_run_summary(
-            masks=self.engine.masks, params=self.engine.params,
-            initial_counts=self.engine.initial_counts, config=config, metrics=metrics,
-            module=pl_module,
-            example_input=example[:1] if isinstance(example, Tensor) else None,
-        )
-        path = Path(trainer.log_dir) / SUMMARY_FILENAME
-        if path == self._summary_path and path.exists():
-            # Test after fit, same run: keep the fit's metrics (val/*), add the new ones.
-            previous = read_run_summary(path).get("metrics") or {}
-            summary["metrics"] = {**previous, **summary["metrics"]}
-        write_run_summary(path, summary)
-        self._summary_path = path
-
-
-def _model_name(pl_module: pl.LightningModule) -> str:
-    """``pl_module.model_name`` (zoo), else a ``model``/``model_name`` hparam, else the class."""
-    name = getattr(pl_module, "model_name", None)
-    if name is None:
-        hparams = dict(getattr(pl_module, "hparams", {}) or {})
-        name = hparams.get("model_name", hparams.get("model"))
-    return str(name) if isinstance(name, str) else type(pl_module).__name__
-
-
-def _dataset_name(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-    """The datamodule's ``dataset_name`` (zoo), else its class name; None without one."""
-    name = getattr(pl_module, "dataset_name", None)
-    datamodule = getattr(trainer, "datamodule", None)
-    if name is None and datamodule is not None:
-        name = getattr(datamodule, "dataset_name", type(datamodule).__name__)
-    return None if name is None else str(name)
 
 
 def _refuse_sharded(trainer: pl.Trainer) -> None:

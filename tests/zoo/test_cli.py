@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_ggr.cli import LightningGGRCLI, format_density_table, main
+from lightning_ggr.zoo.cli import LightningGGRCLI, format_density_table, main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 BASES = ["cifar100_resnet18", "cifar100_mobilenet_v2", "cifar100_vgg16",
          "tinyimagenet_resnet18", "tinyimagenet_mobilenet_v2", "tinyimagenet_vgg16"]
 METHODS = ["dense", "set", "rigl", "dsr", "ggr", "set_rigl", "ggr_set", "ggr_rigl"]

@@ -7,7 +7,7 @@
         --trainer.callbacks.init_args.sparsity 0.97
     lightning-ggr {fit,validate,test,predict} --help
     lightning-ggr fit --config ... --print_config
-    lightning-ggr report RUN_DIRS...          # tables of finished runs (lightning_ggr.report)
+    lightning-ggr report RUN_DIRS...          # tables of finished runs (lightning_ggr.zoo.report)
 
 Short ``class_path`` names resolve for the package's classes (``ImageClassifier``,
 ``CIFAR100DataModule``, ``TinyImageNetDataModule``, ``DigitsDataModule``,
@@ -32,7 +32,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 # Imported so that jsonargparse finds these subclasses by their short class names.
-from lightning_ggr.callback import DynamicSparsityCallback
+from lightning_ggr.callbacks.reporting import scalar_metrics
+from lightning_ggr.callbacks.sparsity import DynamicSparsityCallback
+from lightning_ggr.sparse.selection import select_sparse_parameters
 from lightning_ggr.zoo import (  # noqa: F401
     CIFAR100DataModule,
     DigitsDataModule,
@@ -92,23 +94,17 @@ class LightningGGRCLI(LightningCLI):
     def after_fit(self) -> None:
         """Optionally test, then print metrics, layer densities and the log folder."""
         trainer = self.trainer
-        metrics = _scalars(trainer.callback_metrics)
+        metrics = scalar_metrics(trainer.callback_metrics)
         if self.config.get(f"{self.subcommand}.test_after_fit", False) and not trainer.interrupted:
             trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            metrics.update(_scalars(trainer.callback_metrics))
+            metrics.update(scalar_metrics(trainer.callback_metrics))
         self.final_metrics = metrics
         _print_summary(trainer, self.model, metrics)
 
 
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in metrics.items()
-            if isinstance(value, (torch.Tensor, float, int))
-            and torch.as_tensor(value).numel() == 1}
-
-
 def layer_densities(trainer: Trainer, module: nn.Module) -> dict[str, float]:
-    """Density of each sparse layer: the ``DynamicSparsityCallback``'s, or else each conv/linear
-    weight's fraction of non-zeros.
+    """Density of each sparse layer: the ``DynamicSparsityCallback``'s, or else the fraction of
+    non-zeros of each weight the callback would make sparse by default.
 
     Args:
         trainer: the trainer that ran (its callbacks are searched).
@@ -117,11 +113,11 @@ def layer_densities(trainer: Trainer, module: nn.Module) -> dict[str, float]:
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, DynamicSparsityCallback) and callback.masks:
             return callback.layer_densities()
-    return {
-        f"{name}.weight": float((layer.weight != 0).float().mean())
-        for name, layer in module.named_modules()
-        if isinstance(layer, (nn.Conv2d, nn.Linear))
-    }
+    try:
+        params = select_sparse_parameters(module)
+    except ValueError:  # no layer the callback would make sparse
+        return {}
+    return {name: float((param != 0).float().mean()) for name, param in params.items()}
 
 
 def format_density_table(densities: Mapping[str, float], module: nn.Module) -> str:
@@ -173,7 +169,7 @@ def main(args: ArgsType = None) -> None:
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["report"]:
-        from lightning_ggr.report import main as report_main
+        from lightning_ggr.zoo.report import main as report_main
 
         sys.exit(report_main(argv[1:]))
     LightningGGRCLI(args=args)

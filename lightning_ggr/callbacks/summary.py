@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from lightning_ggr import __version__
 from lightning_ggr.sparse.analysis import analyze_masks, sparse_flops
 
 #: File name of a run summary inside a run directory.
@@ -38,17 +39,6 @@ _RESERVED = frozenset(
     {"format_version", "lightning_ggr_version", "created", "global_density", "layers",
      "analysis", "flops", "metrics"}
 )
-
-
-def _version() -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return version("lightning-ggr")
-    except PackageNotFoundError:
-        return None
 
 
 def to_plain(value: Any) -> Any:
@@ -114,7 +104,7 @@ def build_run_summary(
     }
     summary: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "lightning_ggr_version": _version(),
+        "lightning_ggr_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
     summary.update(to_plain(dict(config)))
@@ -136,17 +126,13 @@ def _metric(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def write_run_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
-    """Write ``summary`` as JSON, atomically (a temporary file, then ``os.replace``).
-
-    ``path`` is the file, or a directory to write :data:`SUMMARY_FILENAME` into (created
-    if missing). Returns the file written.
-    """
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` (made plain by :func:`to_plain`) as indented JSON, atomically: to a
+    temporary file in the same folder (created if missing), then ``os.replace``. A reader
+    never sees half a file, even if the writer is killed."""
     target = Path(path)
-    if target.is_dir() or target.suffix != ".json":
-        target = target / SUMMARY_FILENAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_plain(dict(summary)), indent=2, sort_keys=False, allow_nan=False)
+    text = json.dumps(to_plain(data), indent=2, sort_keys=False, allow_nan=False)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
                                          dir=target.parent)
     try:
@@ -157,6 +143,18 @@ def write_run_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) 
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def write_run_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
+    """Write ``summary`` as JSON, atomically (:func:`write_json`).
+
+    ``path`` is the file, or a directory to write :data:`SUMMARY_FILENAME` into (created
+    if missing). Returns the file written.
+    """
+    target = Path(path)
+    if target.is_dir() or target.suffix != ".json":
+        target = target / SUMMARY_FILENAME
+    return write_json(target, dict(summary))
 
 
 def read_run_summary(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""The package's shape: the engine without Lightning, and the old module paths still working."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+import lightning_ggr
+from lightning_ggr._moved import MOVED_MODULES
+
+#: Runs first in a fresh interpreter: importing any of these fails, as if not installed.
+BLOCK_FRAMEWORKS = textwrap.dedent(
+    """
+    import importlib.machinery
+    import sys
+    BLOCKED = {"lightning", "pytorch_lightning", "lightning_fabric", "torchvision",
+               "torchmetrics", "matplotlib", "tensorboard", "sklearn", "jsonargparse"}
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                return importlib.machinery.ModuleSpec(name, self)
+            return None
+
+        def create_module(self, spec):
+            raise ImportError(f"{spec.name} is blocked for this test")
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_engine_and_export_work_where_lightning_cannot_be_imported(tmp_path):
+    code = BLOCK_FRAMEWORKS + textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        import lightning_ggr
+        from lightning_ggr import (RewiringSchedule, SparseEngine, compact_sequential,
+                                   load_sparse_model, save_sparse_model,
+                                   select_sparse_parameters)
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="ggr",
+                              schedule=RewiringSchedule("step", 2, 8, 0.3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+        for step in range(8):
+            nn.functional.cross_entropy(model(x), y).backward()
+            engine.before_optimizer_step(step, 0, [optimizer])
+            optimizer.step()
+            optimizer.zero_grad()
+        assert engine.rewirings == 3, engine.rewirings
+        path = {str(tmp_path / "model.pt")!r}
+        save_sparse_model(model, engine.masks, path)
+        masks = load_sparse_model(model, path)
+        compact = compact_sequential(model, masks)
+        assert torch.allclose(compact(x), model.eval()(x), atol=1e-5)
+        try:
+            lightning_ggr.DynamicSparsityCallback
+        except ImportError as error:
+            assert "needs Lightning" in str(error), error
+        else:
+            raise AssertionError("the callback imported without Lightning")
+        blocked = {{m.split(".")[0] for m in sys.modules}} & {{"lightning", "torchvision",
+                                                              "matplotlib"}}
+        assert not blocked, blocked
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_MODULES.items()))
+def test_a_moved_module_keeps_its_old_import_path(old, new):
+    import importlib
+
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message)
+               for w in caught)
+
+
+def test_old_names_still_resolve_to_the_same_objects():
+    from lightning_ggr.callback import DynamicSparsityCallback
+    from lightning_ggr.callbacks import DynamicSparsityCallback as moved
+    from lightning_ggr.summary import SUMMARY_FILENAME
+
+    assert DynamicSparsityCallback is moved is lightning_ggr.DynamicSparsityCallback
+    assert SUMMARY_FILENAME == "lightning_ggr_summary.json"
+    # The zoo's names, public at the top level before they moved under lightning_ggr.zoo.
+    from lightning_ggr import ImageClassifier
+    from lightning_ggr.zoo import ImageClassifier as zoo_classifier
+
+    assert ImageClassifier is zoo_classifier
+
+
+def test_python_dash_m_runs_a_moved_module():
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "lightning_ggr.report",
+                             "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_the_version_is_defined_once():
+    from importlib.metadata import version
+
+    assert version("lightning-ggr") == lightning_ggr.__version__
