@@ -91,8 +91,9 @@ def test_a_moved_module_keeps_its_old_import_path(old, new):
 
 def test_old_names_still_resolve_to_the_same_objects():
     from lightning_ggr.callback import DynamicSparsityCallback
-    from lightning_ggr.callbacks import DynamicSparsityCallback as moved
     from lightning_ggr.summary import SUMMARY_FILENAME
+
+    from lightning_ggr.callbacks import DynamicSparsityCallback as moved
 
     assert DynamicSparsityCallback is moved is lightning_ggr.DynamicSparsityCallback
     assert SUMMARY_FILENAME == "lightning_ggr_summary.json"

@@ -102,7 +102,7 @@ class LightningGGRCLI(LightningCLI):
         _print_summary(trainer, self.model, metrics)
 
 
-def layer_densities(trainer: Trainer, module: nn.Module) -> dict[str, float]:
+def _printed_densities(trainer: Trainer, module: nn.Module) -> dict[str, float]:
     """Density of each sparse layer: the ``DynamicSparsityCallback``'s, or else the fraction of
     non-zeros of each weight the callback would make sparse by default.
 
@@ -151,7 +151,7 @@ def _print_summary(trainer: Trainer, module: LightningModule, metrics: Mapping[s
     shown = {k: v for k, v in sorted(metrics.items())
              if k.split("/")[0] in ("val", "test") or k == "train/loss"}
     print("\nFinal metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-    densities = layer_densities(trainer, module)
+    densities = _printed_densities(trainer, module)
     if densities:
         print("Per-layer density (active weights / all weights of each sparse layer):")
         print(format_density_table(densities, module))
