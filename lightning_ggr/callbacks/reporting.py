@@ -1,4 +1,5 @@
-"""What `DynamicSparsityCallback` tells the user: metrics, TensorBoard views, the run summary.
+"""What `DynamicSparsityCallback` tells the user: the selection summary, metrics, TensorBoard
+views, the run summary.
 
 The callback owns the training contract (masks, schedule, rewiring); everything it reports
 goes through a :class:`SparsityReporter`, which reads the engine and never changes it.
@@ -19,11 +20,13 @@ from typing import Any, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import Tensor
 
 from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.rewiring import RewiringReport
+from lightning_ggr.sparse.selection import Selection
 
 
 @runtime_checkable
@@ -67,21 +70,91 @@ def dataset_name(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | No
     return None if datamodule is None else type(datamodule).__name__
 
 
+def _count(number: int) -> str:
+    return get_human_readable_count(int(number)).strip()
+
+
+#: Tag of the selection summary in TensorBoard's Text tab.
+SELECTION_TAG = "lightning_ggr/selection"
+
+
+def format_selection_table(selection: Selection, active: Mapping[str, int],
+                           title: str = "") -> str:
+    """The selection summary, in the manner of Lightning's ``ModelSummary``.
+
+    One row per parameter tensor (a tied tensor once): name, shape, parameters, sparse or
+    dense, density, active weights, and the role that made it sparse or why it is dense;
+    then the totals, e.g. ``sparsity 0.90 over 94.3% of the parameters = 0.849 of all
+    parameters are zero (3,671 of 24,234 active)``.
+
+    Args:
+        selection: from :func:`~lightning_ggr.sparse.selection.plan_selection`.
+        active: sparse parameter name -> active weights (``engine.active_counts()``).
+        title: a first line, if any.
+    """
+    rows = []
+    for index, entry in enumerate(selection.entries):
+        numel = entry.numel
+        count = active[entry.name] if entry.sparse else numel
+        shape = entry.shape
+        rows.append((
+            str(index), entry.name,
+            "?" if shape is None else ("x".join(map(str, shape)) or "scalar"),
+            _count(numel), "sparse" if entry.sparse else "dense",
+            f"{count / numel:.3f}" if numel else "-", _count(count), entry.reason,
+        ))
+    columns = ("", "Parameter", "Shape", "Params", "Kind", "Density", "Active",
+               "Role / dense because")
+    widths = [max([len(column)] + [len(row[i]) for row in rows])
+              for i, column in enumerate(columns)]
+    right = {3, 5, 6}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    header = line(columns)
+    rule = "-" * len(header)
+    lines = [title] if title else []
+    lines += [header, rule, *(line(row) for row in rows), rule]
+    total, sparse_total = selection.total_params, selection.sparse_params
+    sparse_active = sum(active[name] for name in selection.params)
+    sparse_count = len(selection.params)
+    dense_count = len(rows) - sparse_count
+    lines.append(f"{sparse_count} sparse tensor{'' if sparse_count == 1 else 's'} "
+                 f"({_count(sparse_total)} params), {dense_count} dense "
+                 f"({_count(total - sparse_total)} params)")
+    zeros = sparse_total - sparse_active
+    sparsity = zeros / sparse_total if sparse_total else 0.0
+    lines.append(
+        f"sparsity {sparsity:.2f} over {100 * sparse_total / total:.1f}% of the parameters = "
+        f"{zeros / total:.3f} of all parameters are zero "
+        f"({total - zeros:,} of {total:,} active)"
+    )
+    return "\n".join(lines)
+
+
 class SparsityReporter:
-    """Logs a sparse run: densities and rewiring metrics to every logger, pictures to
-    TensorBoard (rank 0), and the run summary JSON next to the logs when fit or test ends.
+    """Logs a sparse run: the selection summary at fit start, densities and rewiring metrics
+    to every logger, pictures to TensorBoard (rank 0), and the run summary JSON next to the
+    logs when fit or test ends.
 
     Args:
         log_figures: draw the density chart, mask images and weight histograms.
         mask_layers: parameter names or patterns whose masks are drawn (see
             :func:`~lightning_ggr.callbacks.plots.resolve_mask_layers`).
+        selection_summary: print and log the selection summary at fit start.
     """
 
-    def __init__(self, log_figures: bool = True, mask_layers: list[str] | None = None) -> None:
+    def __init__(self, log_figures: bool = True, mask_layers: list[str] | None = None,
+                 selection_summary: bool = True) -> None:
         self.log_figures = log_figures
         self.mask_layers = mask_layers
+        self.selection_summary = selection_summary
         #: Global density shown on the progress bar.
         self.global_density = 1.0
+        #: What the run summary records of the selection (set at fit start).
+        self.selection_record: dict[str, Any] | None = None
         self._summary_path: Path | None = None
 
     def check(self, params: Mapping[str, Tensor]) -> None:
@@ -92,6 +165,26 @@ class SparsityReporter:
             resolve_mask_layers(params, self.mask_layers)
 
     # ------------------------------------------------------------------------ events
+    def selection_chosen(self, trainer: pl.Trainer, selection: Selection, engine: SparseEngine,
+                         title: str = "") -> None:
+        """Print the selection summary (rank 0) and log it as TensorBoard text, if enabled;
+        keep coverage and dense reasons for the run summary."""
+        self.selection_record = {
+            "coverage": selection.coverage,
+            "sparse_params": selection.sparse_params,
+            "total_params": selection.total_params,
+            "dense": selection.dense,
+        }
+        if not self.selection_summary or not trainer.is_global_zero:
+            return
+        table = format_selection_table(selection, engine.active_counts(), title)
+        rank_zero_info(table)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Indented four spaces: TensorBoard renders the text as Markdown code.
+                text = "\n".join("    " + row for row in table.splitlines())
+                logger.experiment.add_text(SELECTION_TAG, text, global_step=trainer.global_step)
+
     def training_started(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
         self.log_densities(trainer, engine, trainer.global_step)
         self.log_views(trainer, engine)
@@ -173,6 +266,8 @@ class SparsityReporter:
             config=config, metrics=scalar_metrics(trainer.callback_metrics), module=pl_module,
             example_input=example[:1] if isinstance(example, Tensor) else None,
         )
+        if self.selection_record is not None:
+            summary["selection"] = self.selection_record
         path = Path(trainer.log_dir) / SUMMARY_FILENAME
         if path == self._summary_path and path.exists():
             previous = read_run_summary(path).get("metrics") or {}

@@ -29,16 +29,26 @@ from lightning_ggr.sparse.masks import preserves_zeros
 from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS, RewiringSchedule
-from lightning_ggr.sparse.selection import select_sparse_parameters
+from lightning_ggr.sparse.selection import (
+    Selection,
+    check_selection_patterns,
+    plan_selection,
+    selection_from_names,
+)
 
 
 class DynamicSparsityCallback(Callback):
-    """Train the model's Conv/Linear weights sparse from scratch, rewiring them as it trains.
+    """Train the model's linear maps sparse from scratch, rewiring them as it trains.
 
     At fit start every sparse layer gets a random mask with its initial density (ERK or
     uniform); masked weights, gradients and optimizer state stay exactly zero. On a
     schedule, each rewiring drops the weakest active weights and grows as many new ones
     where the chosen method says (paper: Parger et al., ICML 2022, sections 3.2-3.3).
+
+    Sparse by default: the ``weight`` of every ``Linear`` and (transposed) ``Conv`` layer and
+    MultiheadAttention's projections, when they require grad and the optimizer holds them; a
+    tied weight is one sparse tensor. Everything else stays dense, and the selection summary
+    printed at fit start says why for each tensor (:mod:`lightning_ggr.sparse.selection`).
 
     Args:
         method: ``"ggr"`` (global gradient allocation, 50:50 gradient/random insertion),
@@ -62,13 +72,17 @@ class DynamicSparsityCallback(Callback):
         seed: seed of the callback's own random generator (masks, random growth): every
             process draws the same masks whatever else consumes randomness.
         include: shell-style patterns of parameter names to make sparse, replacing the
-            default (every Linear/Conv ``weight``), e.g. ``["features.*.weight"]``.
+            default (every Linear/Conv/attention weight), e.g. ``["features.*.weight"]``; a
+            1-D parameter (bias, norm scale) only when named exactly.
         exclude: patterns of parameter names to keep dense, e.g. ``["fc.weight"]``.
         dsr_tolerance: DSR's tolerance around its target removal count, in ``(0, 1)``.
         log_figures: log the density chart, mask images and weight histograms to
             TensorBoard at rewirings and epoch ends (rank 0 only).
         mask_layers: parameter names or shell-style patterns whose masks are drawn as
             images (default: the first three sparse convolutions that are not depthwise).
+        selection_summary: at fit start, print (rank 0) and log as TensorBoard text the table
+            of every parameter tensor: sparse or dense, shape, initial density, active
+            count, and why each dense one is dense.
     """
 
     def __init__(
@@ -89,6 +103,7 @@ class DynamicSparsityCallback(Callback):
         dsr_tolerance: float = 0.1,
         log_figures: bool = True,
         mask_layers: list[str] | None = None,
+        selection_summary: bool = True,
     ) -> None:
         super().__init__()
         # The same checks the engine and the schedule run, here so that a bad argument fails
@@ -111,7 +126,11 @@ class DynamicSparsityCallback(Callback):
                                             closed_high=False)
         self.log_figures = check_bool("log_figures", log_figures)
         self.mask_layers = check_patterns("mask_layers", mask_layers)
-        self.reporter = SparsityReporter(self.log_figures, self.mask_layers)
+        self.selection_summary = check_bool("selection_summary", selection_summary)
+        self.reporter = SparsityReporter(self.log_figures, self.mask_layers,
+                                         self.selection_summary)
+        #: Every parameter tensor, sparse or dense with its reason (from ``on_fit_start``).
+        self.selection: Selection | None = None
         self.reporter.global_density = 1.0 - self.sparsity
         self.engine: SparseEngine | None = None
         self.last_report: RewiringReport | None = None
@@ -139,9 +158,9 @@ class DynamicSparsityCallback(Callback):
         if stage != "fit":
             return
         _refuse_sharded(trainer)
-        # Fails early, with a clear message, when a pattern matches nothing.
-        params = select_sparse_parameters(pl_module, self.include, self.exclude)
-        self.reporter.check(params)
+        # Fails early, with a clear message, when a pattern cannot work. What depends on the
+        # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start.
+        check_selection_patterns(pl_module, self.include, self.exclude)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
                 rank_zero_warn(
@@ -154,7 +173,7 @@ class DynamicSparsityCallback(Callback):
         if not pl_module.automatic_optimization:
             rank_zero_info("DynamicSparsityCallback: manual optimization; every optimizer step "
                            "of the optimizer holding the sparse weights counts as a step.")
-        params = select_sparse_parameters(pl_module, self.include, self.exclude)
+        params = self._select_parameters(trainer, pl_module)
         loaded = self._loaded_state
         if loaded is None and self.engine is not None:
             rank_zero_warn(
@@ -181,6 +200,7 @@ class DynamicSparsityCallback(Callback):
         self._attach_step_hook(trainer, params)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
@@ -249,6 +269,43 @@ class DynamicSparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------- internals
+    def _select_parameters(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, Tensor]:
+        """The sparse parameters, and ``self.selection`` (the account of every tensor).
+
+        Runs in ``on_fit_start``, where the optimizers exist: only tensors they hold are
+        selected. Lazy modules are materialized first. On resume the saved masks' names are
+        the selection (the optimizer may not hold everything yet, e.g. BaseFinetuning).
+        """
+        _materialize_lazy_modules(trainer, pl_module)
+        saved = None if self._loaded_state is None else self._loaded_state.get("masks")
+        if saved:
+            self.selection = selection_from_names(pl_module, list(saved))
+            try:
+                today = plan_selection(pl_module, self.include, self.exclude,
+                                       trained=trainer.optimizers).params
+            except ValueError:
+                today = {}
+            if set(today) != set(self.selection.params):
+                rank_zero_warn(
+                    "the checkpoint's masks cover other parameters than this callback would "
+                    f"select now (only saved: {sorted(set(self.selection.params) - set(today))}"
+                    f", only now: {sorted(set(today) - set(self.selection.params))}): the "
+                    "saved selection is kept"
+                )
+        else:
+            self.selection = plan_selection(pl_module, self.include, self.exclude,
+                                            trained=trainer.optimizers)
+        params = self.selection.params
+        self.reporter.check(params)
+        return params
+
+    def _title(self) -> str:
+        method = self.method if self.sparsity > 0 else "dense"
+        return (f"DynamicSparsityCallback: {method}, sparsity {self.sparsity:g}, "
+                f"{self.distribution}; what is sparse:")
+
     def _warn_if_settings_changed(self, loaded: Mapping[str, Any]) -> None:
         current = {"method": self.method, "sparsity": self.sparsity,
                    "distribution": self.distribution}
@@ -333,6 +390,41 @@ class DynamicSparsityCallback(Callback):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
             self.engine.after_optimizer_step([optimizer])
+
+
+def _materialize_lazy_modules(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Run ``example_input_array`` once through a module with lazy parameters, so they have
+    their shapes before masks are drawn (no gradient, eval mode, modes restored after).
+
+    The parameters keep their identity when materialized, so the optimizer built over them
+    in ``configure_optimizers`` holds the real ones. (On resume the checkpoint's state has
+    already materialized them.)
+    """
+    lazy = [name for name, p in pl_module.named_parameters()
+            if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    if not lazy:
+        return
+    example = pl_module.example_input_array
+    if example is None:
+        raise ValueError(
+            f"parameters {lazy} are not materialized at fit start (lazy modules): set "
+            "`example_input_array` on the LightningModule (DynamicSparsityCallback runs it once "
+            "to give them their shapes) or run one forward pass before trainer.fit"
+        )
+    batch = trainer.strategy.batch_to_device(example)
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
+    try:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            if isinstance(batch, list | tuple):
+                pl_module(*batch)
+            elif isinstance(batch, dict):
+                pl_module(**batch)
+            else:
+                pl_module(batch)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _refuse_sharded(trainer: pl.Trainer) -> None:

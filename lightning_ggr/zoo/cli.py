@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -57,7 +57,9 @@ class LightningGGRCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", LightningModule)
-        kwargs.setdefault("datamodule_class", LightningDataModule)
+        # None (any LightningDataModule, by class_path) keeps ``--data`` optional: a module
+        # with its own dataloaders runs without one.
+        kwargs.setdefault("datamodule_class", None)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         # A re-run into the same fixed log folder (the Table-1 grid names its versions)
@@ -146,11 +148,20 @@ def format_density_table(densities: Mapping[str, float], module: nn.Module) -> s
     return "\n".join(lines)
 
 
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """Every scalar metric, sorted by name (``(none logged)`` when there is none).
+
+    Args:
+        metrics: name -> value (``scalar_metrics(trainer.callback_metrics)``).
+    """
+    if not metrics:
+        return "(none logged)"
+    return ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+
+
 @rank_zero_only
 def _print_summary(trainer: Trainer, module: LightningModule, metrics: Mapping[str, float]) -> None:
-    shown = {k: v for k, v in sorted(metrics.items())
-             if k.split("/")[0] in ("val", "test") or k == "train/loss"}
-    print("\nFinal metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    print("\nFinal metrics: " + format_metrics(metrics))
     densities = _printed_densities(trainer, module)
     if densities:
         print("Per-layer density (active weights / all weights of each sparse layer):")

@@ -17,6 +17,8 @@ Rules (the paper's, section 5):
 - Table 2 averages each method over the (dataset, model) *scenarios*. Scenarios where every
   method failed are left out of the average for that column; a method that failed where
   another method worked gets ``-`` for that column.
+- A run with no accuracy (neither ``--metric`` nor its fallback) is left out of Tables 1 and
+  2 and listed in Table 4 with an empty accuracy cell; the printed note says so.
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ def accuracies(
                      + ", ".join(map(str, fell_back)))
     if missing:
         notes.append(f"{len(missing)} run(s) have no accuracy ({metric!r}"
-                     + (f" or {fallback!r}" if fallback else "") + "), left out: "
-                     + ", ".join(map(str, missing)))
+                     + (f" or {fallback!r}" if fallback else "") + "): left out of Tables 1 "
+                     "and 2, listed in Table 4 without accuracy: " + ", ".join(map(str, missing)))
     present = [v for v in raw if v is not None]
     fraction = scale == "fraction" or (scale == "auto" and bool(present)
                                        and all(v <= 1.0 for v in present))
@@ -179,12 +181,15 @@ def accuracies(
 
 
 def _settings(
-    runs: Sequence[Mapping[str, Any]], metric: str, scale: str
+    runs: Sequence[Mapping[str, Any]], metric: str, scale: str, *, without_accuracy: bool = False
 ) -> dict[tuple[str, str, str, float, str], list[tuple[Mapping[str, Any], float | None]]]:
-    """(dataset, model, method, sparsity, distribution) -> [(run, accuracy)]."""
+    """(dataset, model, method, sparsity, distribution) -> [(run, accuracy)]; runs without
+    accuracy only if ``without_accuracy`` (Table 4's structure figures need none)."""
     values, _ = accuracies(runs, metric, scale=scale)
     groups: dict[tuple[str, str, str, float, str], list] = defaultdict(list)
     for run, value in zip(runs, values, strict=True):
+        if value is None and not without_accuracy:
+            continue
         key = (str(run.get("dataset", "?")), str(run.get("model", "?")), _method(run),
                _sparsity(run), _distribution(run))
         groups[key].append((run, value))
@@ -299,7 +304,7 @@ def table4(
     removing empty neurons and inputs) and sparse inference MFLOPs (multiply-adds) when the
     run recorded them. Dense reference runs are not listed.
     """
-    groups = _settings(runs, metric, scale)
+    groups = _settings(runs, metric, scale, without_accuracy=True)
     keys = sorted((k for k in groups if k[2] != DENSE),
                   key=lambda k: (k[0], k[1], k[3], _order(k[2], METHOD_ORDER),
                                  _order(k[4], DISTRIBUTION_ORDER)))
