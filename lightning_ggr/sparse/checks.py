@@ -30,6 +30,17 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and _is_real(value)
 
 
+def _as_float(value: Any) -> float:
+    """``float(value)``, except that a numpy float narrower than 64 bits becomes the decimal
+    it prints as: ``numpy.float32(0.9)`` is ``0.9``, not ``0.8999999761581421`` (which would
+    make a run summary's sparsity differ from the one the user wrote)."""
+    number = float(value)
+    itemsize = getattr(getattr(value, "dtype", None), "itemsize", 8)
+    if not isinstance(value, float) and itemsize < 8 and math.isfinite(number):
+        number = float(str(value))
+    return number
+
+
 def _interval(low: float, high: float, closed_low: bool, closed_high: bool) -> str:
     return f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
 
@@ -52,7 +63,7 @@ def check_fraction(
     allowed = f"a real number in {_interval(low, high, closed_low, closed_high)}"
     if not _is_real(value):
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    number = float(value)
+    number = _as_float(value)
     ok_low = number >= low if closed_low else number > low
     ok_high = number <= high if closed_high else number < high
     if math.isnan(number) or not (ok_low and ok_high):
@@ -72,7 +83,7 @@ def check_finite(name: str, value: Any) -> float:
     """Any finite real number, returned as ``float``."""
     if not _is_real(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    number = float(value)
+    number = _as_float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return number

@@ -329,6 +329,9 @@ def _candidates(entries: list[ParameterEntry], include: Sequence[str] | None,
     for entry in entries:
         if entry.sparse and entry.sparse_gradient and _named_exactly(entry, include):
             raise _sparse_gradient_error(entry)
+        if entry.sparse and entry.reason.startswith("weight_norm v"):
+            raise ValueError(f"include matches {entry.name!r}, which cannot be masked: "
+                             f"{entry.reason}; use weight_norm(dim=None) or spectral_norm")
     return candidates
 
 
