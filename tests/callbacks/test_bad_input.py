@@ -49,6 +49,7 @@ BAD_ARGUMENTS = [
     ("dsr_tolerance", 1.0, ValueError, r"\(0, 1\)"),
     ("log_figures", "yes", TypeError, "bool"),
     ("mask_layers", "net.0.weight", TypeError, "list of name patterns"),
+    ("selection_summary", "yes", TypeError, "bool"),
 ]
 
 
@@ -74,14 +75,6 @@ class NoSparseLayer(TinyModule):
         return self.net(x) @ self.head
 
 
-class SharedWeight(TinyModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(108, 108), nn.Linear(108, 108),
-                                 nn.Linear(108, 4))
-        self.net[2].weight = self.net[1].weight  # tied: one tensor, two layers
-
-
 def refused_before_training(tmp_path, model, error, match, **callback_kwargs):
     callback_kwargs = {"log_figures": False, "interval": "step", "update_interval": 2,
                        **callback_kwargs}
@@ -100,8 +93,6 @@ def refused_before_training(tmp_path, model, error, match, **callback_kwargs):
         (TinyModule, {"exclude": ["classifier.*"]}, r"exclude pattern 'classifier\.\*' matches "
                                                    "no selected sparse parameter"),
         (NoSparseLayer, {}, "the model has no sparse parameter"),
-        (SharedWeight, {}, r"sparse parameter 'net\.1\.weight' is shared by "
-                           r"\['net\.1\.weight', 'net\.2\.weight'\]"),
         # 312 weights in 3 layers: sparsity 0.995 leaves 2 active weights, fewer than 3 layers.
         (TinyModule, {"sparsity": 0.995, "distribution": "erk"},
          r"sparsity=0\.995 leaves 2 active weights for the 3 sparse layers.*at most 0\.990385"),
@@ -112,7 +103,7 @@ def refused_before_training(tmp_path, model, error, match, **callback_kwargs):
         # stop_fraction of a 16-step run: stop at step 1, before the first rewiring at step 2.
         (TinyModule, {"stop_fraction": 0.1}, r"stop_fraction=0\.1 of 16 steps = step 1"),
     ],
-    ids=["include", "exclude", "no-sparse-layer", "shared", "erk-infeasible",
+    ids=["include", "exclude", "no-sparse-layer", "erk-infeasible",
          "uniform-infeasible", "stop-step-before-start", "stop-fraction-before-start"],
 )
 def test_what_only_the_model_tells_is_refused_before_the_first_step(tmp_path, model, kwargs,

@@ -25,6 +25,13 @@ def test_real_numbers_and_integers_are_accepted_whatever_their_numpy_type():
         assert type(check_int("update_interval", value, 1)) is int
 
 
+def test_narrow_numpy_floats_are_stored_as_the_decimal_they_print():
+    """float(np.float32(0.9)) is 0.8999999761581421: a run summary would then group the run
+    apart from the ones at 0.9."""
+    assert check_sparsity(np.float32(0.9)) == 0.9
+    assert check_fraction("drop_fraction", np.float16(0.3)) == 0.3
+
+
 @pytest.mark.parametrize("value", [True, np.bool_(True), "0.9", None, [0.9], torch.tensor(0.9)])
 def test_what_is_not_a_real_number_is_a_type_error(value):
     with pytest.raises(TypeError, match=r"^sparsity must be a real number in \[0, 1\), got "):

@@ -238,3 +238,71 @@ def test_console_script(tmp_path):
                             cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "--test_after_fit" in result.stdout and "--trainer.callbacks" in result.stdout
+
+
+def _vectors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(16, 8, generator=generator),
+                                    torch.randint(0, 3, (16,), generator=generator)),
+                      batch_size=8)
+
+
+def _own_module_class():
+    import lightning.pytorch as pl
+    from torch import nn
+
+    class OwnModule(pl.LightningModule):
+        """A user's module: metric names without '/', its own dataloaders, no datamodule."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def training_step(self, batch, batch_idx):
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def train_dataloader(self):
+            return _vectors()
+
+        def val_dataloader(self):
+            return _vectors()
+
+    return OwnModule
+
+
+OwnModule = _own_module_class()
+
+
+def test_fit_of_a_users_own_module_prints_its_metrics_and_needs_no_data(tmp_path, capsys):
+    """On main: `--data` was required, and `Final metrics:` was printed empty for metric
+    names without a '/' prefix."""
+    main(["fit", "--model", f"{__name__}.OwnModule", "--trainer.max_steps", "4",
+          "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+          "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.callbacks", "DynamicSparsityCallback",
+          "--trainer.callbacks.init_args.interval", "step",
+          "--trainer.callbacks.init_args.stop_step", "3",
+          "--trainer.callbacks.init_args.log_figures", "false"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines()
+                if ln.startswith("Final metrics:"))
+    shown = dict(item.rsplit(" ", 1) for item in line.removeprefix("Final metrics: ").split(", "))
+    assert {"loss", "val_loss", "density"} <= set(shown)
+
+
+def test_no_metric_at_all_is_said_so():
+    from lightning_ggr.zoo.cli import format_metrics
+
+    assert format_metrics({}) == "(none logged)"
+    assert format_metrics({"b": 2.0, "a/x": 1.0}) == "a/x 1.0000, b 2.0000"

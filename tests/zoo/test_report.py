@@ -266,3 +266,19 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "## Table 1" in result.stdout
+
+
+def test_a_run_without_accuracy_is_where_the_note_says(tmp_path, capsys):
+    """On main the note said "left out", yet Table 1 listed the run with an empty cell."""
+    write_run_summary(tmp_path / "with", _run("netA", "d", "ggr", 0.9, "erk", 0, 0.5))
+    write_run_summary(tmp_path / "without", _run("netB", "d", "ggr", 0.9, "erk", 0, None)
+                      | {"metrics": {"train/loss": 1.0}})
+    assert main([str(tmp_path), "--tables", "table1", "table2", "table4"]) == 0
+    captured = capsys.readouterr()
+    assert ("1 run(s) have no accuracy ('test/acc' or 'val/acc'): left out of Tables 1 and 2, "
+            "listed in Table 4 without accuracy") in captured.err
+    table1, table2, table4 = captured.out.split("## Table ")[1:]
+    assert "netA" in table1 and "netB" not in table1
+    assert next(line for line in table2.splitlines() if "ggr" in line) == "| ggr | 50.00 |"
+    row = next(line for line in table4.splitlines() if "netB" in line)
+    assert row.split("|")[6].strip() == ""  # the accuracy cell
