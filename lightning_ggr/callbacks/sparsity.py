@@ -159,8 +159,11 @@ class DynamicSparsityCallback(Callback):
             return
         _refuse_sharded(trainer)
         # Fails early, with a clear message, when a pattern cannot work. What depends on the
-        # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start.
-        check_selection_patterns(pl_module, self.include, self.exclude)
+        # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start. A
+        # module that builds its layers in its own setup or configure_model (both run after
+        # this hook) has no parameters yet: on_fit_start checks the patterns then.
+        if next(pl_module.parameters(), None) is not None:
+            check_selection_patterns(pl_module, self.include, self.exclude)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
                 rank_zero_warn(

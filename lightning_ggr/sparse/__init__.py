@@ -19,7 +19,12 @@ from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, rand
 from lightning_ggr.sparse.methods import METHODS, MethodName, MethodSpec, get_method
 from lightning_ggr.sparse.rewiring import Rewiring, RewiringReport
 from lightning_ggr.sparse.schedules import RewiringSchedule, cosine_drop_fraction
-from lightning_ggr.sparse.selection import select_sparse_parameters
+from lightning_ggr.sparse.selection import (
+    ParameterEntry,
+    Selection,
+    plan_selection,
+    select_sparse_parameters,
+)
 from lightning_ggr.sparse.topk import global_topk_counts
 
 __all__ = [
@@ -27,9 +32,11 @@ __all__ = [
     "LayerAnalysis",
     "MethodName",
     "MethodSpec",
+    "ParameterEntry",
     "Rewiring",
     "RewiringReport",
     "RewiringSchedule",
+    "Selection",
     "SparseEngine",
     "SparsityAnalysis",
     "active_counts",
@@ -45,6 +52,7 @@ __all__ = [
     "layer_budget",
     "load_sparse_model",
     "mask_optimizer_state_",
+    "plan_selection",
     "random_mask",
     "save_sparse_model",
     "select_sparse_parameters",

@@ -146,6 +146,29 @@ def test_a_lazy_model_resumes_without_example_input_array(tmp_path):
     assert (module.net[0].weight[~resumed.masks["net.0.weight"]] == 0).all()
 
 
+class BuiltInConfigureModel(Classifier):
+    """Builds its layers in ``configure_model``, which runs after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+
+    def configure_model(self) -> None:
+        if isinstance(self.net, nn.Identity):
+            self.net = backbone()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"include": ["net.0.weight", "net.4.weight"]}],
+                         ids=["default", "include"])
+def test_a_model_built_in_configure_model_is_selected_at_fit_start(tmp_path, kwargs):
+    """On main the callback's setup saw no layer yet: "the model has no sparse parameter"."""
+    callback = sparse(**kwargs)
+    fit(tmp_path, BuiltInConfigureModel(), callback, vectors())
+    expected = ["net.0.weight", "net.2.weight", "net.4.weight"] if not kwargs else kwargs[
+        "include"]
+    assert list(callback.masks) == expected
+    assert callback.engine.rewirings == 2
+
+
 # -------------------------------------------------------------- item 6: parametrizations
 class Parametrized(nn.Module):
     def __init__(self, norm) -> None:
