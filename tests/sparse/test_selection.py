@@ -317,3 +317,17 @@ def test_public_function_keeps_its_positional_arguments():
     model = mlp()
     assert list(select_sparse_parameters(model, ["0.weight"], None)) == ["0.weight"]
     assert list(select_sparse_parameters(model, None, ["4.weight"])) == ["0.weight", "2.weight"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_hook_based_reparametrizations_stay_dense_with_the_reason():
+    from torch.nn.utils import prune, weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(8, 8)), prune.identity(nn.Linear(8, 8), "weight"),
+                          nn.Linear(8, 3))
+    dense = plan_selection(model).dense
+    assert dense["0.weight_g"].startswith("weight_norm magnitude g")
+    assert "0/0 = NaN" in dense["0.weight_v"]
+    assert dense["1.weight_orig"].startswith("reparametrized by a hook (weight_orig)")
+    assert list(select_sparse_parameters(model, include=["1.weight_orig", "2.weight"])) == [
+        "1.weight_orig", "2.weight"]
