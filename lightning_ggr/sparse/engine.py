@@ -106,8 +106,13 @@ class SparseEngine:
         else:
             self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
             self._adopt_masks(masks)
-        self.last_slot = 0
+        #: Optimizer step and epoch of the last rewiring (``None`` before the first one): the
+        #: schedule position, in units that survive a change of ``interval``/``update_interval``.
         self.last_rewiring_step: int | None = None
+        self.last_rewiring_epoch: int | None = None
+        #: The step a due rewiring was postponed from (unusable gradients), until it runs.
+        self.pending_step: int | None = None
+        self._saved_slot = 0  # a checkpoint's slot, for states saved without the epoch
         self.rewirings = 0
         self.skipped_rewirings = 0
         self._refresh_lists()
@@ -166,24 +171,72 @@ class SparseEngine:
             finite = flag.bool().cpu()
         return bool(finite)
 
+    def gradients_usable(self) -> bool:
+        """Whether this step's gradients can drive a rewiring, agreed over all processes.
+
+        Every sparse gradient present must be finite, and a method that grows by gradient
+        (RigL, GGR) needs at least one: a step without any (``training_step`` returned
+        ``None``) would score every position 0 and grow arbitrarily. One all-reduce, only
+        on a step where a rewiring is due.
+        """
+        finite = torch.ones((), dtype=torch.bool)
+        present = False
+        for param in self._param_list:
+            if param.grad is not None:
+                present = True
+                finite &= torch.isfinite(param.grad).all().cpu()
+        usable = finite & (present or not self.rewiring.needs_gradients)
+        if _distributed():
+            flag = usable.to(self._distributed_device(), torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            usable = flag.bool().cpu()
+        return bool(usable)
+
+    @property
+    def last_slot(self) -> int:
+        """Slot of the last rewiring under the current schedule (0: none yet).
+
+        Derived from the step and epoch of the last rewiring, so a run resumed with another
+        ``interval`` or ``update_interval`` continues from where it was.
+        """
+        schedule, step, epoch = self.schedule, self.last_rewiring_step, self.last_rewiring_epoch
+        if schedule is None or step is None or (schedule.interval == "epoch" and epoch is None):
+            return self._saved_slot
+        return schedule.slot(step, 0 if epoch is None else epoch)
+
+    def rewiring_due(self, step: int, epoch: int) -> bool:
+        """Whether ``before_optimizer_step(step, epoch)`` would try to rewire: a postponed
+        rewiring is pending, or the schedule says so."""
+        if self.schedule is None:
+            return False
+        return self.pending_step is not None or self.schedule.is_due(step, epoch, self.last_slot)
+
     def before_optimizer_step(
         self, step: int, epoch: int, optimizers: Iterable[torch.optim.Optimizer] = ()
     ) -> RewiringReport | None:
         """Rewire if the schedule says so (on this step's dense gradient), then mask gradients.
 
+        A due rewiring whose gradients are unusable (non-finite, or missing for a method that
+        grows by gradient) is postponed: ``pending_step`` keeps the step it was due at, and
+        the next step with usable gradients runs it, with that step's drop fraction, even at
+        or after ``stop_step`` (the stop bounds when rewirings are scheduled, not when a
+        postponed one completes).
+
         Returns the rewiring's report, a report with ``skipped=True`` when a due rewiring was
-        postponed because of non-finite gradients, or ``None`` when none was due.
+        postponed, or ``None`` when none was due.
         """
         report = None
-        if self.schedule is not None and self.schedule.is_due(step, epoch, self.last_slot):
-            if not self.gradients_finite():
+        if self.rewiring_due(step, epoch):
+            due_step = step if self.pending_step is None else self.pending_step
+            drop_fraction = self.schedule.drop_fraction_at(due_step)
+            if not self.gradients_usable():
                 self.skipped_rewirings += 1
-                report = RewiringReport(self.schedule.drop_fraction_at(step), {}, {}, {},
-                                        skipped=True)
+                self.pending_step = int(due_step)
+                report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True)
             else:
-                report = self.rewire(self.schedule.drop_fraction_at(step), optimizers)
-                self.last_slot = self.schedule.slot(step, epoch)
-                self.last_rewiring_step = int(step)
+                report = self.rewire(drop_fraction, optimizers)
+                self.last_rewiring_step, self.last_rewiring_epoch = int(step), int(epoch)
+                self.pending_step = None
         self.mask_gradients()
         return report
 
@@ -280,15 +333,22 @@ class SparseEngine:
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bool, CPU), schedule position and last rewiring step, DSR threshold,
-        generator state, per-layer targets.
+        """Masks (bool, CPU), schedule and position (step and epoch of the last rewiring, a
+        pending one), DSR threshold, generator state, per-layer targets.
 
         Only tensors and Python primitives: loadable with ``torch.load(weights_only=True)``.
         """
+        schedule = self.schedule
         return {
             "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
             "last_slot": int(self.last_slot),
             "last_rewiring_step": self.last_rewiring_step,
+            "last_rewiring_epoch": self.last_rewiring_epoch,
+            "pending_step": self.pending_step,
+            "schedule": None if schedule is None else {
+                "interval": schedule.interval, "update_interval": schedule.update_interval,
+                "stop_step": schedule.stop_step, "drop_fraction": schedule.drop_fraction,
+            },
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
             "threshold": self.threshold,
@@ -335,8 +395,14 @@ class SparseEngine:
     def _load_bookkeeping(self, state: Mapping[str, Any]) -> None:
         if "initial_counts" in state:
             self.initial_counts = {name: int(c) for name, c in state["initial_counts"].items()}
-        self.last_slot = int(state["last_slot"])
-        self.last_rewiring_step = state.get("last_rewiring_step")
+        # States saved before the epoch was stored keep their slot (exact while the interval
+        # is unchanged; a step interval derives it from the step anyway).
+        self._saved_slot = int(state.get("last_slot", 0))
+        step, epoch = state.get("last_rewiring_step"), state.get("last_rewiring_epoch")
+        self.last_rewiring_step = None if step is None else int(step)
+        self.last_rewiring_epoch = None if epoch is None else int(epoch)
+        pending = state.get("pending_step")
+        self.pending_step = None if pending is None else int(pending)
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
         self.rewiring.load_state_dict({"threshold": state.get("threshold")})

@@ -28,8 +28,9 @@ class RewiringSchedule:
     Training is cut into *slots*: ``update_interval`` optimizer steps (``interval="step"``)
     or epochs (``interval="epoch"``). The first step of every slot but the first, before
     ``stop_step``, rewires: with ``interval="epoch", update_interval=1`` that is the start
-    of every epoch but the first, as in the paper. A rewiring that had to be skipped (for
-    example on non-finite gradients) is retried on the next step of the same slot.
+    of every epoch but the first, as in the paper. ``is_due`` stays true for the rest of a
+    slot until a rewiring is recorded; ``SparseEngine`` also keeps a rewiring it had to
+    postpone (non-finite gradients) pending past the slot and past ``stop_step``.
 
     Args:
         interval: ``"step"`` or ``"epoch"``.

@@ -179,3 +179,63 @@ def test_from_state_dict_adopts_the_saved_masks_without_drawing_new_ones(monkeyp
     assert torch.equal(resumed.generator.get_state(), engine.generator.get_state())
     for name, param in select_sparse_parameters(resumed_model).items():
         assert (param[~resumed.masks[name]] == 0).all()
+
+
+def _backward(model):
+    model.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)),
+                                torch.randint(0, 10, (4,))).backward()
+
+
+def test_a_postponed_rewiring_stays_pending_past_the_stop_and_survives_a_checkpoint():
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    schedule = RewiringSchedule("step", 4, stop_step=9, drop_fraction=0.3)
+    engine = SparseEngine(params, sparsity=0.8, method="set", schedule=schedule)
+    _backward(model)
+    params["0.weight"].grad[0, 0, 0, 0] = float("nan")
+    assert engine.before_optimizer_step(8, 0).skipped  # the last due step before the stop
+    assert engine.pending_step == 8
+    state = engine.state_dict()
+    assert state["pending_step"] == 8
+    resumed = SparseEngine.from_state_dict(select_sparse_parameters(tiny_net()), state,
+                                           sparsity=0.8, method="set", schedule=schedule)
+    for candidate in (engine, resumed):
+        for p in candidate.params.values():
+            p.grad = torch.zeros_like(p)
+        report = candidate.before_optimizer_step(9, 0)  # at the stop: runs all the same
+        assert report is not None and not report.skipped
+        assert report.drop_fraction == pytest.approx(schedule.drop_fraction_at(8))
+        assert report.drop_fraction > 0
+        assert candidate.pending_step is None and candidate.last_rewiring_step == 9
+        assert candidate.before_optimizer_step(10, 0) is None
+
+
+@pytest.mark.parametrize(("method", "postponed"), [("rigl", True), ("ggr", True),
+                                                   ("set", False), ("dsr", False)])
+def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(method,
+                                                                              postponed):
+    params = select_sparse_parameters(tiny_net())
+    engine = SparseEngine(params, sparsity=0.8, method=method,
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    report = engine.before_optimizer_step(2, 0)  # every .grad is None
+    assert report.skipped is postponed
+    assert (engine.pending_step == 2) is postponed
+
+
+def test_the_schedule_position_survives_a_change_of_interval():
+    """The position is the step and epoch of the last rewiring, not a slot of the old unit."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    engine = SparseEngine(params, sparsity=0.8, method="set",
+                          schedule=RewiringSchedule("step", 2, stop_step=30, drop_fraction=0.3))
+    _backward(model)
+    assert engine.before_optimizer_step(14, 1) is not None
+    assert engine.last_slot == 7
+    engine.schedule = RewiringSchedule("step", 4, stop_step=30, drop_fraction=0.3)
+    assert engine.last_slot == 3
+    assert engine.before_optimizer_step(15, 1) is None
+    assert engine.before_optimizer_step(16, 2) is not None  # slot 4 > 3
+    engine.schedule = RewiringSchedule("epoch", 1, stop_step=30, drop_fraction=0.3)
+    assert engine.before_optimizer_step(17, 2) is None  # epoch 2 already rewired
+    assert engine.before_optimizer_step(24, 3) is not None
