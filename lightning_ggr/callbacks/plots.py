@@ -209,6 +209,7 @@ def log_sparsity_views(
     *,
     mask_layers: Sequence[str] | None = None,
     moved: Mapping[str, int] | None = None,
+    tag: str = "",
 ) -> None:
     """Write the sparsity views of one moment of training to a TensorBoard ``SummaryWriter``.
 
@@ -220,19 +221,20 @@ def log_sparsity_views(
     change of the layer's active count at this rewiring) for each entry of ``moved``.
 
     Cheap enough for every rewiring: one small figure, a few pooled images, and histograms
-    of the active values only. Call it on rank 0 only.
+    of the active values only. Call it on rank 0 only. ``tag`` is appended to the first part
+    of every tag (``sparsity_1/density_per_layer``): one suffix per callback of a Trainer.
     """
     layers = resolve_mask_layers(masks, mask_layers)
     current = {name: int(mask.sum()) for name, mask in masks.items()}
     sizes = {name: mask.numel() for name, mask in masks.items()}
     figure = density_figure(initial_counts, current, sizes)
-    writer.add_image("sparsity/density_per_layer", figure_to_image(figure), step)
+    writer.add_image(f"sparsity{tag}/density_per_layer", figure_to_image(figure), step)
     for name in layers:
-        writer.add_image(f"masks/{name}", mask_image(masks[name]), step)
+        writer.add_image(f"masks{tag}/{name}", mask_image(masks[name]), step)
     for name, mask in masks.items():
         if name not in params or current[name] == 0:
             continue
         values = params[name].detach()[mask.to(params[name].device)].abs().float().cpu()
-        writer.add_histogram(f"weights/{name}", values, step)
+        writer.add_histogram(f"weights{tag}/{name}", values, step)
     for name, change in (moved or {}).items():
-        writer.add_scalar(f"moved/{name}", int(change), step)
+        writer.add_scalar(f"moved{tag}/{name}", int(change), step)

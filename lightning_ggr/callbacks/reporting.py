@@ -139,6 +139,12 @@ class SparsityReporter:
     to every logger, pictures to TensorBoard (rank 0), and the run summary JSON next to the
     logs when fit or test ends.
 
+    Several callbacks in one Trainer (one per network of a GAN) report apart: the reporter
+    of the ``k``-th one (``k >= 1``) has the ``tag`` ``"_k"``, appended to the first part of
+    every metric name (``density_1/global``, ``rewiring_1/count``, the progress bar's
+    ``density_1``) and to the summary file's name (``lightning_ggr_summary_1.json``). The
+    first one (and a single one) keeps the plain names.
+
     Args:
         log_figures: draw the density chart, mask images and weight histograms.
         mask_layers: parameter names or patterns whose masks are drawn (see
@@ -155,7 +161,13 @@ class SparsityReporter:
         self.global_density = 1.0
         #: What the run summary records of the selection (set at fit start).
         self.selection_record: dict[str, Any] | None = None
+        #: Suffix of metric groups and of the summary file ("" for the first callback).
+        self.tag = ""
         self._summary_path: Path | None = None
+
+    def key(self, group: str, name: str) -> str:
+        """The metric name ``<group><tag>/<name>``."""
+        return f"{group}{self.tag}/{name}"
 
     def check(self, params: Mapping[str, Tensor]) -> None:
         """Fail before training when ``mask_layers`` names no sparse parameter."""
@@ -183,7 +195,8 @@ class SparsityReporter:
             if isinstance(logger, TensorBoardLogger):
                 # Indented four spaces: TensorBoard renders the text as Markdown code.
                 text = "\n".join("    " + row for row in table.splitlines())
-                logger.experiment.add_text(SELECTION_TAG, text, global_step=trainer.global_step)
+                logger.experiment.add_text(f"{SELECTION_TAG}{self.tag}", text,
+                                           global_step=trainer.global_step)
 
     def training_started(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
         self.log_densities(trainer, engine, trainer.global_step)
@@ -191,29 +204,37 @@ class SparsityReporter:
 
     def rewired(self, trainer: pl.Trainer, engine: SparseEngine, report: RewiringReport,
                 step: int) -> None:
-        """Log one rewiring, or warn that a due one was postponed (non-finite gradients)."""
+        """Log one rewiring, or warn that a due one was postponed (unusable gradients).
+
+        ``step`` is the schedule's step (the optimizer holding the sparse weights); metrics
+        are logged at ``trainer.global_step``, the x-axis of every other metric.
+        """
         if report.skipped:
-            rank_zero_warn(f"step {step}: non-finite gradients, rewiring postponed to the next "
-                           "step with finite gradients")
-            metrics = {"rewiring/skipped": float(engine.skipped_rewirings)}
+            due = engine.pending_step if engine.pending_step is not None else step
+            rank_zero_warn(
+                f"step {step}: non-finite sparse gradients (or none, for a method that grows "
+                f"by gradient): the rewiring due at step {due} is postponed to the next step "
+                "with usable gradients"
+            )
+            metrics = {self.key("rewiring", "skipped"): float(engine.skipped_rewirings)}
         else:
             metrics = {
-                "rewiring/count": float(engine.rewirings),
-                "rewiring/drop_fraction": report.drop_fraction,
-                "rewiring/removed": float(report.total_removed),
-                "rewiring/grown": float(report.total_grown),
-                "rewiring/moved": float(report.total_moved),
+                self.key("rewiring", "count"): float(engine.rewirings),
+                self.key("rewiring", "drop_fraction"): report.drop_fraction,
+                self.key("rewiring", "removed"): float(report.total_removed),
+                self.key("rewiring", "grown"): float(report.total_grown),
+                self.key("rewiring", "moved"): float(report.total_moved),
             }
             if report.threshold is not None:
-                metrics["rewiring/dsr_threshold"] = report.threshold
+                metrics[self.key("rewiring", "dsr_threshold")] = report.threshold
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=trainer.global_step)
         if not report.skipped:
-            self.log_densities(trainer, engine, step)
+            self.log_densities(trainer, engine, trainer.global_step)
             self.log_views(trainer, engine, moved=report.moved)
 
     def batch_ended(self, pl_module: pl.LightningModule) -> None:
-        pl_module.log("density", self.global_density, prog_bar=True, logger=False,
+        pl_module.log(f"density{self.tag}", self.global_density, prog_bar=True, logger=False,
                       on_step=True, on_epoch=False)
 
     def epoch_ended(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
@@ -223,8 +244,8 @@ class SparsityReporter:
     def log_densities(self, trainer: pl.Trainer, engine: SparseEngine, step: int) -> None:
         """``density/<param>`` and ``density/global`` to every logger."""
         self.global_density = engine.global_density()
-        metrics = {f"density/{name}": d for name, d in engine.layer_densities().items()}
-        metrics["density/global"] = self.global_density
+        metrics = {self.key("density", name): d for name, d in engine.layer_densities().items()}
+        metrics[self.key("density", "global")] = self.global_density
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -240,11 +261,12 @@ class SparsityReporter:
 
         for writer in writers:
             log_sparsity_views(writer, engine.params, engine.masks, engine.initial_counts,
-                               trainer.global_step, mask_layers=self.mask_layers, moved=moved)
+                               trainer.global_step, mask_layers=self.mask_layers, moved=moved,
+                               tag=self.tag)
 
     def write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                       engine: SparseEngine, config: Mapping[str, Any]) -> None:
-        """Write ``lightning_ggr_summary.json`` into the logger's folder (rank 0).
+        """Write ``lightning_ggr_summary<tag>.json`` into the logger's folder (rank 0).
 
         A run without a logger leaves no file behind. Testing after fitting in the same run
         keeps the fit's metrics (``val/*``) and adds the new ones.
@@ -268,7 +290,8 @@ class SparsityReporter:
         )
         if self.selection_record is not None:
             summary["selection"] = self.selection_record
-        path = Path(trainer.log_dir) / SUMMARY_FILENAME
+        stem, suffix = SUMMARY_FILENAME.rsplit(".", 1)
+        path = Path(trainer.log_dir) / f"{stem}{self.tag}.{suffix}"
         if path == self._summary_path and path.exists():
             previous = read_run_summary(path).get("metrics") or {}
             summary["metrics"] = {**previous, **summary["metrics"]}

@@ -12,8 +12,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ggr.callbacks.compatibility import (
+    check_weight_averaging,
+    refuse_closure_optimizers,
+    warn_if_learning_rate_finder,
+)
+from lightning_ggr.callbacks.ranks import distributed, gather_ints, rank_zero_int
 from lightning_ggr.callbacks.reporting import SparsityReporter
-from lightning_ggr.callbacks.training_length import optimizer_steps_per_epoch
+from lightning_ggr.callbacks.training_length import steps_before_epoch, total_optimizer_steps
 from lightning_ggr.sparse.checks import (
     check_bool,
     check_choice,
@@ -63,8 +69,11 @@ class DynamicSparsityCallback(Callback):
         interval: ``"epoch"`` (rewire at the start of every ``update_interval``-th epoch but
             the first, as the paper) or ``"step"`` (every ``update_interval`` optimizer steps).
         stop_fraction: stop rewiring after this fraction of all optimizer steps, in ``(0, 1]``
-            (paper: 0.5).
+            (paper: 0.5). Resolved when training starts, from ``max_epochs`` x steps per epoch
+            capped by ``max_steps``; a resumed run keeps the checkpoint's stop point.
         stop_step: stop rewiring at this optimizer step instead (overrides ``stop_fraction``).
+            Steps are those of the optimizer holding the sparse weights (``global_step`` with
+            one optimizer and automatic optimization).
         gradient_ratio: share of each layer's new weights grown by gradient in mixed
             insertion (GGR, SET+RigL), in ``[0, 1]``; the rest are random.
         init_value: value of newly grown weights (paper: ``1e-10``, so they are not pruned
@@ -83,6 +92,9 @@ class DynamicSparsityCallback(Callback):
         selection_summary: at fit start, print (rank 0) and log as TensorBoard text the table
             of every parameter tensor: sparse or dense, shape, initial density, active
             count, and why each dense one is dense.
+
+    Several callbacks may share a Trainer, each over its own parameters (disjoint
+    ``include``) held by its own optimizer, e.g. one per network of a GAN.
     """
 
     def __init__(
@@ -137,6 +149,15 @@ class DynamicSparsityCallback(Callback):
         self._loaded_state: dict | None = None
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
+        # The schedule's clock: steps of the optimizer holding the sparse weights (checkpointed).
+        self._steps: int | None = None
+        self._saved_schedule: dict[str, Any] | None = None  # the checkpoint's, when resuming
+        self._max_epochs: int | None = None  # trainer.max_epochs at setup
+        self._hook_global_step: int | None = None  # closure guard
+        self._agree_epochs = False  # DDP ranks with different epochs: take rank 0's
+        self._epoch_batches: int | None = None  # batches in the epoch so far (the epoch's length)
+        self._epoch_start_step = 0
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ public view
     @property
@@ -153,6 +174,19 @@ class DynamicSparsityCallback(Callback):
         """Parameter name -> number of active weights drawn at initialization."""
         return {} if self.engine is None else dict(self.engine.initial_counts)
 
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint.
+
+        The class name for a callback over the default selection (checkpoints of earlier
+        versions resume); with ``include``/``exclude`` the key names them too, so several
+        callbacks, each owning its own parameters (one per network of a GAN), coexist and
+        resume.
+        """
+        if self.include is None and self.exclude is None:
+            return type(self).__qualname__
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
     # ------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -164,6 +198,7 @@ class DynamicSparsityCallback(Callback):
         # this hook) has no parameters yet: on_fit_start checks the patterns then.
         if next(pl_module.parameters(), None) is not None:
             check_selection_patterns(pl_module, self.include, self.exclude)
+        self._take_position(trainer)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
                 rank_zero_warn(
@@ -171,12 +206,20 @@ class DynamicSparsityCallback(Callback):
                     "resumed from such a checkpoint loses the sparse topology (masks, schedule "
                     "position). Use save_weights_only=False to resume sparse training."
                 )
+        warn_if_learning_rate_finder(trainer)
+        # Read before on_fit_start, where StochasticWeightAveraging adds an epoch of its own
+        # (a BatchNorm pass) that is not training.
+        self._max_epochs = trainer.max_epochs
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Masks and the optimizer hook only: the training length (and so the schedule) is
+        # resolved in on_train_start, once Lightning has restored the loops and set up the
+        # train dataloader (reading it here would break a mid-epoch resume).
         if not pl_module.automatic_optimization:
             rank_zero_info("DynamicSparsityCallback: manual optimization; every optimizer step "
                            "of the optimizer holding the sparse weights counts as a step.")
         params = self._select_parameters(trainer, pl_module)
+        self._check_sole_owner(trainer, pl_module, params)
         loaded = self._loaded_state
         if loaded is None and self.engine is not None:
             rank_zero_warn(
@@ -192,15 +235,18 @@ class DynamicSparsityCallback(Callback):
             self._warn_if_settings_changed(loaded)
         settings = {
             "sparsity": self.sparsity, "distribution": self.distribution, "method": self.method,
-            "schedule": self._schedule(trainer), "gradient_ratio": self.gradient_ratio,
+            "schedule": None, "gradient_ratio": self.gradient_ratio,
             "init_value": self.init_value, "seed": self.seed, "dsr_tolerance": self.dsr_tolerance,
         }
         if loaded is None:
+            self._warn_if_already_sparse(params)
             self.engine = SparseEngine(params, **settings)
         else:
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
             self._loaded_state = None
+        self._restore_clock(loaded)
         self._attach_step_hook(trainer, params)
+        refuse_closure_optimizers(self._optimizer)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
@@ -209,7 +255,22 @@ class DynamicSparsityCallback(Callback):
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here.
         self.engine.enforce_masks([self._optimizer])
+        # FitLoop.run has just set up the train dataloader (restoring a resumable one's
+        # position) and Lightning restored global_step: the length and the clock are known.
+        if self._steps is None:  # a new schedule, or a checkpoint saved without the clock
+            self._steps = (trainer.global_step if pl_module.automatic_optimization
+                           else max(trainer.fit_loop.total_batch_idx + 1, 0))
+        self._hook_global_step = None
+        self.engine.schedule = self._schedule(trainer)
+        self._epoch_batches, self._epoch_start_step = 0, self._steps
         self.reporter.training_started(trainer, self.engine)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_batches, self._epoch_start_step = 0, self._steps or 0
+        if trainer.reload_dataloaders_every_n_epochs > 0 and self._may_rewire():
+            # A reloaded dataloader may change length on one rank only. Ranks that agreed
+            # so far start this epoch together, so this collective pairs up.
+            self._agree_on_epochs(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -217,21 +278,51 @@ class DynamicSparsityCallback(Callback):
         # Gradients here are final: accumulated, all-reduced, unscaled, not yet clipped.
         if self.engine is None or optimizer is not self._optimizer:
             return
-        step = trainer.global_step
-        report = self.engine.before_optimizer_step(step, trainer.current_epoch, [optimizer])
+        if self._steps is None:  # no schedule yet (a step outside the fit loop): mask only
+            self.engine.mask_gradients()
+            return
+        self._refuse_repeated_evaluation(trainer)
+        step = self._steps
+        epoch = trainer.current_epoch
+        if self._agree_epochs and self._may_rewire():
+            epoch = rank_zero_int(trainer, epoch)  # ranks' epochs differ: rank 0's decide
+        report = self.engine.before_optimizer_step(step, epoch, [optimizer])
+        self._steps = step + 1
         if report is not None:
             self.last_report = report
             self.reporter.rewired(trainer, self.engine, report, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._epoch_batches is not None:
+            self._epoch_batches += 1
         self.reporter.batch_ended(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            self._check_one_step_per_batch(trainer)
         self.reporter.epoch_ended(trainer, self.engine)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self.engine
+        if engine.pending_step is not None:
+            rank_zero_warn(
+                f"the rewiring due at step {engine.pending_step} was postponed (non-finite or "
+                "missing sparse gradients) and training ended before a step with usable "
+                "gradients: it did not run"
+            )
+        elif (engine.rewirings == 0 and engine.schedule is not None
+              and engine.schedule.stop_step > 0 and "no rewiring" not in self._warned):
+            rank_zero_warn(
+                f"no rewiring ran: training ended at step {self._steps} and none was due before "
+                f"(interval={self.interval!r}, update_interval={self.update_interval}, "
+                f"stop_step={engine.schedule.stop_step}); the masks are the initial random "
+                "ones. Train longer, or lower update_interval"
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
+            self._remask_kept_model(trainer)
             self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config())
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,21 +333,42 @@ class DynamicSparsityCallback(Callback):
         if stage == "fit" and self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        if stage != "fit":
-            # Lightning restores callback state for test/validate/predict too: that state is
-            # not a run to resume, and must not leak into a later fit.
-            self._loaded_state = None
+        # A state loaded but not adopted is not a run to resume and must not leak into a later
+        # fit: one restored for test/validate/predict, or one a learning-rate search restored
+        # in the middle of a fit (LearningRateFinder reloads its own checkpoint).
+        self._loaded_state = None
 
     # --------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.engine is None else self.engine.state_dict()
+        if self.engine is None:
+            # A checkpoint written between restore and on_fit_start keeps the loaded state.
+            return dict(self._loaded_state) if self._loaded_state else {}
+        state = self.engine.state_dict()
+        if state["schedule"] is None and self._saved_schedule is not None:
+            state["schedule"] = dict(self._saved_schedule)  # restored, training never started
+        if self._steps is not None:
+            state["optimizer_steps"] = int(self._steps)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Deferred: the model (and its parameters) are only known in on_fit_start.
         self._loaded_state = dict(state_dict) if state_dict else None
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of earlier versions store the state under the class name whatever the
+        # selection; a single callback with include/exclude adopts it.
+        states = checkpoint.get("callbacks") or {}
+        legacy = type(self).__qualname__
+        single = sum(isinstance(cb, DynamicSparsityCallback) for cb in trainer.callbacks) == 1
+        if single and self.state_key not in states and states.get(legacy):
+            self.load_state_dict(states[legacy])
+
     def run_config(self) -> dict[str, Any]:
         """The callback's settings, as stored in the run summary."""
+        schedule = None if self.engine is None else self.engine.schedule
+        stop_step = (schedule.stop_step if schedule is not None
+                     else (self._saved_schedule or {}).get("stop_step"))
         return {
             "method": self.method if self.sparsity > 0 else "dense",
             "sparsity": self.sparsity,
@@ -264,8 +376,7 @@ class DynamicSparsityCallback(Callback):
             "drop_fraction": self.drop_fraction,
             "update_interval": self.update_interval,
             "interval": self.interval,
-            "stop_step": None if self.engine is None or self.engine.schedule is None
-            else self.engine.schedule.stop_step,
+            "stop_step": stop_step,
             "gradient_ratio": self.gradient_ratio,
             "init_value": self.init_value,
             "seed": self.seed,
@@ -309,6 +420,242 @@ class DynamicSparsityCallback(Callback):
         return (f"DynamicSparsityCallback: {method}, sparsity {self.sparsity:g}, "
                 f"{self.distribution}; what is sparse:")
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _take_position(self, trainer: pl.Trainer) -> None:
+        """Several callbacks in one Trainer report apart: the k-th one's metrics get ``_k``."""
+        instances = [cb for cb in trainer.callbacks if isinstance(cb, DynamicSparsityCallback)]
+        position = next((i for i, cb in enumerate(instances) if cb is self), 0)
+        self.reporter.tag = f"_{position}" if position else ""
+
+    def _check_sole_owner(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                          params: Mapping[str, Tensor]) -> None:
+        """Several callbacks in one Trainer: each parameter has one owner."""
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, DynamicSparsityCallback):
+                continue
+            try:
+                theirs = plan_selection(pl_module, other.include, other.exclude,
+                                        trained=trainer.optimizers).params
+            except ValueError:
+                continue  # the other callback reports its own selection error
+            shared = sorted(set(params) & set(theirs))
+            if shared:
+                raise ValueError(
+                    f"{shared} are selected by two DynamicSparsityCallbacks (include="
+                    f"{self.include!r}, exclude={self.exclude!r} and include={other.include!r}, "
+                    f"exclude={other.exclude!r}): give each parameter one owner with "
+                    "include/exclude"
+                )
+
+    def _restore_clock(self, loaded: Mapping[str, Any] | None) -> None:
+        """The clock and the schedule a checkpoint saved (none for a new run)."""
+        steps = None if loaded is None else loaded.get("optimizer_steps")
+        self._steps = None if steps is None else int(steps)
+        saved = None if loaded is None else loaded.get("schedule")
+        self._saved_schedule = None if saved is None else dict(saved)
+        self._agree_epochs = False
+        self._epoch_batches = None
+        self._warned = set()
+
+    def _may_rewire(self) -> bool:
+        """Whether a rewiring can still be due (identical on every rank)."""
+        engine = self.engine
+        if engine is None or engine.schedule is None or self._steps is None:
+            return False
+        return self._steps < engine.schedule.stop_step or engine.pending_step is not None
+
+    def _refuse_repeated_evaluation(self, trainer: pl.Trainer) -> None:
+        # Lightning runs on_before_optimizer_step in every closure evaluation; global_step
+        # moves between two steps of any optimizer (and when GradScaler skips a step).
+        if trainer.global_step == self._hook_global_step:
+            raise RuntimeError(
+                f"on_before_optimizer_step ran twice in one step of "
+                f"{type(self._optimizer).__name__} (global step {trainer.global_step}): the "
+                "optimizer holding the sparse weights evaluates its closure several times per "
+                "step (LBFGS-like). DynamicSparsityCallback rewires and masks gradients once per "
+                "step; use an optimizer that evaluates its closure once"
+            )
+        self._hook_global_step = trainer.global_step
+
+    def _schedule(self, trainer: pl.Trainer) -> RewiringSchedule:
+        """The schedule of this fit, agreed by every rank: needs the train dataloader set up."""
+        stop_step, source = self._local_stop_step(trainer)
+        stop_step, batches = self._agree_on_length(trainer, stop_step)
+        self._check_first_rewiring(trainer, stop_step, source, batches)
+        schedule = RewiringSchedule(self.interval, self.update_interval, stop_step,
+                                    self.drop_fraction)
+        self._warn_if_schedule_changed(schedule)
+        check_weight_averaging(trainer, stop_step, batches)
+        return schedule
+
+    def _local_stop_step(self, trainer: pl.Trainer) -> tuple[int | None, str]:
+        """This rank's stop step (``None``: the training length is unknown) and its source."""
+        if self.sparsity == 0.0:
+            return 0, "dense baseline"  # nothing to rewire
+        if self.stop_step is not None:
+            return self.stop_step, f"stop_step={self.stop_step}"
+        max_epochs = trainer.max_epochs if self._max_epochs is None else self._max_epochs
+        total = total_optimizer_steps(trainer, max_epochs)
+        known = math.isfinite(total) and total >= 1
+        fresh = int(self.stop_fraction * total) if known else None
+        saved = (self._saved_schedule or {}).get("stop_step")
+        if saved is not None:
+            if fresh is not None and fresh != saved:
+                rank_zero_warn(
+                    f"resuming: the checkpoint's stop point, step {saved}, is kept (stop_fraction="
+                    f"{self.stop_fraction} of this fit's {int(total)} steps would be step "
+                    f"{fresh}); pass stop_step={fresh} to move the stop point instead"
+                )
+            return int(saved), f"the checkpoint's stop point, step {saved}"
+        if fresh is None:
+            return None, "an unknown training length"
+        return fresh, f"stop_fraction={self.stop_fraction} of {int(total)} steps = step {fresh}"
+
+    def _agree_on_length(self, trainer: pl.Trainer, stop_step: int | None) -> tuple[int, float]:
+        """One collective at train start: every rank takes the same stop step and knows
+        whether its epochs match the others' (else rank 0's decide, see on_before_optimizer_step).
+
+        Returns the stop step and the training batches per epoch all ranks share (the
+        fewest; ``inf`` when a rank's are unknown).
+        """
+        batches = trainer.num_training_batches
+        local = [-1 if not math.isfinite(batches) else int(batches),
+                 -1 if stop_step is None else stop_step]
+        ranks = gather_ints(trainer, local)
+        lengths, stops = [r[0] for r in ranks], [r[1] for r in ranks]
+        if -1 in stops:
+            unknown = ("no max_epochs and no max_steps" if self._max_epochs in (None, -1)
+                       else "the train dataloader has no length (an IterableDataset without "
+                            "__len__) and max_steps is not set")
+            raise ValueError(
+                f"stop_fraction={self.stop_fraction} needs the training length, which is "
+                f"unknown: {unknown}; set stop_step (the step at which rewiring stops) or "
+                "max_steps"
+            )
+        if min(stops) != max(stops):
+            rank_zero_warn(
+                f"the ranks derived different stop points {stops} from stop_fraction (their "
+                f"epochs have {lengths} batches): all stop at step {min(stops)}; set stop_step "
+                "to choose"
+            )
+        self._agree_epochs = self.interval == "epoch" and (-1 in lengths
+                                                           or len(set(lengths)) > 1)
+        if self._agree_epochs:
+            rank_zero_info(
+                f"DynamicSparsityCallback: the ranks' epochs differ ({lengths} batches; -1: "
+                "unknown): rank 0's epochs decide when an interval='epoch' rewiring is due "
+                "(one broadcast per step until the stop)"
+            )
+        shared = math.inf if -1 in lengths else float(min(lengths))
+        return min(stops), shared
+
+    def _agree_on_epochs(self, trainer: pl.Trainer) -> None:
+        if self.interval != "epoch" or self._agree_epochs or not distributed(trainer):
+            return
+        batches = trainer.num_training_batches
+        lengths = [r[0] for r in gather_ints(
+            trainer, [-1 if not math.isfinite(batches) else int(batches)])]
+        self._agree_epochs = -1 in lengths or len(set(lengths)) > 1
+
+    def _check_first_rewiring(self, trainer: pl.Trainer, stop_step: int, source: str,
+                              batches: float) -> None:
+        if self.sparsity == 0.0:
+            return
+        if self.interval == "step" and stop_step <= self.update_interval:
+            message = (
+                f"the stop point ({source}) comes at or before the first rewiring at step "
+                f"{self.update_interval}: no rewiring would ever run; lower update_interval "
+                "or raise stop_step/stop_fraction"
+            )
+            if not trainer.fast_dev_run:
+                raise ValueError(message)
+            # A smoke run (fast_dev_run) is legitimate; it just never reaches a rewiring.
+            self._warn_once("no rewiring", f"fast_dev_run: {message}")
+        elif self.interval == "epoch" and math.isfinite(batches):
+            first = int(steps_before_epoch(trainer, self.update_interval, batches))
+            if stop_step <= first:
+                # A warning, not an error: short smoke runs (one epoch) are legitimate.
+                self._warn_once(
+                    "no rewiring",
+                    f"the stop point ({source}) comes at or before the first rewiring (the "
+                    f"start of epoch {self.update_interval}, step {first}): no rewiring will run "
+                    "in this fit",
+                )
+        elif self.interval == "epoch":
+            rank_zero_info(
+                "DynamicSparsityCallback: interval='epoch' with a train dataloader of unknown "
+                f"length: rewiring runs at the first step of every {self.update_interval}-th "
+                f"epoch before step {stop_step}"
+            )
+
+    def _warn_if_schedule_changed(self, schedule: RewiringSchedule) -> None:
+        saved = self._saved_schedule
+        if saved is None:
+            return
+        current = {"interval": schedule.interval, "update_interval": schedule.update_interval,
+                   "stop_step": schedule.stop_step, "drop_fraction": schedule.drop_fraction}
+        if all(saved.get(key) == value for key, value in current.items()):
+            return
+        engine = self.engine
+        last = ("no rewiring yet" if engine.last_rewiring_step is None
+                else f"the last rewiring, step {engine.last_rewiring_step}")
+        rank_zero_warn(
+            "resuming with another schedule than the checkpoint's ("
+            + ", ".join(f"{key}={saved.get(key)!r}" for key in current)
+            + " -> " + ", ".join(f"{key}={value!r}" for key, value in current.items())
+            + f"): rewiring continues under the new interval, counted from {last}"
+        )
+
+    def _check_one_step_per_batch(self, trainer: pl.Trainer) -> None:
+        """Manual optimization: stop_fraction assumes one sparse-optimizer step per batch."""
+        if self.stop_step is not None or not self._epoch_batches or self._steps is None:
+            return
+        steps = self._steps - self._epoch_start_step
+        if steps != self._epoch_batches:
+            self._warn_once(
+                "steps per batch",
+                f"the optimizer holding the sparse weights stepped {steps} times in "
+                f"{self._epoch_batches} batches (epoch {trainer.current_epoch}): under manual "
+                "optimization stop_fraction counts one step per batch (Lightning's training "
+                "length is in batches), so the stop point is not that fraction of this "
+                "optimizer's steps; set stop_step",
+            )
+
+    def _remask_kept_model(self, trainer: pl.Trainer) -> None:
+        """The model the user keeps respects the final masks, whatever wrote into it last."""
+        engine = self.engine
+        stray = sum(int((p.detach()[~engine.masks[name].to(p.device)] != 0).sum())
+                    for name, p in engine.params.items())
+        if not stray:
+            return
+        engine.apply_masks()
+        writers = [type(cb).__name__ for cb in trainer.callbacks
+                   if "Averag" in type(cb).__name__] or ["another callback or the module"]
+        rank_zero_warn(
+            f"{stray} weights at masked positions were non-zero at the end of fit (written by "
+            f"{', '.join(writers)}): they are zeroed again, so the model respects the final "
+            "masks. With weight averaging, start averaging at or after the stop point"
+        )
+
+    def _warn_if_already_sparse(self, params: Mapping[str, Tensor]) -> None:
+        """New masks over a model that already is sparse (a trained sparse run, fine-tuned
+        with a fresh callback) throw most of its trained weights away."""
+        if self.sparsity == 0.0:
+            return
+        total = sum(p.numel() for p in params.values())
+        zeros = sum(int((p.detach() == 0).sum()) for p in params.values())
+        if zeros >= 0.5 * self.sparsity * total:
+            rank_zero_warn(
+                f"the sparse parameters are already {zeros / total:.0%} exact zeros (a trained "
+                "sparse model?): new random masks are drawn over them, discarding most of its "
+                "trained weights. To continue its topology, resume from its checkpoint "
+                "(ckpt_path), which holds the DynamicSparsityCallback state"
+            )
+
     def _warn_if_settings_changed(self, loaded: Mapping[str, Any]) -> None:
         current = {"method": self.method, "sparsity": self.sparsity,
                    "distribution": self.distribution}
@@ -323,41 +670,6 @@ class DynamicSparsityCallback(Callback):
             + ": the saved masks are kept as they are (with the checkpoint's density); "
             "resume with the checkpoint's settings to avoid surprises"
         )
-
-    def _schedule(self, trainer: pl.Trainer) -> RewiringSchedule:
-        stop_step = self.stop_step
-        source = f"stop_step={stop_step}"
-        if stop_step is None:
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    "stop_fraction needs a finite training length (max_epochs or max_steps); "
-                    "set stop_step instead"
-                )
-            stop_step = int(self.stop_fraction * total)
-            source = f"stop_fraction={self.stop_fraction} of {total} steps = step {stop_step}"
-        if self.sparsity == 0.0:
-            stop_step = 0  # dense baseline: nothing to rewire
-        elif self.interval == "step" and stop_step <= self.update_interval:
-            raise ValueError(
-                f"the stop point ({source}) comes at or before the first rewiring at step "
-                f"{self.update_interval}: no rewiring would ever run; lower update_interval "
-                "or raise stop_step/stop_fraction"
-            )
-        elif self.interval == "epoch":
-            _ = trainer.estimated_stepping_batches  # sets up the data: num_training_batches
-            steps_per_epoch = optimizer_steps_per_epoch(trainer)
-            if math.isfinite(steps_per_epoch):
-                first = self.update_interval * int(steps_per_epoch)
-                if stop_step <= first:
-                    # A warning, not an error: short smoke runs (one epoch) are legitimate.
-                    rank_zero_warn(
-                        f"the stop point ({source}) comes at or before the first rewiring (the "
-                        f"start of epoch {self.update_interval}, step {first}): no rewiring "
-                        "will run in this fit"
-                    )
-        return RewiringSchedule(self.interval, self.update_interval, stop_step,
-                                self.drop_fraction)
 
     def _warn_if_init_value_underflows(self, params: Mapping[str, Tensor]) -> None:
         dtypes = {p.dtype for p in params.values() if p.is_floating_point()}

@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+from tests.helpers.setups import UnevenRanks
 
 WORLD = 2
 #: A failing rank must fail the test fast, not leave the others waiting 30 minutes.
@@ -213,3 +214,49 @@ def test_masks_and_growth_do_not_depend_on_the_global_rng():
     for global_seed, extra in ((1, 3), (2, 1000)):
         other = run(global_seed, extra)
         assert all(torch.equal(other[n], m) for n, m in reference.items())
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ddp_ranks_with_different_epochs_agree_on_epoch_rewirings(tmp_path):
+    """Rank 0 has 4 batches per epoch, rank 1 has 6; 12 steps each (max_steps). With
+    interval="epoch" rank 0 was due at step 4, entered the gradient check's all-reduce that
+    rank 1 never joined, and the job hung until the collective timeout. Rank 0's epochs now
+    decide on every rank (stop_fraction=1.0 of max_steps=12: the stop agrees too)."""
+    record = tmp_path / "record.json"
+    sparse = DynamicSparsityCallback(sparsity=0.75, stop_fraction=1.0, log_figures=False)
+    trainer = make_trainer(
+        tmp_path, [sparse], devices=WORLD, max_epochs=None, max_steps=12,
+        use_distributed_sampler=False,
+        # A short collective timeout: a regression fails in seconds instead of hanging.
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=20)),
+    )
+    trainer.fit(UnevenRanks(str(record)))
+    result = json.loads(record.read_text())
+    assert result == {"rewiring_steps": [4, 8], "steps": 12, "stop_step": 12,
+                      "masks_agree": True}
+
+
+@pytest.mark.parametrize(("ranks", "agree_epochs", "stop"), [
+    ([[8, 16], [8, 16]], False, 16),  # equal epochs: no per-step collective at all
+    ([[4, 12], [6, 12]], True, 12),  # different epochs: rank 0's decide, every step
+    ([[8, 12], [-1, 12]], True, 12),  # one rank streams (unknown length)
+    ([[8, 16], [6, 12]], True, 12),  # different stop points: the earliest, with a warning
+])
+def test_the_ranks_agree_once_at_train_start(monkeypatch, ranks, agree_epochs, stop):
+    """The decision logic of the one collective at train start, without spawning."""
+    from types import SimpleNamespace
+
+    import lightning_ggr.callbacks.sparsity as sparsity
+
+    monkeypatch.setattr(sparsity, "gather_ints", lambda trainer, values: ranks)
+    callback = DynamicSparsityCallback(log_figures=False)
+    warned = []
+    monkeypatch.setattr(sparsity, "rank_zero_warn", warned.append)
+    rank_0 = SimpleNamespace(num_training_batches=float(ranks[0][0]))
+    agreed, batches = callback._agree_on_length(rank_0, ranks[0][1])
+    assert (agreed, callback._agree_epochs) == (stop, agree_epochs)
+    assert bool(warned) == (len({r[1] for r in ranks}) > 1)
+    assert batches == (float("inf") if -1 in [r[0] for r in ranks]
+                       else min(r[0] for r in ranks))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -9,6 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ggr import DynamicSparsityCallback
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+from tests.helpers.setups import MLP, ResumableLoader, RewiringLog, ggr_warnings, sparse
+from tests.helpers.setups import loader as setup_loader
 
 EPOCHS = 4  # 8 optimizer steps per epoch (32 samples, batch 4): 32 steps in all
 STOP_AT_EPOCH = 2  # the interrupted run stops after 16 steps
@@ -179,3 +183,143 @@ def test_a_checkpoint_loaded_for_testing_does_not_leak_into_a_later_fit(tmp_path
                                                 ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     make_trainer(tmp_path / "b", [sparse], max_steps=8).fit(TinyModule(), tiny_dataloader())
     assert sparse.engine.rewirings == 3  # steps 2, 4, 6 of its own schedule
+
+
+# ------------------------------------------------------ resuming in real set-ups (issue 10)
+def _mid_epoch_resume(root, with_callback: bool, **cb_kwargs):
+    """A 3-epoch run saving every 5 steps, then a resume from the mid-epoch step-5 checkpoint
+    (a resumable loader). Returns (straight, resumed), each (batches seen, weights)."""
+
+    def run(where, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MLP()
+        callbacks = [sparse(**cb_kwargs)] if with_callback else []
+        every_5 = ModelCheckpoint(dirpath=where / "ckpt", filename="{step}",
+                                  every_n_train_steps=5, save_top_k=-1)
+        trainer = make_trainer(where, [*callbacks, every_5], max_epochs=3,
+                               enable_checkpointing=True)
+        trainer.fit(model, ResumableLoader(), ckpt_path=ckpt_path)
+        return model.seen, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight = run(root / "a")
+    return straight, run(root / "b", ckpt_path=root / "a" / "ckpt" / "step=5.ckpt")
+
+
+@pytest.mark.parametrize("cb_kwargs", [
+    pytest.param({}, id="defaults-epoch-stop_fraction"),
+    pytest.param({"interval": "step", "update_interval": 3}, id="step-stop_fraction"),
+])
+def test_mid_epoch_resume_keeps_the_dataloader_position_and_is_bit_identical(tmp_path,
+                                                                             cb_kwargs):
+    """Reading the training length in on_fit_start set the dataloader up before Lightning
+    restored its position: the resumed run retrained the epoch's first batches."""
+    # Control: without the callback Lightning resumes the resumable loader exactly.
+    (seen, weights), (seen_resumed, weights_resumed) = _mid_epoch_resume(tmp_path / "plain",
+                                                                         False)
+    assert seen_resumed == seen[5:]
+    assert_nested_equal(weights_resumed, weights, "weights without the callback")
+
+    (seen, weights), (seen_resumed, weights_resumed) = _mid_epoch_resume(tmp_path / "dst", True,
+                                                                         **cb_kwargs)
+    assert seen_resumed == seen[5:]
+    assert_nested_equal(weights_resumed, weights, "weights")
+
+
+def _fit_then_resume(root, first: dict, second: dict):
+    """Fit 2 epochs (16 steps) with ``first``, then resume to 4 epochs with ``second``.
+    Returns the rewiring steps of the resumed fit and its lightning_ggr warnings."""
+    cb = sparse(**first)
+    trainer = make_trainer(root, [cb], max_epochs=2)
+    trainer.fit(MLP(), setup_loader())
+    trainer.save_checkpoint(root / "first.ckpt")
+    resumed = sparse(**second)
+    log = RewiringLog(resumed)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        make_trainer(root, [resumed, log], max_epochs=4).fit(
+            MLP(), setup_loader(), ckpt_path=root / "first.ckpt")
+    return log.steps, ggr_warnings(records)
+
+
+@pytest.mark.parametrize(("second", "expected"), [
+    pytest.param({"interval": "step", "update_interval": 4}, [16, 20, 24, 28], id="every-4"),
+    pytest.param({"interval": "epoch", "update_interval": 1}, [16, 24], id="step-to-epoch"),
+])
+def test_resuming_with_another_interval_continues_rewiring_and_says_so(tmp_path, second,
+                                                                       expected):
+    """The first fit rewires every 2 steps (2, 4, ..., 14). The saved position was a slot in
+    the old unit (7), so the resumed schedule waited for slot 8 (step 32 or epoch 8)."""
+    first = {"interval": "step", "update_interval": 2, "stop_step": 30}
+    steps, said = _fit_then_resume(tmp_path, first, {**second, "stop_step": 30})
+    assert steps == expected
+    assert [m for m in said if "another schedule than the checkpoint's" in m]
+
+
+def test_resuming_a_finished_run_for_longer_keeps_its_stop_point(tmp_path):
+    """4 epochs (stop 16) resumed for 12: stop_fraction over the new length moved the stop to
+    48 and rewiring restarted at steps 32 and 40, its drop fraction back up."""
+    cb = sparse()
+    trainer = make_trainer(tmp_path, [cb], max_epochs=4)
+    trainer.fit(MLP(), setup_loader())
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    assert cb.engine.schedule.stop_step == 16
+
+    resumed = sparse()
+    log = RewiringLog(resumed)
+    with pytest.warns(UserWarning, match=r"stop point, step 16, is kept.*would be step 48.*"
+                                         r"stop_step=48"):
+        make_trainer(tmp_path, [resumed, log], max_epochs=12).fit(
+            MLP(), setup_loader(), ckpt_path=tmp_path / "done.ckpt")
+    assert resumed.engine.schedule.stop_step == 16 and log.steps == []
+    # Asked for explicitly, the stop moves.
+    moved = sparse(stop_step=48)
+    log = RewiringLog(moved)
+    make_trainer(tmp_path, [moved, log], max_epochs=12).fit(
+        MLP(), setup_loader(), ckpt_path=tmp_path / "done.ckpt")
+    assert log.steps == [32, 40]
+
+
+def test_a_fresh_callback_over_a_trained_sparse_model_warns(tmp_path):
+    """load_from_checkpoint + fit without ckpt_path: new random masks kept only about a
+    quarter of the trained weights, silently."""
+    cb = sparse(interval="step", update_interval=2, stop_step=12)
+    trainer = make_trainer(tmp_path, [cb], max_steps=16)
+    trainer.fit(MLP(), setup_loader())
+    trainer.save_checkpoint(tmp_path / "sparse.ckpt")
+    model = MLP.load_from_checkpoint(tmp_path / "sparse.ckpt")
+    fresh = sparse(interval="step", update_interval=2, stop_step=12, seed=1)
+    with pytest.warns(UserWarning, match=r"already 75% exact zeros.*resume from its checkpoint"):
+        make_trainer(tmp_path, [fresh], max_steps=4).fit(model, setup_loader())
+    # A dense model does not warn.
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [sparse(interval="step", update_interval=2, stop_step=12)],
+                     max_steps=4).fit(MLP(), setup_loader())
+    assert not [m for m in ggr_warnings(records) if "exact zeros" in m]
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes(tmp_path):
+    """States saved before the clock, the schedule and the last rewiring's epoch were stored
+    (a slot only), and under the class name whatever the selection."""
+    first = sparse(include=["net.0.weight"], interval="epoch", stop_step=40)
+    trainer = make_trainer(tmp_path, [first], max_epochs=3)
+    trainer.fit(MLP(), setup_loader())  # rewires at 8, 16
+    checkpoint = tmp_path / "new.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)
+    state = saved["callbacks"].pop(first.state_key)
+    assert state["last_slot"] == 2 and state["last_rewiring_epoch"] == 2
+    for key in ("optimizer_steps", "schedule", "last_rewiring_epoch", "pending_step"):
+        del state[key]
+    saved["callbacks"]["DynamicSparsityCallback"] = state
+    torch.save(saved, tmp_path / "old.ckpt")
+
+    resumed = sparse(include=["net.0.weight"], interval="epoch", stop_step=40)
+    log = RewiringLog(resumed)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [resumed, log], max_epochs=5).fit(
+            MLP(), setup_loader(), ckpt_path=tmp_path / "old.ckpt")
+    assert not [m for m in ggr_warnings(records) if "holds no DynamicSparsityCallback" in m]
+    assert resumed.engine.rewirings == 4
+    assert log.steps == [24, 32]  # epochs 3 and 4, after the saved slot 2

@@ -1,0 +1,124 @@
+"""Trainer features and other callbacks that change what a sparse run means.
+
+Each check runs before the first training step and says what to change: a refusal
+(``ValueError``) where the result would silently break the contract (masked weights exactly
+0 in the model the user keeps), a warning where it only changes what is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import lightning.pytorch.callbacks as pl_callbacks
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_ggr.callbacks.training_length import steps_before_epoch
+
+# WeightAveraging (and EMAWeightAveraging) appeared in Lightning 2.6.
+_WEIGHT_AVERAGING: type | None = getattr(pl_callbacks, "WeightAveraging", None)
+
+
+def refuse_closure_optimizers(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse LBFGS: its line search evaluates the network several times per step.
+
+    LBFGS keeps its history as flat vectors over all parameters (state of its first one) and
+    calls its closure up to ``max_iter`` times per step; Lightning runs
+    ``on_before_optimizer_step`` (where the callback rewires and masks gradients) in every
+    call. Masked weights then move inside the line search, and the schedule's one-hook-per-step
+    clock breaks. Clearing its history at every rewiring would defeat LBFGS.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+    if isinstance(inner, torch.optim.LBFGS):
+        raise ValueError(
+            "DynamicSparsityCallback does not support torch.optim.LBFGS (the optimizer holding "
+            "the sparse weights): it keeps a flat history over all parameters and evaluates "
+            "its closure several times per step, so masked weights would move inside its line "
+            "search; use a first-order optimizer (SGD, Adam, ...)"
+        )
+
+
+def check_weight_averaging(trainer: pl.Trainer, stop_step: int,
+                           batches: float | None = None) -> None:
+    """Refuse weight averaging that starts while rewiring still changes the topology.
+
+    ``StochasticWeightAveraging`` and ``WeightAveraging`` (``EMAWeightAveraging``) average
+    copies of the weights that the masks never reach, and copy the average into the model at
+    the end: averaged snapshots taken before the last rewiring put non-zero values at masked
+    positions. Averaging that starts at or after ``stop_step`` keeps exact zeros (the average
+    of zeros), so it is allowed. Uses their public settings only (``should_update``,
+    ``swa_start``). ``batches``: training batches per epoch (default: this process's).
+    """
+    if stop_step <= 0:
+        return
+
+    def steps_before(epoch: int) -> float:
+        return steps_before_epoch(trainer, epoch, batches)
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if _WEIGHT_AVERAGING is not None and isinstance(callback, _WEIGHT_AVERAGING):
+            first = _first_update_before(callback.should_update, stop_step, steps_before)
+            if first is not None:
+                raise ValueError(
+                    f"{name} updates its average {first}, while DynamicSparsityCallback still "
+                    f"rewires until stop_step={stop_step}: the averaged model would keep weights "
+                    "at masked positions. Start averaging at or after the stop, e.g. "
+                    f"EMAWeightAveraging(update_starting_at_step={stop_step}), or lower "
+                    "stop_step/stop_fraction"
+                )
+        elif isinstance(callback, pl_callbacks.StochasticWeightAveraging):
+            start = callback.swa_start  # 0-based epoch of the first average (resolved by now)
+            # Its average is taken when epoch `start` begins: after steps_before(start) steps.
+            if steps_before(start) < stop_step:
+                known = math.isfinite(steps_before(1))
+                first_epoch = start + 1
+                while known and steps_before(first_epoch) < stop_step:
+                    first_epoch += 1
+                hint = (f"StochasticWeightAveraging(swa_epoch_start={first_epoch + 1})"
+                        if known else "a known epoch length")
+                raise ValueError(
+                    f"{name} averages from epoch {start} on, while DynamicSparsityCallback "
+                    f"still rewires until stop_step={stop_step}: the averaged model would keep "
+                    "weights at masked positions. Start averaging after the stop, with "
+                    f"{hint}, or lower stop_step/stop_fraction"
+                )
+
+
+def _first_update_before(should_update: Callable[..., bool], stop_step: int,
+                         steps_before: Callable[[int], float]) -> str | None:
+    """Where ``should_update`` first averages weights older than the last rewiring, in words.
+
+    An update after step index ``s`` (Lightning's ``step_idx = global_step - 1``) averages
+    the weights left by steps ``0..s``; the last scheduled rewiring runs in step
+    ``stop_step - 1``. An update after epoch ``e`` averages the weights left by the
+    ``steps_before(e + 1)`` steps of epochs ``0..e``.
+    """
+    for step_idx in range(stop_step - 1):
+        if should_update(step_idx=step_idx):
+            return f"after step {step_idx}"
+    if math.isfinite(steps_before(1)) and steps_before(1) > 0:
+        epoch = 0
+        while steps_before(epoch + 1) < stop_step:
+            if should_update(epoch_idx=epoch):
+                return f"after epoch {epoch}"
+            epoch += 1
+    return None
+
+
+def warn_if_learning_rate_finder(trainer: pl.Trainer) -> None:
+    """Warn that a learning-rate search tunes the dense network.
+
+    ``Tuner.lr_find`` (and a ``LearningRateFinder`` callback) run the search with the
+    Trainer's callbacks replaced: none of this callback's hooks run. From ``Tuner.lr_find``
+    it even runs before this callback draws its masks (tuner callbacks go first).
+    """
+    if any(isinstance(cb, pl_callbacks.LearningRateFinder) for cb in trainer.callbacks):
+        rank_zero_warn(
+            "a learning-rate search (Tuner.lr_find or LearningRateFinder) runs without "
+            "DynamicSparsityCallback's hooks, and from Tuner.lr_find before the masks are "
+            "drawn: it tunes the learning rate of the dense network, not of the sparse one. "
+            "Search with the sparse model by hand (a short fit per rate), or accept the "
+            "dense network's rate"
+        )
