@@ -26,21 +26,30 @@ class WarmupMultiStep:
     ``gamma`` when epoch ``m`` (0-based) begins, as ``MultiStepLR`` stepped per epoch does.
     A picklable callable for ``torch.optim.lr_scheduler.LambdaLR``.
 
+    The epoch length may be set later (``steps_per_epoch=None``, then
+    :meth:`set_steps_per_epoch`): it is known only once the train dataloader is set up, and
+    setting it up in ``configure_optimizers`` breaks a mid-epoch resume. Until then ``E = 1``.
+
     Args:
-        steps_per_epoch: optimizer steps per epoch, ``>= 1``.
+        steps_per_epoch: optimizer steps per epoch, ``>= 1``, or ``None`` (set later).
         warmup_epochs: epochs of linear warm-up (0: none).
         milestones: epochs at which the rate is multiplied by ``gamma``.
         gamma: the decay factor.
     """
 
-    def __init__(self, steps_per_epoch: int, warmup_epochs: int, milestones: Sequence[int],
-                 gamma: float) -> None:
+    def __init__(self, steps_per_epoch: int | None, warmup_epochs: int,
+                 milestones: Sequence[int], gamma: float) -> None:
+        self.warmup_epochs = int(warmup_epochs)
+        self.milestones = [int(m) for m in milestones]
+        self.gamma = float(gamma)
+        self.set_steps_per_epoch(1 if steps_per_epoch is None else steps_per_epoch)
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Set the epoch length ``E`` (optimizer steps, ``>= 1``)."""
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
         self.steps_per_epoch = int(steps_per_epoch)
-        self.warmup_steps = int(warmup_epochs) * self.steps_per_epoch
-        self.milestones = [int(m) for m in milestones]
-        self.gamma = float(gamma)
+        self.warmup_steps = self.warmup_epochs * self.steps_per_epoch
 
     def __call__(self, step: int) -> float:
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -174,23 +183,34 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}/acc_top5", acc_top5)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD and the per-step warm-up / multi-step schedule (see ``WarmupMultiStep``)."""
+        """SGD and the per-step warm-up / multi-step schedule (see ``WarmupMultiStep``).
+
+        The schedule's epoch length is set in :meth:`on_train_start`: reading it here would
+        set up the train dataloader before Lightning restores a checkpoint's loop state, and a
+        resumable dataloader would restart its epoch from the first batch.
+        """
         hp = self.hparams
         optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
                                     weight_decay=hp.weight_decay, nesterov=hp.nesterov)
-        schedule = WarmupMultiStep(self._steps_per_epoch(), hp.warmup_epochs, hp.milestones,
-                                   hp.lr_decay)
+        schedule = WarmupMultiStep(None, hp.warmup_epochs, hp.milestones, hp.lr_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self._lr_schedule = (scheduler, schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self) -> None:
+        """Set the schedule's epoch length, now known, and the rate of the current step."""
+        scheduler, schedule = getattr(self, "_lr_schedule", (None, None))
+        if not any(config.scheduler is scheduler for config in self.trainer.lr_scheduler_configs):
+            return  # not ours (a learning-rate search swapped in its own)
+        schedule.set_steps_per_epoch(self._steps_per_epoch())
+        # What LambdaLR sets at each step (the same product: a resumed rate is unchanged).
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                               strict=True):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+
     def _steps_per_epoch(self) -> int:
-        trainer = self.trainer
-        if trainer.train_dataloader is None:
-            # What trainer.estimated_stepping_batches does too: load the train dataloader so
-            # num_training_batches is known (per process, after limit_train_batches).
-            trainer.fit_loop.setup_data()
-        steps = optimizer_steps_per_epoch(trainer)
+        steps = optimizer_steps_per_epoch(self.trainer)  # the fit loop has set up the data
         if not math.isfinite(steps):
             if self.hparams.warmup_epochs == 0 and not self.hparams.milestones:
                 return 1  # the schedule is constant: epoch length does not matter

@@ -140,3 +140,59 @@ def test_mismatched_image_size_is_refused(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ImageClassifier(**{"model": "small_cnn", "num_classes": 10, **kwargs})
+
+
+def test_mid_epoch_resume_is_bit_identical(tmp_path):
+    """configure_optimizers once read the epoch length by setting up the train dataloader,
+    before Lightning restored a resumable loader's position: a run resumed mid-epoch retrained
+    the epoch's first batches (the trap of Lightning's own OneCycleLR example)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.setups import ResumableLoader
+
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.randn(32, 1, 8, 8, generator=generator),
+              torch.randint(0, 10, (32,), generator=generator))
+
+    class Seen(Callback):
+        def __init__(self):
+            self.sums = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.sums.append(round(float(batch[0].sum()), 4))
+
+    def run(where, ckpt_path=None):
+        torch.manual_seed(0)
+        module = digits_classifier(lr=0.2, warmup_epochs=1, milestones=[1])
+        seen = Seen()
+        every_5 = ModelCheckpoint(dirpath=where, filename="{step}", every_n_train_steps=5,
+                                  save_top_k=-1)
+        trainer(tmp_path, max_epochs=2, callbacks=[seen, every_5], enable_checkpointing=True,
+                limit_val_batches=0).fit(module, ResumableLoader(batch_size=4, tensors=images),
+                                         ckpt_path=ckpt_path)
+        return seen.sums, module.state_dict(), module.optimizers().param_groups[0]["lr"]
+
+    seen, weights, lr = run(tmp_path / "a")
+    seen_resumed, weights_resumed, lr_resumed = run(tmp_path / "b", tmp_path / "a" / "step=5.ckpt")
+    assert seen_resumed == seen[5:]
+    assert lr_resumed == lr
+    for key, value in weights.items():
+        assert torch.equal(weights_resumed[key], value), key
+
+
+def test_a_stream_without_length_is_refused_before_training_unless_the_rate_is_constant(
+        tmp_path):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Images(IterableDataset):
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(8):
+                yield torch.randn(1, 8, 8, generator=generator), torch.tensor(3)
+
+    module = digits_classifier(warmup_epochs=1)
+    with pytest.raises(ValueError, match=r"needs a train dataloader with a length"):
+        trainer(tmp_path, max_steps=2).fit(module, DataLoader(Images(), batch_size=4))
+    constant = digits_classifier(lr=0.3, warmup_epochs=0, milestones=[])
+    trainer(tmp_path, max_steps=2).fit(constant, DataLoader(Images(), batch_size=4))
+    assert constant.optimizers().param_groups[0]["lr"] == pytest.approx(0.3)
