@@ -41,16 +41,20 @@ def dry_run(*args: str) -> list[list[str]]:
     return [shlex.split(line) for line in out.getvalue().splitlines()]
 
 
-def test_grid_dry_run_prints_table1():
+def test_grid_dry_run_prints_table1(capsys):
     commands = dry_run()
-    # 6 pairs x (4 sparse methods x 3 sparsities x 2 distributions + 1 dense run)
-    assert len(commands) == 6 * (4 * 3 * 2 + 1) == 150
+    # The paper's 4 pairs x (4 sparse methods x 3 sparsities x 2 distributions + 1 dense run)
+    assert len(commands) == 4 * (4 * 3 * 2 + 1) == 100
     assert all(command[:2] == ["lightning-ggr", "fit"] for command in commands)
     versions = [command[command.index("--trainer.logger.init_args.version") + 1]
                 for command in commands]
     names = [command[command.index("--trainer.logger.init_args.name") + 1]
              for command in commands]
-    assert len(set(zip(names, versions, strict=True))) == 150  # every run has its own folder
+    assert len(set(zip(names, versions, strict=True))) == 100  # every run has its own folder
+    # The default grid is the paper's Table 1: no extra pair, no "not in the paper" note.
+    assert sorted(set(names)) == ["table1/cifar100_mobilenet_v2", "table1/cifar100_resnet18",
+                                  "table1/tinyimagenet_mobilenet_v2", "table1/tinyimagenet_vgg16"]
+    assert "not in the paper" not in capsys.readouterr().err
     assert "ggr_uniform_s0.97_seed0" in versions and "dense_seed0" in versions
     for command in commands:
         configs = [command[i + 1] for i, arg in enumerate(command) if arg == "--config"]
@@ -59,11 +63,13 @@ def test_grid_dry_run_prints_table1():
                    for config in configs)
 
 
-def test_grid_options_and_extra_arguments():
+def test_grid_options_and_extra_arguments(capsys):
     commands = dry_run("--pairs", "cifar100_vgg16", "--methods", "ggr_set", "--sparsities",
                        "0.99", "--distributions", "uniform", "--seeds", "1", "2", "--",
                        "--trainer.max_epochs", "1")
     assert len(commands) == 2
+    assert ("note: cifar100_vgg16 is not in the paper's grid (an extra; report leaves it out "
+            "of Table 2)") in capsys.readouterr().err
     assert commands[1][-2:] == ["--trainer.max_epochs", "1"]
     assert commands[1][commands[1].index("--trainer.callbacks.init_args.seed") + 1] == "2"
 

@@ -14,9 +14,12 @@ Rules (the paper's, section 5):
   ``s=0``, whatever their method and distribution.
 - A setting whose mean accuracy is below 5% failed to fit the data: it is not reported
   (``-``). Its Table 4 structure numbers are still shown, as the paper does.
-- Table 2 averages each method over the (dataset, model) *scenarios*. Scenarios where every
-  method failed are left out of the average for that column; a method that failed where
-  another method worked gets ``-`` for that column.
+- Table 2 averages each method over the (dataset, model) *scenarios*: by default the
+  paper's four (:data:`PAPER_SCENARIOS`), so runs of any other scenario are left out and
+  named in the notes under the table (``scenarios=None``, ``--table2-scenarios all``:
+  every scenario found). Scenarios where every method failed are left out of the average
+  for that column; a method that failed where another method worked gets ``-`` for that
+  column.
 - A run with no accuracy (neither ``--metric`` nor its fallback) is left out of Tables 1 and
   2 and listed in Table 4 with an empty accuracy cell; the printed note says so.
 """
@@ -29,7 +32,7 @@ import io
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,17 @@ FAILED_BELOW = 5.0
 FALLBACK_METRIC = "val/acc"
 #: Key under which :func:`collect_runs` stores where a run was read from.
 PATH_KEY = "_path"
+#: The (dataset, model) scenarios of the paper's Table 1, the four its Tables 2 and 3
+#: average: MobileNetV2 and ResNet-18 on CIFAR-100, MobileNetV2 and VGG16 on Tiny-ImageNet.
+PAPER_SCENARIOS: tuple[tuple[str, str], ...] = (
+    ("cifar100", "mobilenet_v2"), ("cifar100", "resnet18"),
+    ("tinyimagenet", "mobilenet_v2"), ("tinyimagenet", "vgg16"),
+)
+#: The paper's data sets; a zoo model on one of them outside :data:`PAPER_SCENARIOS` is an
+#: extra (the zoo's ``cifar100_vgg16`` and ``tinyimagenet_resnet18`` configs).
+PAPER_DATASETS: tuple[str, ...] = ("cifar100", "tinyimagenet")
+
+Scenario = tuple[str, str]
 
 Row = dict[str, Any]
 
@@ -233,29 +247,59 @@ def table1(
     return rows
 
 
+def _scenario_text(scenarios: Iterable[Scenario]) -> str:
+    return ", ".join(f"{dataset}/{model}" for dataset, model in scenarios)
+
+
+def _check_scenarios(scenarios: Sequence[Scenario] | None) -> list[Scenario] | None:
+    if scenarios is None:
+        return None
+    if isinstance(scenarios, str) or not all(
+        isinstance(s, tuple | list) and len(s) == 2 and all(isinstance(p, str) for p in s)
+        for s in scenarios
+    ):
+        raise TypeError("scenarios must be None or a sequence of (dataset, model) string pairs, "
+                        f"e.g. PAPER_SCENARIOS; got {scenarios!r}")
+    return [tuple(s) for s in scenarios]  # type: ignore[misc]
+
+
+def _table2_columns(
+    runs: Sequence[Mapping[str, Any]], scenarios: Sequence[Scenario] | None, metric: str,
+    failed_below: float, scale: str,
+) -> dict[tuple[float, str], dict[str, dict[Scenario, Cell]]]:
+    """column -> method -> scenario -> per-scenario Cell, for the scenarios averaged."""
+    wanted = _check_scenarios(scenarios)
+    groups = _settings(runs, metric, scale)
+    by_column: dict[tuple[float, str], dict[str, dict[Scenario, Cell]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for (dataset, model, method, sparsity, distribution), members in groups.items():
+        if wanted is not None and (dataset, model) not in wanted:
+            continue
+        cell = _accuracy_cell([v for _, v in members], failed_below)
+        if cell is not None:
+            by_column[(sparsity, distribution)][method][(dataset, model)] = cell
+    return by_column
+
+
 def table2(
     runs: Sequence[Mapping[str, Any]],
     *,
+    scenarios: Sequence[Scenario] | None = PAPER_SCENARIOS,
     metric: str = "test/acc",
     failed_below: float = FAILED_BELOW,
     scale: str = "auto",
 ) -> list[Row]:
     """Table 2: each method's accuracy (%) averaged over (dataset, model) scenarios.
 
-    Per column (sparsity x distribution): a scenario where every method failed is left out;
-    a method that failed in a scenario where another worked gets ``-``; otherwise its cell is
-    the mean over the scenarios it ran of its per-scenario mean over seeds, ``n`` = number
-    of scenarios (fewer than the others' means missing runs).
+    Only runs of ``scenarios`` count (default: the paper's four, :data:`PAPER_SCENARIOS`;
+    ``None``: every scenario found); :func:`table2_notes` says which were averaged and which
+    left out. Per column (sparsity x distribution): a scenario where every method failed is
+    left out; a method that failed in a scenario where another worked gets ``-``; otherwise
+    its cell is the mean over the scenarios it ran of its per-scenario mean over seeds,
+    ``n`` = number of scenarios (fewer than the others' means missing runs).
     """
-    groups = _settings(runs, metric, scale)
-    # (method, column) -> scenario -> per-scenario Cell
-    by_column: dict[tuple[float, str], dict[str, dict[tuple[str, str], Cell]]] = defaultdict(
-        lambda: defaultdict(dict)
-    )
-    for (dataset, model, method, sparsity, distribution), members in groups.items():
-        cell = _accuracy_cell([v for _, v in members], failed_below)
-        if cell is not None:
-            by_column[(sparsity, distribution)][method][(dataset, model)] = cell
+    by_column = _table2_columns(runs, scenarios, metric, failed_below, scale)
     columns = _columns(by_column)
     methods = sorted({m for column in by_column.values() for m in column},
                      key=lambda m: _order(m, METHOD_ORDER))
@@ -277,6 +321,72 @@ def table2(
             row[column_name(*column)] = value
         rows.append(row)
     return rows
+
+
+def table2_notes(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    scenarios: Sequence[Scenario] | None = PAPER_SCENARIOS,
+    metric: str = "test/acc",
+    failed_below: float = FAILED_BELOW,
+    scale: str = "auto",
+) -> list[str]:
+    """What :func:`table2` averaged: the scenarios used, those left out as not in the paper
+    (with ``scenarios`` given), and per column those left out because every method failed
+    or that have no run there."""
+    wanted = _check_scenarios(scenarios)
+    # Runs with an accuracy, per scenario (the others are in no table average).
+    counts: Counter[Scenario] = Counter()
+    for (dataset, model, *_), members in _settings(runs, metric, scale).items():
+        counts[(dataset, model)] += len(members)
+    found = sorted(counts)
+    if wanted is None:
+        used = found
+        notes = [f"Averaged over every scenario found: {_scenario_text(used) or 'none'}."]
+    else:
+        used = [s for s in wanted if s in counts]
+        absent = [s for s in wanted if s not in counts]
+        left = [s for s in found if s not in wanted]
+        paper = wanted == list(PAPER_SCENARIOS)
+        notes = [f"Averaged over {_scenario_text(used) or 'no scenario'}"
+                 + (" (the paper's Table 2 scenarios)" if paper else "") + "."]
+        if absent:
+            notes.append(f"No runs of {_scenario_text(absent)}.")
+        if left:
+            notes.append(("Not in the paper's Table 2, left out: " if paper else "Left out: ")
+                         + ", ".join(f"{d}/{m} ({counts[(d, m)]} runs)" for d, m in left)
+                         + " (--table2-scenarios all averages every scenario).")
+    by_column = _table2_columns(runs, wanted, metric, failed_below, scale)
+    for column in _columns(by_column):
+        per_method = by_column[column]
+        ran = {s for cells in per_method.values() for s in cells}
+        working = {s for cells in per_method.values() for s, c in cells.items() if not c.failed}
+        failed = [s for s in used if s in ran and s not in working]
+        not_run = [s for s in used if s not in ran]
+        parts = []
+        if failed:
+            parts.append(f"{_scenario_text(failed)} left out (every method failed)")
+        if not_run:
+            parts.append(f"no runs of {_scenario_text(not_run)}")
+        if parts:
+            notes.append(f"{column_name(*column)}: " + "; ".join(parts) + ".")
+    return notes
+
+
+def extra_scenarios(runs: Sequence[Mapping[str, Any]]) -> list[Scenario]:
+    """The (dataset, model) scenarios of ``runs`` on the paper's data sets that its Table 1
+    does not have, such as the zoo's VGG16 on CIFAR-100 and ResNet-18 on Tiny-ImageNet:
+    extras, not in the paper's grid."""
+    found = {(str(r.get("dataset", "?")), str(r.get("model", "?"))) for r in runs}
+    return sorted(s for s in found if s[0] in PAPER_DATASETS and s not in PAPER_SCENARIOS)
+
+
+def table1_notes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which rows of :func:`table1` are extras, not in the paper's Table 1."""
+    extras = extra_scenarios(runs)
+    if not extras:
+        return []
+    return [f"Not in the paper's Table 1 (extras): {_scenario_text(extras)}."]
 
 
 def _mean_of(members: Sequence[Mapping[str, Any]], *path: str, factor: float = 1.0) -> Cell | str:
@@ -396,6 +506,9 @@ TABLES = {
     "table4": ("Table 4: empty neurons and inputs (% of all sparse-layer neurons / inputs), "
                "Params*, sparse MFLOPs", table4),
 }
+#: ``--table2-scenarios``: which (dataset, model) scenarios Table 2 averages.
+TABLE2_SCENARIOS: dict[str, tuple[Scenario, ...] | None] = {"paper": PAPER_SCENARIOS,
+                                                             "all": None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default: 5, as the paper)")
     parser.add_argument("--tables", nargs="+", choices=tuple(TABLES), default=list(TABLES),
                         help="which tables (default: all)")
+    parser.add_argument("--table2-scenarios", choices=tuple(TABLE2_SCENARIOS),
+                        default="paper",
+                        help="paper: Table 2 averages the paper's four (dataset, model) "
+                        "scenarios, other runs are left out and listed (default); all: every "
+                        "scenario found")
     args = parser.parse_args(argv)
     try:
         runs = collect_runs(args.run_dirs)
@@ -439,12 +557,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output) if args.output else None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
+    options = {"metric": args.metric, "failed_below": args.failed_below,
+               "scale": args.accuracy_scale}
+    scenarios = TABLE2_SCENARIOS[args.table2_scenarios]
     blocks = []
     for name in args.tables:
         title, build = TABLES[name]
-        rows = build(runs, metric=args.metric, failed_below=args.failed_below,
-                     scale=args.accuracy_scale)
+        if name == "table2":
+            rows = table2(runs, scenarios=scenarios, **options)
+            table_notes = table2_notes(runs, scenarios=scenarios, **options)
+            if not rows and scenarios is not None:
+                table_notes.append("No run of these scenarios: Table 2 is empty "
+                                   "(--table2-scenarios all averages every scenario found).")
+        else:
+            rows = build(runs, **options)
+            table_notes = table1_notes(runs) if name == "table1" else []
         markdown, comma_separated = to_markdown(rows), to_csv(rows)
+        if table_notes:
+            markdown += "\n" + "\n".join(table_notes) + "\n"
         if output is not None:
             (output / f"{name}.md").write_text(f"## {title}\n\n{markdown}", encoding="utf-8")
             (output / f"{name}.csv").write_text(comma_separated, encoding="utf-8")
@@ -452,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             blocks.append(f"## {title}\n\n{markdown}")
         else:
             blocks.append(f"# {name}\n{comma_separated}")
+            for note in table_notes:
+                print(f"note: {name}: {note}", file=sys.stderr)
     sys.stdout.write("\n".join(blocks))
     return 0
 

@@ -21,12 +21,16 @@ from lightning_ggr.callbacks.summary import (
     write_run_summary,
 )
 from lightning_ggr.zoo.report import (
+    PAPER_SCENARIOS,
     Cell,
     accuracies,
     collect_runs,
+    extra_scenarios,
     main,
     table1,
+    table1_notes,
     table2,
+    table2_notes,
     table4,
     to_csv,
     to_markdown,
@@ -186,7 +190,7 @@ def test_table1(runs):
 
 
 def test_table2_paper_rule(runs):
-    rows = {r["method"]: r for r in table2(runs)}
+    rows = {r["method"]: r for r in table2(runs, scenarios=None)}  # A, B: not the paper's
     # s=0.9 erk: average over both scenarios
     assert rows["set"]["s=0.9 erk"].mean == pytest.approx((61.0 + 40.0) / 2)
     assert rows["set"]["s=0.9 erk"].n == 2
@@ -197,6 +201,97 @@ def test_table2_paper_rule(runs):
     assert rows["ggr"]["s=0.99 uniform"].mean == pytest.approx(40.0)
     assert rows["rigl"]["s=0.99 uniform"].failed
     assert rows["dense"]["s=0"].mean == pytest.approx(60.0)
+
+
+# The paper's Table 1 (top-1 %, test set): dense, then per method the columns
+# 0.9 ERK, 0.9 uni, 0.97 ERK, 0.97 uni, 0.99 ERK, 0.99 uni; None = below 5%, not reported.
+PAPER_TABLE1 = {
+    ("cifar100", "mobilenet_v2"): (69.15, {
+        "set": (66.34, 55.31, 56.13, None, 25.75, None),
+        "rigl": (67.02, 58.13, 58.96, None, 43.79, None),
+        "dsr": (68.26, 65.85, 61.11, None, 37.38, None),
+        "ggr": (66.79, 64.55, 60.57, None, 46.49, None)}),
+    ("cifar100", "resnet18"): (76.27, {
+        "set": (74.18, 71.64, 70.13, 66.64, 63.45, 57.78),
+        "rigl": (74.03, 72.15, 70.65, 68.31, 65.48, 60.81),
+        "dsr": (73.89, 73.47, 70.99, 70.17, 64.12, 63.77),
+        "ggr": (73.34, 72.83, 70.28, 70.71, 65.12, 64.41)}),
+    ("tinyimagenet", "mobilenet_v2"): (55.77, {
+        "set": (53.35, 47.73, 43.00, None, None, None),
+        "rigl": (55.08, 49.85, 48.23, None, None, None),
+        "dsr": (54.48, 38.80, 45.06, None, None, None),
+        "ggr": (55.31, 52.43, 48.16, None, None, None)}),
+    ("tinyimagenet", "vgg16"): (60.88, {
+        "set": (61.04, 57.44, 57.04, 52.40, 53.14, 45.34),
+        "rigl": (60.31, 58.31, 55.82, 52.40, 51.28, None),
+        "dsr": (59.94, 60.04, 57.13, 56.42, 53.47, None),
+        "ggr": (59.04, 58.65, 57.60, 56.95, 52.89, 52.30)}),
+}
+# The paper's Table 2 (same columns; None = "-").
+PAPER_TABLE2 = {
+    "set": (63.73, 58.03, 56.58, 59.52, 47.45, 51.56),
+    "rigl": (64.11, 59.61, 58.42, 60.36, 53.52, None),
+    "dsr": (64.14, 59.64, 58.57, 63.30, 51.66, None),
+    "ggr": (63.62, 62.11, 59.15, 63.83, 54.83, 58.36),
+}
+PAPER_COLUMNS = ("s=0.9 erk", "s=0.9 uniform", "s=0.97 erk", "s=0.97 uniform", "s=0.99 erk",
+                 "s=0.99 uniform")
+
+
+def _paper_runs() -> list[dict]:
+    """The paper's Table 1 as run summaries (a failed cell: one run at 1%), plus an extra
+    scenario the paper never trains (VGG16 on CIFAR-100), which Table 2 must leave out."""
+    runs = []
+    for (dataset, model), (dense, methods) in PAPER_TABLE1.items():
+        runs.append(_run(model, dataset, "dense", 0.0, "erk", 0, dense))
+        for method, values in methods.items():
+            for column, value in zip(PAPER_COLUMNS, values, strict=True):
+                sparsity, distribution = column[2:].split()
+                runs.append(_run(model, dataset, method, float(sparsity), distribution, 0,
+                                 1.0 if value is None else value))
+    for method in ("dense", "set", "rigl", "dsr", "ggr"):  # far off the paper's averages
+        runs.append(_run("vgg16", "cifar100", method, 0.0 if method == "dense" else 0.9, "erk",
+                         0, 10.0))
+    return runs
+
+
+def test_table2_reproduces_the_papers_table2_from_its_table1():
+    runs = _paper_runs()
+    rows = {r["method"]: r for r in table2(runs)}
+    # Dense: (69.15 + 76.27 + 55.77 + 60.88) / 4 = 65.5175, the paper's 65.52.
+    assert rows["dense"]["s=0"].mean == pytest.approx(65.52, abs=0.006)
+    assert rows["dense"]["s=0"].n == 4
+    for method, expected in PAPER_TABLE2.items():
+        for column, value in zip(PAPER_COLUMNS, expected, strict=True):
+            cell = rows[method][column]
+            if value is None:  # RigL and DSR failed VGG16 at 99% uniform where SET, GGR worked
+                assert cell.failed, (method, column)
+            elif (method, column) == ("dsr", "s=0.9 uniform"):
+                # The paper's own inconsistency: its Table 1 gives
+                # (65.85 + 73.47 + 38.80 + 60.04) / 4 = 59.54, its Table 2 prints 59.64.
+                assert cell.mean == pytest.approx(59.54, abs=1e-9)
+            else:  # 0.006: the paper rounds half-way values up (58.415 -> 58.42, 58.355 -> 58.36)
+                assert cell.mean == pytest.approx(value, abs=0.006), (method, column, cell.mean)
+    # Both MobileNetV2 scenarios failed for every method at 97% uniform: 2 scenarios averaged.
+    assert rows["ggr"]["s=0.97 uniform"].n == 2 and rows["ggr"]["s=0.99 erk"].n == 3
+    notes = table2_notes(runs)
+    assert notes[0] == ("Averaged over cifar100/mobilenet_v2, cifar100/resnet18, "
+                        "tinyimagenet/mobilenet_v2, tinyimagenet/vgg16 (the paper's Table 2 "
+                        "scenarios).")
+    assert ("Not in the paper's Table 2, left out: cifar100/vgg16 (5 runs) "
+            "(--table2-scenarios all averages every scenario).") in notes
+    assert ("s=0.97 uniform: cifar100/mobilenet_v2, tinyimagenet/mobilenet_v2 left out "
+            "(every method failed).") in notes
+    assert "s=0.99 erk: tinyimagenet/mobilenet_v2 left out (every method failed)." in notes
+    # With every scenario, the extra pulls the 0.9 ERK averages down.
+    everything = {r["method"]: r for r in table2(runs, scenarios=None)}
+    assert everything["ggr"]["s=0.9 erk"].n == 5
+    assert everything["ggr"]["s=0.9 erk"].mean < rows["ggr"]["s=0.9 erk"].mean - 10
+    assert extra_scenarios(runs) == [("cifar100", "vgg16")]
+    assert table1_notes(runs) == ["Not in the paper's Table 1 (extras): cifar100/vgg16."]
+    assert len(PAPER_SCENARIOS) == 4 and set(PAPER_SCENARIOS) == set(PAPER_TABLE1)
+    with pytest.raises(TypeError, match="scenarios must be None or a sequence"):
+        table2(runs, scenarios="paper")
 
 
 def test_table4(runs):
@@ -242,9 +337,15 @@ def test_main_prints_and_writes(tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["table1.csv", "table1.md", "table2.csv", "table2.md", "table4.csv",
                      "table4.md"]
-    assert main([str(tmp_path / "runs"), "--format", "csv", "--tables", "table2"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("# table2\nmethod,")
+    # Scenarios A/vgg and B/mnv2 are not the paper's: Table 2 is empty by default, and says so.
+    assert "No run of these scenarios: Table 2 is empty" in captured.out
+    assert "Not in the paper's Table 2, left out: A/vgg (7 runs), B/mnv2 (6 runs)" in (
+        tmp_path / "out" / "table2.md").read_text()
+    assert main([str(tmp_path / "runs"), "--format", "csv", "--tables", "table2",
+                 "--table2-scenarios", "all"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("# table2\nmethod,")
+    assert "note: table2: Averaged over every scenario found: A/vgg, B/mnv2." in captured.err
 
 
 def test_main_metric_fallback_and_errors(tmp_path, capsys):
@@ -273,12 +374,14 @@ def test_a_run_without_accuracy_is_where_the_note_says(tmp_path, capsys):
     write_run_summary(tmp_path / "with", _run("netA", "d", "ggr", 0.9, "erk", 0, 0.5))
     write_run_summary(tmp_path / "without", _run("netB", "d", "ggr", 0.9, "erk", 0, None)
                       | {"metrics": {"train/loss": 1.0}})
-    assert main([str(tmp_path), "--tables", "table1", "table2", "table4"]) == 0
+    assert main([str(tmp_path), "--tables", "table1", "table2", "table4",
+                 "--table2-scenarios", "all"]) == 0  # d/netA is not one of the paper's
     captured = capsys.readouterr()
     assert ("1 run(s) have no accuracy ('test/acc' or 'val/acc'): left out of Tables 1 and 2, "
             "listed in Table 4 without accuracy") in captured.err
     table1, table2, table4 = captured.out.split("## Table ")[1:]
     assert "netA" in table1 and "netB" not in table1
     assert next(line for line in table2.splitlines() if "ggr" in line) == "| ggr | 50.00 |"
+    assert "Averaged over every scenario found: d/netA." in table2  # netB has no accuracy
     row = next(line for line in table4.splitlines() if "netB" in line)
     assert row.split("|")[6].strip() == ""  # the accuracy cell
