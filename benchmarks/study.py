@@ -22,6 +22,21 @@ dense + SET, RigL, DSR, GGR at 0.99 x {ERK, uniform} x 3 seeds, same recipe::
     python benchmarks/study.py run    --network wide --workers 2
     python benchmarks/study.py report --network wide   # docs/results/wide_table.md + figure
 
+The paper's own model (``--network resnet18``, on a GPU): the zoo's ResNet-18 on the same
+images, bf16-mixed, 40 epochs with the paper's schedule compressed (warm-up 1 epoch, x0.2
+at epochs 12/24/32, rewiring at the start of every epoch until half of training), images
+held and augmented on the GPU; dense + SET, RigL, DSR, GGR x 2 seeds at 99% uniform (add
+``--settings 0.99:erk 0.97:uniform`` when there is time)::
+
+    python benchmarks/study.py run    --network resnet18 --device cuda
+    python benchmarks/study.py report --network resnet18   # docs/results/resnet18_table.md
+
+Every ``report`` also writes the raw records (``docs/results/runs.json``,
+``runs_wide.json``, ``runs_resnet18.json``: each run's accuracies, environment and final
+layer densities, per layer its total, initial and final active count, the Table-4
+structure numbers) and reads them back when ``--out`` holds no run directory (or with
+``--records FILE``), so every table can be regenerated from committed data alone.
+
 Resuming: each finished run leaves ``<out>/<key>/result.json`` (written last, atomically,
 next to the package's ``lightning_ggr_summary.json``); ``run`` skips every key that has
 one and restarts unfinished ones from scratch. A run that raises is recorded with
@@ -31,6 +46,7 @@ one and restarts unfinished ones from scratch. A run that raises is recorded wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -53,6 +69,18 @@ DEFAULT_RESULTS = REPO / "docs" / "results"
 DEFAULT_WIDE_OUT = REPO / "runs" / "study_wide"
 #: Hidden width of the wide variant's classifier: flatten 1024 -> 2048 -> 100.
 WIDE_HIDDEN = 2048
+#: ``--network resnet18`` (the paper's model, on a GPU): run directories.
+DEFAULT_RESNET_OUT = REPO / "runs" / "study_resnet18"
+#: The paper's Table 1, ResNet-18 on CIFAR-100 (full data set, 100 epochs), for comparison.
+PAPER_RESNET18 = {
+    "dense": 76.27,
+    (0.9, "erk"): {"set": 74.18, "rigl": 74.03, "dsr": 73.89, "ggr": 73.34},
+    (0.9, "uniform"): {"set": 71.64, "rigl": 72.15, "dsr": 73.47, "ggr": 72.83},
+    (0.97, "erk"): {"set": 70.13, "rigl": 70.65, "dsr": 70.99, "ggr": 70.28},
+    (0.97, "uniform"): {"set": 66.64, "rigl": 68.31, "dsr": 70.17, "ggr": 70.71},
+    (0.99, "erk"): {"set": 63.45, "rigl": 65.48, "dsr": 64.12, "ggr": 65.12},
+    (0.99, "uniform"): {"set": 57.78, "rigl": 60.81, "dsr": 63.77, "ggr": 64.41},
+}
 
 METHODS = tuple(PACKAGE_METHODS)  # the package's preset table: one list of method names
 MAIN_METHODS = ("set", "rigl", "dsr", "ggr")
@@ -87,6 +115,23 @@ class Recipe:
     widths: tuple[int, int, int] = (16, 32, 64)
     hidden: int = 256
     val_size: int = 1000
+    #: ``"tiny_vgg"`` (``widths``, ``hidden``) or ``"resnet18"`` (the zoo's, 32x32 stem).
+    network: str = "tiny_vgg"
+    #: Rewire every ``update_interval`` optimizer steps (``"step"``) or epochs (``"epoch"``).
+    interval: str = "step"
+    precision: str = "32-true"
+    #: Validate every this many epochs (the ResNet-18 study only at the end).
+    val_every: int = 1
+    #: Train/validation/test batches per epoch (``None``: all): the tiny CPU test only.
+    limit_batches: int | None = None
+
+
+def resnet18_recipe() -> Recipe:
+    """The paper's CIFAR-100 recipe compressed to 40 epochs (issue 12, item 7): warm-up 1
+    epoch, x0.2 at 30/60/80% of training, rewiring at the start of every epoch but the first
+    until half of training, drop fraction 0.1 (cosine), bf16-mixed."""
+    return Recipe(epochs=40, milestones=(12, 24, 32), update_interval=1, interval="epoch",
+                  network="resnet18", precision="bf16-mixed", val_every=40)
 
 
 @dataclass(frozen=True)
@@ -136,6 +181,21 @@ def wide_grid(seeds: int = 3, sparsity: float = 0.99) -> list[RunSpec]:
     return runs
 
 
+def resnet18_grid(seeds: int = 2, settings: Iterable[tuple[float, str]] = ((0.99, "uniform"),)
+                  ) -> list[RunSpec]:
+    """``--network resnet18``: dense + SET, RigL, DSR, GGR per setting x ``seeds`` seeds
+    (10 runs for the default 0.99 uniform), seed 0 of a setting before seed 1, GGR first,
+    so that a study cut short still compares GGR with something."""
+    runs = []
+    for i, (sparsity, distribution) in enumerate(settings):
+        for seed in range(seeds):
+            if i == 0:
+                runs.append(RunSpec("dense", 0.0, "erk", seed))
+            runs += [RunSpec(m, sparsity, distribution, seed)
+                     for m in ("ggr", "dsr", "rigl", "set")]
+    return runs
+
+
 # ---------------------------------------------------------------------------- network
 def tiny_vgg(widths: tuple[int, int, int] = (16, 32, 64), hidden: int = 256,
              num_classes: int = 100):
@@ -172,15 +232,18 @@ def tiny_vgg(widths: tuple[int, int, int] = (16, 32, 64), hidden: int = 256,
 _DATAMODULES: dict[tuple, object] = {}
 
 
-def _datamodule(data: Path, recipe: Recipe, seed: int):
+def _datamodule(data: Path, recipe: Recipe, seed: int, device: str = "cpu"):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from study_data import CifarSubsetDataModule
 
-    # One in-memory copy of the images per process, re-seeded per run.
-    key = (str(data), recipe.val_size, recipe.batch_size)
+    # One in-memory copy of the images per process (on ``device``), re-seeded per run.
+    # The tiny test setting evaluates ``limit_batches`` training-size batches, not 500s.
+    eval_batch = recipe.batch_size if recipe.limit_batches else 500
+    key = (str(data), recipe.val_size, recipe.batch_size, device, eval_batch)
     dm = _DATAMODULES.get(key)
     if dm is None:
-        dm = CifarSubsetDataModule(data, val_size=recipe.val_size, batch_size=recipe.batch_size)
+        dm = CifarSubsetDataModule(data, val_size=recipe.val_size, batch_size=recipe.batch_size,
+                                   device=device, eval_batch_size=eval_batch)
         dm.setup()
         _DATAMODULES[key] = dm
     dm.seed = seed
@@ -188,7 +251,8 @@ def _datamodule(data: Path, recipe: Recipe, seed: int):
 
 
 def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: bool = True,
-              log_figures: bool = False, threads: int = 1) -> dict:
+              log_figures: bool = False, threads: int = 1, workers: int | None = None,
+              device: str = "cpu") -> dict:
     """Train (and test) one configuration; returns the result dict (also written to disk)."""
     import lightning.pytorch as pl
     import torch
@@ -203,9 +267,11 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         shutil.rmtree(run_dir)
     start = time.time()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
-    dm = _datamodule(data, recipe, spec.seed)
+    dm = _datamodule(data, recipe, spec.seed, device)
+    network = ("resnet18" if recipe.network == "resnet18"  # the zoo's, by name
+               else tiny_vgg(recipe.widths, recipe.hidden))
     module = ImageClassifier(
-        tiny_vgg(recipe.widths, recipe.hidden), num_classes=100, lr=recipe.lr,
+        network, num_classes=100, input_size=32, lr=recipe.lr,
         momentum=recipe.momentum, weight_decay=recipe.weight_decay,
         warmup_epochs=recipe.warmup_epochs, milestones=recipe.milestones,
         lr_decay=recipe.lr_decay,
@@ -214,16 +280,19 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
     callback = DynamicSparsityCallback(
         method="ggr" if spec.method == "dense" else spec.method,
         sparsity=spec.sparsity, distribution=spec.distribution,
-        drop_fraction=recipe.drop_fraction, interval="step",
+        drop_fraction=recipe.drop_fraction, interval=recipe.interval,
         update_interval=recipe.update_interval, stop_fraction=recipe.stop_fraction,
         seed=spec.seed, log_figures=log_figures,
     )
     logger = TensorBoardLogger(save_dir=str(out), name=spec.key, version=0,
                                default_hp_metric=False)
+    limits = ({} if recipe.limit_batches is None else
+              {f"limit_{s}_batches": recipe.limit_batches for s in ("train", "val", "test")})
     trainer = pl.Trainer(
-        max_epochs=recipe.epochs, accelerator="cpu", devices=1, logger=logger,
+        max_epochs=recipe.epochs, accelerator=device, devices=1, logger=logger,
         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
+        precision=recipe.precision, check_val_every_n_epoch=recipe.val_every, **limits,
     )
     trainer.fit(module, datamodule=dm)
     fit_s = time.time() - start
@@ -238,7 +307,8 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         "wall_s": round(time.time() - start, 2), "fit_s": round(fit_s, 2),
         "rewirings": None if callback.engine is None else callback.engine.rewirings,
         "layer_densities": callback.layer_densities(),
-        "recipe": asdict(recipe), "torch_threads": threads,
+        "recipe": asdict(recipe), "torch_threads": threads, "workers": workers,
+        **environment(device),
         "summary": str(Path(trainer.log_dir) / "lightning_ggr_summary.json"),
     }
     write_json(run_dir / "result.json", result)
@@ -246,12 +316,14 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
 
 
 def _worker(args: tuple) -> dict:
-    spec, recipe, data, out, threads, *rest = args
-    log_figures = rest[0] if rest else spec.key == FIGURE_RUN
+    spec, recipe, data, out, threads, log_figures, workers, device = args
+    if log_figures is None:
+        log_figures = spec.key == FIGURE_RUN
     if (out / "STOP").exists():  # graceful stop: runs already started finish, no new ones
         return {"status": "not started (STOP file)", "key": spec.key}
     try:
-        return train_one(spec, recipe, data, out, log_figures=log_figures, threads=threads)
+        return train_one(spec, recipe, data, out, log_figures=log_figures, threads=threads,
+                         workers=workers, device=device)
     except Exception as error:  # recorded, never dropped
         result = {"status": "failed", **asdict(spec), "key": spec.key, "test_acc": None,
                   "error": f"{type(error).__name__}: {error}",
@@ -301,12 +373,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} finished, "
           f"{len(todo)} to go; {args.workers} worker(s); recipe {asdict(recipe)}", flush=True)
     start = time.time()
-    wide = getattr(args, "network", "tiny") == "wide"
-    jobs = [(spec, recipe, args.data, args.out, 1) + ((False,) if wide else ())
+    # TensorBoard figures only for the main study's Figure-2 run.
+    figures = None if getattr(args, "network", "tiny") == "tiny" else False
+    jobs = [(spec, recipe, args.data, args.out, 1, figures, args.workers, args.device)
             for spec in todo]
-    context = mp.get_context("spawn")
-    with context.Pool(args.workers, initializer=_init_worker, maxtasksperchild=None) as pool:
-        for i, result in enumerate(pool.imap_unordered(_worker, jobs, chunksize=1), 1):
+    if args.workers == 0:  # in this process, one run after the other (tests, debugging)
+        results = map(_worker, jobs)
+    else:
+        context = mp.get_context("spawn")
+        pool = context.Pool(args.workers, initializer=_init_worker, maxtasksperchild=None)
+        results = pool.imap_unordered(_worker, jobs, chunksize=1)
+    with contextlib.ExitStack() as stack:
+        if args.workers:
+            stack.enter_context(pool)
+        for i, result in enumerate(results, 1):
             acc = result.get("test_acc")
             print(f"[{time.time() - start:7.0f}s] {i}/{len(jobs)} {result['key']}: "
                   f"{result['status']} test_acc={acc if acc is None else round(100 * acc, 2)} "
@@ -338,16 +418,25 @@ def _tune_job(job: tuple) -> dict:
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
-    recipe = Recipe()
-    changes = {k: getattr(args, k) for k in ("epochs", "lr") if getattr(args, k, None)}
-    if getattr(args, "network", "tiny") == "wide":
+    network = getattr(args, "network", "tiny")
+    recipe = resnet18_recipe() if network == "resnet18" else Recipe()
+    changes = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "limit_batches",
+                                             "precision") if getattr(args, k, None)}
+    if network == "wide":
         changes["hidden"] = WIDE_HIDDEN  # same conv stack, classifier 1024 -> 2048 -> 100
+    if network == "resnet18" and "epochs" in changes:  # the tiny setting: same shape, scaled
+        epochs = changes["epochs"]
+        changes.update(milestones=tuple(sorted({max(1, round(epochs * f))
+                                                for f in (0.3, 0.6, 0.8)})),
+                       val_every=epochs)
     return Recipe(**{**asdict(recipe), **changes})
 
 
 def _runs(args: argparse.Namespace) -> list[RunSpec]:
     if getattr(args, "network", "tiny") == "wide":
         return wide_grid(args.dense_seeds)
+    if getattr(args, "network", "tiny") == "resnet18":
+        return resnet18_grid(args.seeds, args.settings)
     return grid(args.seeds_099, args.dense_seeds, args.seeds_other)
 
 
@@ -395,7 +484,8 @@ def paired_table(results: dict[str, dict], sparsity: float = 0.99,
                  reference: str = "ggr") -> str:
     """GGR minus each method, paired by seed (same seed = same initial mask draw, model
     initialization and batch order), mean ± std of the per-seed differences."""
-    head = ["GGR minus", *[f"s={sparsity} {DIST_LABELS[d]}" for d in DISTRIBUTIONS]]
+    head = ["GGR minus", *[f"s={sparsity} {DIST_LABELS[d]}{x}" for d in DISTRIBUTIONS
+                           for x in ("", " per seed")]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in METHODS:
         if m == reference:
@@ -411,6 +501,7 @@ def paired_table(results: dict[str, dict], sparsity: float = 0.99,
                     wins += diffs[-1] > 0
             cells.append(f"{_mean_text(diffs)} (GGR ahead {wins}/{len(diffs)})"
                          if diffs else "-")
+            cells.append(" / ".join(f"{x:+.2f}" for x in diffs) or "-")
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -418,7 +509,8 @@ def paired_table(results: dict[str, dict], sparsity: float = 0.99,
 def final_density_table(results: dict[str, dict], sparsity: float, distribution: str) -> str:
     """Mean final density per layer and method (over seeds), with the initial density."""
     ok = [r for r in results.values() if r.get("status") == "ok" and r["method"] != "dense"
-          and r["sparsity"] == sparsity and r["distribution"] == distribution]
+          and r["sparsity"] == sparsity and r["distribution"] == distribution
+          and r.get("layer_densities")]
     if not ok:
         return "(no runs)"
     layers = list(ok[0]["layer_densities"])
@@ -438,12 +530,128 @@ def final_density_table(results: dict[str, dict], sparsity: float, distribution:
     return "\n".join(lines)
 
 
-def _summary(result: dict) -> dict | None:
+#: Fields of ``result.json`` copied into the committed raw records (``runs*.json``).
+RECORD_FIELDS = ("key", "method", "sparsity", "distribution", "seed", "status", "test_acc",
+                 "val_acc", "wall_s", "fit_s", "rewirings", "workers", "torch_threads",
+                 "device", "versions", "recipe", "error", "layer_densities")
+#: Top-level fields of the run summary copied into each record (the package report's keys).
+SUMMARY_FIELDS = ("dataset", "model", "flops")
+#: The raw-records file each grid's ``report`` writes into ``--results``, and reads the
+#: tables back from when there are no run directories (or with ``--records``).
+RECORDS_FILES = {"tiny": "runs.json", "wide": "runs_wide.json",
+                 "resnet18": "runs_resnet18.json"}
+
+
+def _run_summary(result: dict) -> dict | None:
+    """The package's run summary (``lightning_ggr_summary.json``) a run left, if any."""
     path = Path(result.get("summary") or "")
     if not path.is_file():
         return None
     with open(path) as file:
         return json.load(file)
+
+
+def record_of(result: dict) -> dict:
+    """A run's raw record: what ``result.json`` holds (final layer densities, environment)
+    plus, from the run summary, each layer's total, initial and final active count
+    (``layers``), the structure numbers of Table 4 (``structure``: the summary's
+    ``analysis.overall``), the data set, model and FLOPs. Every table reads only this."""
+    record = {k: result.get(k) for k in RECORD_FIELDS}
+    summary = _run_summary(result) if result.get("status") == "ok" else None
+    for key in SUMMARY_FIELDS:
+        record[key] = None if summary is None else summary.get(key)
+    record["layers"] = None if summary is None else {
+        n: {"total": v["total"], "initial_active": v["initial_active"], "active": v["active"]}
+        for n, v in summary["layers"].items()}
+    record["structure"] = None if summary is None else summary["analysis"]["overall"]
+    return record
+
+
+def raw_records(records: dict[str, dict], timing: dict) -> dict:
+    """The ``runs*.json`` payload: ``timing`` and every record, sorted by key."""
+    return {"timing": timing, "runs": [records[k] for k in sorted(records)]}
+
+
+def load_records(args: argparse.Namespace) -> dict[str, dict]:
+    """Every run's record: from the run directories under ``--out`` when there are any,
+    else (or with ``--records FILE``) from the committed raw records, so that ``report``
+    regenerates every table from ``docs/results/runs*.json`` alone."""
+    results = {} if args.records is not None else load_results(args.out)
+    if results:
+        return {key: record_of(result) for key, result in results.items()}
+    path = args.records or args.results / RECORDS_FILES[args.network]
+    if not path.is_file():
+        raise SystemExit(f"error: no finished run under {args.out} and no raw records at "
+                         f"{path}: run the study first, or pass --records FILE")
+    with open(path) as file:
+        records = {r["key"]: r for r in json.load(file)["runs"]}
+    print(f"note: tables from the raw records {path} ({len(records)} runs)"
+          + ("" if args.records is not None else f"; no run directories under {args.out}"),
+          file=sys.stderr)
+    bare = [k for k, r in records.items() if r.get("status") == "ok" and not r.get("layers")]
+    if bare:
+        print(f"note: {len(bare)} records hold no per-layer data (written before the records "
+              "had it): the tables that need it are left as they are", file=sys.stderr)
+    return records
+
+
+def _timing(records: dict[str, dict], missing: list[str]) -> dict:
+    ok = [r for r in records.values() if r.get("status") == "ok"]
+    walls = [r["wall_s"] for r in ok if r.get("wall_s") is not None]
+    return {"runs_ok": len(ok),
+            "failed": sorted(k for k, r in records.items() if r.get("status") != "ok"),
+            "missing": missing,
+            "wall_s_mean": statistics.fmean(walls) if walls else None,
+            "wall_s_min": min(walls) if walls else None,
+            "wall_s_max": max(walls) if walls else None}
+
+
+def _summary(record: dict) -> dict | None:
+    """The parts of a run summary the tables read, rebuilt from a raw record (``None`` when
+    the record holds no per-layer data)."""
+    if not record.get("layers"):
+        return None
+    return {"layers": {n: {**v, "density": v["active"] / v["total"]}
+                       for n, v in record["layers"].items()},
+            "analysis": {"overall": record.get("structure") or {}}}
+
+
+def _package_runs(records: dict[str, dict]) -> list[dict]:
+    """The records as the package's report reads run summaries (its cross-check tables)."""
+    runs = []
+    for record in records.values():
+        if record.get("status") != "ok" or record.get("dataset") is None:
+            continue
+        runs.append({"dataset": record["dataset"], "model": record["model"],
+                     "method": record["method"], "sparsity": record["sparsity"],
+                     "distribution": record["distribution"], "seed": record["seed"],
+                     "metrics": {"test/acc": record["test_acc"], "val/acc": record["val_acc"]},
+                     "analysis": {"overall": record.get("structure") or {}},
+                     "flops": record.get("flops") or {}, "_path": record["key"]})
+    return runs
+
+
+def environment(device: str) -> dict:
+    """Where a run trained (results are bit-reproducible only with the same libraries and
+    processor): the device (GPU name, or the CPU model) and the library versions."""
+    import platform
+
+    import lightning
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        name = f"cpu ({name})"
+    return {"device": name, "versions": {"torch": torch.__version__,
+                                         "lightning": lightning.__version__,
+                                         "python": platform.python_version()}}
 
 
 def save_density_chart(summary: dict, path: Path) -> None:
@@ -494,14 +702,17 @@ def density_table(summary: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    results = load_results(args.out)
+    """``report``: ``docs/results/table1.md``, ``paired_099.md``, ``final_densities.md``,
+    ``table4.md``, the Figure-2 chart and ``runs.json``, from the run directories or, when
+    there are none, from ``runs.json`` itself."""
+    results = load_records(args)
     runs = grid(args.seeds_099, args.dense_seeds, args.seeds_other)
     missing = [s.key for s in runs if s.key not in results]
-    failed = sorted(k for k, r in results.items() if r.get("status") != "ok")
-    ok = [r for r in results.values() if r.get("status") == "ok"]
-    walls = [r["wall_s"] for r in ok]
+    timing = _timing(results, missing)
+    failed = timing["failed"]
+    layered = any(_summary(r) is not None for r in results.values())
     args.results.mkdir(parents=True, exist_ok=True)
-    footer = (f"\n\n{len(ok)} finished runs, {len(failed)} failed "
+    footer = (f"\n\n{timing['runs_ok']} finished runs, {len(failed)} failed "
               f"({', '.join(failed) or 'none'}), {len(missing)} missing "
               f"({', '.join(missing) or 'none'}).\n")
     intro1 = ("Top-1 test accuracy (%) on the 2,000 test images of the CIFAR-100 subset, "
@@ -509,8 +720,8 @@ def cmd_report(args: argparse.Namespace) -> None:
               "included; none is dropped.\n\n")
     from lightning_ggr.zoo import report as package_report
 
-    summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
-    cross1 = ("\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same run summaries\n\n"
+    summaries = _package_runs(results)
+    cross1 = ("\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same runs\n\n"
               "The package's own report (as `lightning-ggr report runs/study` prints it), "
               "which applies the paper's rule: a setting whose mean accuracy is below 5% "
               "counts as failed and is printed `-`. (`model` reads `ImageClassifier`: the "
@@ -518,61 +729,60 @@ def cmd_report(args: argparse.Namespace) -> None:
               "`nn.Module`.)\n\n" + package_report.to_markdown(package_report.table1(summaries)))
     (args.results / "table1.md").write_text(
         "# Table 1 / Table 3 style: accuracy by method, sparsity and initial distribution\n\n"
-        + intro1 + table1(results) + footer + cross1)
-    intro4 = ("Sparsity 0.97, after training (mean ± std over seeds where there are several). "
-              "Empty neuron: output channel/row with no active weight; empty input: input "
-              "channel/column no neuron uses; Params*: dense parameters left after removing "
-              "every empty neuron and input (thousands; the dense network has "
-              f"{_dense_params(results)} sparse-layer weights).\n\n")
+        + intro1 + table1(results) + footer + (cross1 if summaries else ""))
     (args.results / "paired_099.md").write_text(
         "# GGR against each method at 99% sparsity, paired by seed\n\n"
         "Test accuracy of GGR minus that of the method, in percentage points, per seed "
         "(runs with the same seed share the initial mask draw, the weight initialization "
-        "and the batch order); mean ± std over seeds and how many seeds GGR is ahead.\n\n"
+        "and the batch order); mean ± std over seeds, how many seeds GGR is ahead, and "
+        "beside it each seed's difference (seeds 0, 1, 2, ...).\n\n"
         + paired_table(results) + footer)
-    (args.results / "final_densities.md").write_text(
-        "# Final layer densities by method (mean over seeds)\n\n"
-        "Methods with `keep` allocation (SET, RigL, SET+RigL) keep the initial densities; "
-        "DSR, GGR and the GGR ablations move weights between layers.\n\n"
-        + "\n\n".join(f"## Sparsity {s}, {DIST_LABELS[d]}\n\n"
-                       + final_density_table(results, s, d)
-                       for s in (0.99, 0.97, 0.9) for d in ("uniform", "erk"))
-        + "\n")
-    at_097 = [r for r in summaries if r.get("sparsity") == 0.97]
-    cross4 = ("\n## Cross-check: `lightning_ggr.zoo.report.table4` (0.97 runs; Params* in millions)"
-              "\n\n" + package_report.to_markdown(package_report.table4(at_097), digits=4))
-    (args.results / "table4.md").write_text(
-        "# Table 4 style: empty neurons and inputs at 97% sparsity\n\n" + intro4
-        + table4(results) + footer + cross4)
+    if layered:
+        intro4 = ("Sparsity 0.97, after training (mean ± std over seeds where there are "
+                  "several). Empty neuron: output channel/row with no active weight; empty "
+                  "input: input channel/column no neuron uses; Params*: dense parameters left "
+                  "after removing every empty neuron and input (thousands; the dense network "
+                  f"has {_dense_params(results)} sparse-layer weights).\n\n")
+        (args.results / "final_densities.md").write_text(
+            "# Final layer densities by method (mean over seeds)\n\n"
+            "Methods with `keep` allocation (SET, RigL, SET+RigL) keep the initial densities; "
+            "DSR, GGR and the GGR ablations move weights between layers.\n\n"
+            + "\n\n".join(f"## Sparsity {s}, {DIST_LABELS[d]}\n\n"
+                           + final_density_table(results, s, d)
+                           for s in (0.99, 0.97, 0.9) for d in ("uniform", "erk"))
+            + "\n")
+        at_097 = [r for r in summaries if r.get("sparsity") == 0.97]
+        cross4 = ("\n## Cross-check: `lightning_ggr.zoo.report.table4` (0.97 runs; Params* in "
+                  "millions)\n\n"
+                  + package_report.to_markdown(package_report.table4(at_097), digits=4))
+        (args.results / "table4.md").write_text(
+            "# Table 4 style: empty neurons and inputs at 97% sparsity\n\n" + intro4
+            + table4(results) + footer + cross4)
     figure_run = results.get(FIGURE_RUN)
-    if figure_run is not None and figure_run.get("status") == "ok":
-        summary = _summary(figure_run)
+    summary = None if figure_run is None or figure_run.get("status") != "ok" else _summary(
+        figure_run)
+    if summary is not None:
         save_density_chart(summary, args.results / "figure2_ggr_uniform_099.png")
         (args.results / "figure2_ggr_uniform_099.md").write_text(
             "# Figure 2 style: layer densities of the 99% uniform GGR run (seed 0)\n\n"
-            "Drawn by `lightning_ggr.callbacks.plots.density_figure` from the run summary; "
-            "the density axis is zoomed to the range of the densities.\n\n"
+            "Drawn by `lightning_ggr.callbacks.plots.density_figure` from the run's record "
+            "in `runs.json`; the density axis is zoomed to the range of the densities.\n\n"
             "![densities](figure2_ggr_uniform_099.png)\n\n" + density_table(summary) + "\n")
-    timing = {"runs_ok": len(ok), "failed": failed, "missing": missing,
-              "wall_s_mean": statistics.fmean(walls) if walls else None,
-              "wall_s_min": min(walls) if walls else None,
-              "wall_s_max": max(walls) if walls else None}
-    write_json(args.results / "runs.json", {
-        "timing": timing,
-        "runs": [{k: r.get(k) for k in ("key", "method", "sparsity", "distribution", "seed",
-                                        "status", "test_acc", "val_acc", "wall_s",
-                                        "rewirings", "error")}
-                 for r in sorted(results.values(), key=lambda r: r["key"])],
-    })
+    write_json(args.results / RECORDS_FILES["tiny"], raw_records(results, timing))
     print(table1(results))
     print()
-    print(table4(results))
+    print(paired_table(results))
+    if layered:
+        print()
+        print(table4(results))
     print(json.dumps(timing, indent=1))
 
 
 def cmd_wide_report(args: argparse.Namespace) -> None:
-    """``report --network wide``: ``docs/results/wide_table.md`` (+ ``wide_*.png``)."""
-    results = load_results(args.out)
+    """``report --network wide``: ``docs/results/wide_table.md``, the chart and
+    ``runs_wide.json``, from the run directories or, when there are none, from
+    ``runs_wide.json`` itself."""
+    results = load_records(args)
     runs = _runs(args)
     sparsity = runs[-1].sparsity
     seeds = sorted({s.seed for s in runs})
@@ -627,7 +837,8 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
     paired = "\n".join(lines)
 
     def densities(dist: str) -> str:
-        runs_d = [r for r in ok.values() if r["method"] != "dense" and r["distribution"] == dist]
+        runs_d = [r for r in ok.values() if r["method"] != "dense" and r["distribution"] == dist
+                  and r.get("layer_densities")]
         if not runs_d:
             return "(no runs)"
         summary = next((x for x in map(_summary, runs_d) if x is not None), None)
@@ -656,14 +867,19 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
 
     from lightning_ggr.zoo import report as package_report
 
-    summaries = package_report.collect_runs([args.out]) if args.out.exists() else []
+    summaries = _package_runs(results)
     cross = package_report.to_markdown(package_report.table1(summaries)) if summaries else "-"
     total = _dense_params(ok)
+    workers = sorted({None if r.get("workers") is None else max(1, r["workers"])
+                      for r in ok.values()}, key=str)
+    parallel = ("workers not recorded" if None in workers else "one run at a time"
+                if workers == [1] else " or ".join(map(str, workers)) + " runs in parallel")
     timing = (f"{len(ok)} finished runs, {len(failed)} failed ({', '.join(failed) or 'none'}), "
               f"{len(missing)} missing ({', '.join(missing) or 'none'})."
               + (f" Wall time per run: mean {statistics.fmean(walls):.0f} s, "
-                 f"{min(walls):.0f}-{max(walls):.0f} s (2 runs in parallel, 1 thread each, "
-                 "on a shared 2-core CPU)." if walls else ""))
+                 f"{min(walls):.0f}-{max(walls):.0f} s ({parallel}, 1 thread each, on "
+                 f"{_devices(ok)})." if walls else "")
+              + " Raw records: [`runs_wide.json`](runs_wide.json).")
     figure_note = ""
     figure_run = ok.get(RunSpec("ggr", sparsity, "uniform", 0).key)
     summary = _summary(figure_run) if figure_run else None
@@ -689,12 +905,168 @@ def cmd_wide_report(args: argparse.Namespace) -> None:
         "brackets)\n\n" + densities("uniform")
         + "\n\n## Final layer densities at 0.99 ERK (mean over seeds)\n\n" + densities("erk")
         + figure_note
-        + "\n\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same run summaries\n\n"
+        + "\n\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same runs\n\n"
         "(Applies the 5% rule itself: a failed setting is printed `-`.)\n\n" + cross
         + "\n\n" + timing + "\n")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "wide_table.md").write_text(text)
+    write_json(args.results / RECORDS_FILES["wide"], raw_records(results,
+                                                                 _timing(results, missing)))
     print(text)
+
+
+def _count(minimum: int):
+    """argparse type: an integer ``>= minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _setting(text: str) -> tuple[float, str]:
+    """``"0.99:uniform"`` -> ``(0.99, "uniform")`` (argparse type of ``--settings``)."""
+    sparsity, _, distribution = text.partition(":")
+    try:
+        value = float(sparsity)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1 or distribution not in DISTRIBUTIONS:
+        raise argparse.ArgumentTypeError(
+            f"expected SPARSITY:DIST with 0 < SPARSITY < 1 and DIST in "
+            f"{', '.join(DISTRIBUTIONS)}, e.g. 0.99:uniform; got {text!r}")
+    return value, distribution
+
+
+def cmd_resnet18_report(args: argparse.Namespace) -> None:
+    """``report --network resnet18``: ``resnet18_table.md``, ``runs_resnet18.json`` and the
+    density chart of GGR's first run of the first setting, all in ``--results``; from the
+    run directories or, when there are none, from ``runs_resnet18.json`` itself."""
+    results = load_records(args)
+    runs = _runs(args)
+    missing = [s.key for s in runs if s.key not in results]
+    ok = {k: r for k, r in results.items() if r.get("status") == "ok"}
+    failed = sorted(k for k, r in results.items() if r.get("status") != "ok")
+    walls = [r["wall_s"] for r in ok.values() if r.get("wall_s") is not None]
+    # The settings and seeds asked for, then any others the records hold.
+    found = {(r["sparsity"], r["distribution"]) for r in results.values()
+             if r["method"] != "dense"}
+    settings = list(args.settings) + sorted(found - set(args.settings))
+    seeds = sorted(set(range(args.seeds)) | {r["seed"] for r in results.values()})
+    methods = ("ggr", "dsr", "rigl", "set")
+
+    def acc(method: str, sparsity: float, dist: str, seed: int) -> float | None:
+        r = ok.get(RunSpec(method, sparsity, dist, seed).key)
+        return None if r is None else 100 * r["test_acc"]
+
+    def seeds_text(values: list[float | None], sign: str = "") -> str:
+        return " / ".join("-" if v is None else f"{v:{sign}.2f}" for v in values)
+
+    dense = [acc("dense", 0.0, "erk", s) for s in seeds]
+    lines = ["| Setting | Method | top-1 % (mean ± std) | per seed | paper (full CIFAR-100) "
+             "| GGR minus method (mean ± std) | per seed | GGR ahead |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| dense | Dense | {_mean_text([v for v in dense if v is not None])} | "
+             f"{seeds_text(dense)} | {PAPER_RESNET18['dense']:.2f} | | | |"]
+    orders = []
+    for sparsity, dist in settings:
+        paper = PAPER_RESNET18.get((sparsity, dist), {})
+        means = {}
+        for m in methods:
+            values = [acc(m, sparsity, dist, s) for s in seeds]
+            got = [v for v in values if v is not None]
+            if got:
+                means[m] = statistics.fmean(got)
+            mark = " (<5%: failed)" if got and means[m] < 5.0 else ""
+            diffs = [None if a is None or b is None else a - b
+                     for a, b in zip([acc("ggr", sparsity, dist, s) for s in seeds], values,
+                                     strict=True)]
+            paired = [d for d in diffs if d is not None]
+            margin = ["", "", ""] if m == "ggr" else [
+                _mean_text(paired), seeds_text(diffs, "+"),
+                f"{sum(d > 0 for d in paired)}/{len(paired)}"]
+            lines.append(
+                f"| {sparsity} {DIST_LABELS[dist]} | {LABELS[m]} | {_mean_text(got)}{mark} | "
+                f"{seeds_text(values)} | "
+                + (f"{paper[m]:.2f}" if m in paper else "-") + " | " + " | ".join(margin) + " |")
+        if means:
+            ours = " > ".join(f"{LABELS[m]} {means[m]:.2f}"
+                              for m in sorted(means, key=means.get, reverse=True))
+            theirs = " > ".join(f"{LABELS[m]} {paper[m]:.2f}"
+                                for m in sorted(paper, key=paper.get, reverse=True))
+            orders.append(f"- {sparsity} {DIST_LABELS[dist]}: here {ours}"
+                          + (f"; the paper {theirs}" if paper else "") + ".")
+    recipe = next((r["recipe"] for r in ok.values() if r.get("recipe")), None)
+    recipe = {k: v for k, v in (recipe or asdict(_recipe(args))).items()
+              if k not in ("widths", "hidden")}  # the tiny network's, unused here
+    parts = ["# The paper's model: ResNet-18 on the CIFAR-100 subset\n\n"
+             "`python benchmarks/study.py run --network resnet18 --device cuda`, then "
+             "`report --network resnet18`. The zoo's ResNet-18 (32x32 stem, 11.2M weights), "
+             "9,000 training images, top-1 test accuracy on the 2,000 test images; "
+             f"recipe: {recipe}. Paired by seed: runs with the same seed share "
+             "the initial weights, mask draw and batch order. The paper's numbers are for the "
+             "full CIFAR-100 and 100 epochs: compare orderings, not levels. The paper's rule: "
+             "a setting whose mean is below 5% failed to fit the data.\n\n"
+             "## Accuracy\n\n" + "\n".join(lines)
+             + ("\n\nOrder of the mean accuracies:\n\n" + "\n".join(orders) if orders else "")]
+    for sparsity, dist in settings:
+        per_method = {m: [r for r in ok.values() if r["method"] == m
+                          and r["sparsity"] == sparsity and r["distribution"] == dist
+                          and r.get("layer_densities")] for m in methods}
+        first = next((r for rs in per_method.values() for r in rs), None)
+        if first is None:
+            continue
+        summary = _summary(first)
+        sizes = {n: v["total"] for n, v in summary["layers"].items()} if summary else {}
+        initial = ({n: v["initial_active"] / v["total"] for n, v in summary["layers"].items()}
+                   if summary else {})
+        head = ["Layer (weights)", "initial", *[LABELS[m] for m in per_method]]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in first["layer_densities"]:
+            cells = [f"`{name}` ({sizes.get(name, 0):,})", f"{initial.get(name, math.nan):.4f}"]
+            for rs in per_method.values():
+                values = [r["layer_densities"][name] for r in rs]
+                text = f"{statistics.fmean(values):.4f}" if values else "-"
+                low, high = f"{min(values, default=0):.4f}", f"{max(values, default=0):.4f}"
+                if low != high:
+                    text += f" ({low}-{high})"
+                cells.append(text)
+            rows.append("| " + " | ".join(cells) + " |")
+        parts.append(f"## Final layer densities at {sparsity} {DIST_LABELS[dist]} (mean over "
+                     "seeds, range over seeds in brackets)\n\n" + "\n".join(rows))
+    first_ggr = ok.get(RunSpec("ggr", *settings[0], 0).key) if settings else None
+    summary = _summary(first_ggr) if first_ggr else None
+    args.results.mkdir(parents=True, exist_ok=True)
+    if summary is not None:
+        save_density_chart(summary, args.results / "resnet18_figure2_ggr.png")
+        parts.append(f"## GGR, {settings[0][0]} {DIST_LABELS[settings[0][1]]}, "
+                     "seed 0: initial vs final density per layer\n\n"
+                     "![densities](resnet18_figure2_ggr.png)\n\n" + density_table(summary))
+    at_a_time = sorted({str(max(1, r.get("workers") or 1)) for r in ok.values()})
+    parts.append(
+        f"{len(ok)} finished runs, {len(failed)} failed ({', '.join(failed) or 'none'}), "
+        f"{len(missing)} missing ({', '.join(missing) or 'none'})."
+        + (f" Wall time per run: mean {statistics.fmean(walls):.0f} s, "
+           f"{min(walls):.0f}-{max(walls):.0f} s ({' or '.join(at_a_time)} run(s) at a time) "
+           f"on {_devices(ok)}." if walls else "")
+        + " Raw records: [`runs_resnet18.json`](runs_resnet18.json).")
+    text = "\n\n".join(parts) + "\n"
+    (args.results / "resnet18_table.md").write_text(text)
+    write_json(args.results / RECORDS_FILES["resnet18"],
+               raw_records(results, _timing(results, missing)))
+    print(text)
+
+
+def _devices(records: dict[str, dict]) -> str:
+    """Where the runs trained and with which libraries, as the records say."""
+    devices = sorted({str(r.get("device") or "an unrecorded device") for r in records.values()})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items())
+                       for r in records.values() if r.get("versions")})
+    return " or ".join(devices) + (f"; {' or '.join(versions)}" if versions else "")
 
 
 def _dense_params(results: dict[str, dict]) -> str:
@@ -727,26 +1099,59 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", type=Path, default=None,
                        help=f"run directories (default {DEFAULT_OUT.relative_to(REPO)}, "
                             f"or {DEFAULT_WIDE_OUT.relative_to(REPO)} with --network wide)")
-        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-        p.add_argument("--workers", type=int, default=2, help="parallel runs, 1 thread each")
+        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                       help="where report writes the tables and the raw records "
+                            f"({', '.join(RECORDS_FILES.values())}; default "
+                            f"{DEFAULT_RESULTS.relative_to(REPO)})")
+        p.add_argument("--records", type=Path, default=None, metavar="FILE",
+                       help="report: read the runs from this raw-records file instead of the "
+                            "run directories (without it, report reads the --results file "
+                            "when --out holds no finished run)")
+        p.add_argument("--workers", type=_count(0), default=None,
+                       help="parallel runs, 1 thread each (default 2; resnet18: 1); 0: one "
+                            "after the other in this process")
         p.add_argument("--seeds-099", type=int, default=3, help="seeds for sparsity 0.99")
         p.add_argument("--seeds-other", type=int, default=1, help="seeds for 0.9 and 0.97")
         p.add_argument("--dense-seeds", type=int, default=3)
-        p.add_argument("--epochs", type=int, default=None, help="override (tuning only)")
+        p.add_argument("--epochs", type=_count(1), default=None,
+                       help="override (tuning; resnet18: the tiny test, milestones rescaled "
+                            "to 30/60/80%%)")
         p.add_argument("--lr", type=float, default=None, help="override (tuning only)")
         p.add_argument("--retry-failed", action="store_true")
-        p.add_argument("--network", choices=("tiny", "wide"), default="tiny",
+        p.add_argument("--network", choices=("tiny", "wide", "resnet18"), default="tiny",
                        help="tiny: the main study (tiny_vgg, hidden 256, the full grid); "
                             "wide: the supplementary grid (same convs, classifier "
                             f"1024 -> {WIDE_HIDDEN} -> 100; dense + SET/RigL/DSR/GGR at "
-                            "0.99 x {ERK, uniform} x --dense-seeds seeds)")
+                            "0.99 x {ERK, uniform} x --dense-seeds seeds); resnet18: the "
+                            "zoo's ResNet-18, 40 epochs, bf16-mixed, dense + SET/RigL/DSR/GGR "
+                            "x --settings x --seeds (use --device cuda)")
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where runs train (resnet18: cuda; images stay on the device)")
+        p.add_argument("--seeds", type=_count(1), default=2,
+                       help="resnet18: seeds per setting")
+        p.add_argument("--settings", type=_setting, nargs="+", default=[(0.99, "uniform")],
+                       metavar="SPARSITY:DIST",
+                       help="resnet18: settings in order, e.g. 0.99:uniform 0.99:erk "
+                            "0.97:uniform (default: 0.99:uniform)")
+        p.add_argument("--batch-size", type=_count(1), default=None,
+                       help="override (tiny test)")
+        p.add_argument("--limit-batches", type=_count(1), default=None,
+                       help="train/val/test batches per epoch (tiny test)")
+        p.add_argument("--precision", default=None,
+                       help="override the recipe's (resnet18: bf16-mixed, else 32-true)")
         if name == "tune":
             p.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = 1 if args.network == "resnet18" else 2
     if args.out is None:
-        args.out = DEFAULT_WIDE_OUT if args.network == "wide" else DEFAULT_OUT
+        args.out = {"wide": DEFAULT_WIDE_OUT, "resnet18": DEFAULT_RESNET_OUT}.get(
+            args.network, DEFAULT_OUT)
     if args.network == "wide" and args.command == "report":
         cmd_wide_report(args)
+        return
+    if args.network == "resnet18" and args.command == "report":
+        cmd_resnet18_report(args)
         return
     {"run": cmd_run, "tune": cmd_tune, "report": cmd_report, "status": cmd_status}[
         args.command](args)

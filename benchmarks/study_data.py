@@ -3,7 +3,8 @@
 Reads ``cifar100_subset.npz`` (12k real CIFAR-100 images, see ``shared/data/README.md``)
 into tensors once and serves them with the usual CIFAR augmentation (4-pixel padded
 random crop, horizontal flip) done on whole batches of tensors: no worker processes,
-no PIL, so one training run costs one CPU thread.
+no PIL, so one training run costs one CPU thread. With ``device="cuda"`` the images stay
+on the GPU and the batches are augmented there (the ResNet-18 study).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 #: Per-channel mean/std of CIFAR-100's training set (the usual constants).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -31,24 +38,28 @@ def _to_tensor(x: np.ndarray) -> Tensor:
 def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     """Random crop with ``pad`` zero padding and random horizontal flip, per image.
 
-    One gather for the whole batch (no Python loop over images).
+    One gather for the whole batch (no Python loop over images), on ``x``'s device;
+    ``generator`` must be on that device too.
     """
     n, c, h, w = x.shape
+    device = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    rows = dy + torch.arange(h)
-    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))
-    return padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1, device=device),
+                            torch.arange(w, device=device))
+    return padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                  torch.arange(c, device=device).view(1, c, 1, 1),
                   rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
 class _Augment:
     """``collate_fn`` for a loader that yields whole batches (``batch_size=None``)."""
 
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, device: str | torch.device = "cpu") -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch
@@ -62,15 +73,21 @@ class CifarSubsetDataModule(pl.LightningDataModule):
         path: the ``.npz`` file.
         val_size: images held out of the 10,000 training images for validation
             (stratified, fixed seed 0): the learning rate is tuned on them, never on test.
-        batch_size: training and evaluation batch size.
+        batch_size: training batch size.
         seed: seed of the shuffling and augmentation streams.
+        device: where the images live and batches are augmented (``"cuda"``: no host to
+            device copies during training).
+        eval_batch_size: validation and test batch size.
     """
 
     dataset_name = "cifar100_subset"
 
     def __init__(self, path: str | Path, val_size: int = 1000, batch_size: int = 128,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: str | torch.device = "cpu",
+                 eval_batch_size: int = 500) -> None:
         super().__init__()
+        self.eval_batch_size = eval_batch_size
+        self.device = torch.device(device)
         self.path = Path(path)
         self.val_size = val_size
         self.batch_size = batch_size
@@ -91,10 +108,11 @@ class CifarSubsetDataModule(pl.LightningDataModule):
         ])
         train_mask = np.ones(len(y), dtype=bool)
         train_mask[val_idx] = False
-        self.train_set = TensorDataset(x[train_mask], y[train_mask])
-        self.val_set = TensorDataset(x[val_idx], y[val_idx])
-        self.test_set = TensorDataset(_to_tensor(data["x_test"]),
-                                      torch.from_numpy(data["y_test"]).long())
+        dev = self.device
+        self.train_set = TensorDataset(x[train_mask].to(dev), y[train_mask].to(dev))
+        self.val_set = TensorDataset(x[val_idx].to(dev), y[val_idx].to(dev))
+        self.test_set = TensorDataset(_to_tensor(data["x_test"]).to(dev),
+                                      torch.from_numpy(data["y_test"]).long().to(dev))
         self._loaded = True
 
     def train_dataloader(self) -> DataLoader:
@@ -103,10 +121,13 @@ class CifarSubsetDataModule(pl.LightningDataModule):
             RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed)),
             batch_size=self.batch_size, drop_last=True)
         return DataLoader(self.train_set, sampler=sampler, batch_size=None, num_workers=0,
-                          collate_fn=_Augment(self.seed + 1))
+                          collate_fn=_Augment(self.seed + 1, self.device))
 
     def _eval_loader(self, dataset: TensorDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=500, shuffle=False, num_workers=0)
+        # Whole batches sliced at once (on the GPU, one gather per batch, not one per image).
+        sampler = BatchSampler(SequentialSampler(dataset), batch_size=self.eval_batch_size,
+                               drop_last=False)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
