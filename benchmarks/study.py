@@ -591,7 +591,9 @@ def load_records(args: argparse.Namespace) -> dict[str, dict]:
     bare = [k for k, r in records.items() if r.get("status") == "ok" and not r.get("layers")]
     if bare:
         print(f"note: {len(bare)} records hold no per-layer data (written before the records "
-              "had it): the tables that need it are left as they are", file=sys.stderr)
+              "had it): the tables that need it (final densities, Table 4, the density "
+              "chart) are left as they are, and the package cross-check is left out",
+              file=sys.stderr)
     return records
 
 
