@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import shutil
@@ -256,7 +257,7 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
     """Train (and test) one configuration; returns the result dict (also written to disk)."""
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from lightning_ggr import DynamicSparsityCallback
     from lightning_ggr.zoo.module import ImageClassifier
@@ -284,8 +285,11 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         update_interval=recipe.update_interval, stop_fraction=recipe.stop_fraction,
         seed=spec.seed, log_figures=log_figures,
     )
-    logger = TensorBoardLogger(save_dir=str(out), name=spec.key, version=0,
-                               default_hp_metric=False)
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        logger = TensorBoardLogger(save_dir=str(out), name=spec.key, version=0,
+                                   default_hp_metric=False)
+    else:  # e.g. a GPU machine without TensorBoard: the run summary only needs a log folder
+        logger = CSVLogger(save_dir=str(out), name=spec.key, version=0)
     limits = ({} if recipe.limit_batches is None else
               {f"limit_{s}_batches": recipe.limit_batches for s in ("train", "val", "test")})
     trainer = pl.Trainer(
