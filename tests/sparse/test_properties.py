@@ -132,6 +132,9 @@ def test_state_dict_round_trip_restores_masks_and_random_stream(shapes, sparsity
     for name, param in resumed.params.items():  # the weights come from the model checkpoint
         param.data.copy_(running.params[name].data)
     resumed.load_state_dict(state)
+    for engine in (running, resumed):  # the next step's gradients, the same for both
+        for name, param in engine.params.items():
+            param.grad = gradients[name].clone()
     running.rewire(0.3)
     resumed.rewire(0.3)
     for name, mask in running.masks.items():
