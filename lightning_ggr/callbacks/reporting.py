@@ -155,6 +155,7 @@ class SparsityReporter:
         self.global_density = 1.0
         #: What the run summary records of the selection (set at fit start).
         self.selection_record: dict[str, Any] | None = None
+        self._shown_density: float | None = None
         self._summary_path: Path | None = None
 
     def check(self, params: Mapping[str, Tensor]) -> None:
@@ -186,6 +187,7 @@ class SparsityReporter:
                 logger.experiment.add_text(SELECTION_TAG, text, global_step=trainer.global_step)
 
     def training_started(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
+        self._shown_density = None  # a new fit starts with an empty progress bar
         self.log_densities(trainer, engine, trainer.global_step)
         self.log_views(trainer, engine)
 
@@ -213,8 +215,15 @@ class SparsityReporter:
             self.log_views(trainer, engine, moved=report.moved)
 
     def batch_ended(self, pl_module: pl.LightningModule) -> None:
-        pl_module.log("density", self.global_density, prog_bar=True, logger=False,
-                      on_step=True, on_epoch=False)
+        """Show the global density on the progress bar, only when it changed: Lightning
+        keeps the last value shown. A CPU tensor, because ``log`` copies a float to the
+        module's device (a host-to-device copy every step on a GPU) and the progress bar then
+        reads it back."""
+        if self.global_density == self._shown_density:
+            return
+        self._shown_density = self.global_density
+        pl_module.log("density", torch.tensor(self.global_density), prog_bar=True,
+                      logger=False, on_step=True, on_epoch=False)
 
     def epoch_ended(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
         self.log_views(trainer, engine)

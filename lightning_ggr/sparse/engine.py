@@ -210,19 +210,20 @@ class SparseEngine:
         One infinity-norm per gradient (a multi-tensor operation; NaN propagates through
         it), read back to the host once.
         """
-        finite = torch.ones((), dtype=torch.bool)
         by_device: dict[torch.device, list[Tensor]] = {}
         for param in self._param_list:
             if param.grad is not None:
                 by_device.setdefault(param.grad.device, []).append(param.grad)
-        for grads in by_device.values():
-            norms = torch._foreach_norm(grads, math.inf)
-            finite &= torch.isfinite(torch.stack(norms)).all().cpu()
+        flags = [torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+                 for grads in by_device.values()]
         if _distributed():
-            flag = finite.to(self._distributed_device(), torch.int32)
+            device = self._distributed_device()
+            flag = torch.ones((), dtype=torch.int32, device=device)
+            for finite in flags:
+                flag &= finite.to(device, torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool().cpu()
-        return bool(finite)
+            return bool(flag)
+        return all(bool(finite) for finite in flags)
 
     def before_optimizer_step(
         self, step: int, epoch: int, optimizers: Iterable[torch.optim.Optimizer] = ()

@@ -80,15 +80,21 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
     best: tuple[Tensor, Tensor, Tensor] | None = None
     layers = 0
     device = None
-    for position, score in enumerate(scores):
+    # Not enumerate(): it keeps its last (index, tensor) pair alive until the next tensor
+    # exists, which would double the peak.
+    position = -1
+    for score in scores:
+        position += 1
         layers = position + 1
         flat = score.detach().reshape(-1)
         device = flat.device if device is None else device
         take = min(k, flat.numel())
         if take == 0:
+            del score, flat
             continue
         values, index = topk(flat, take)
-        owner = torch.full((take,), position, dtype=torch.int64, device=flat.device)
+        del score, flat  # the merge below and the next tensor need not share memory with it
+        owner = torch.full((take,), position, dtype=torch.int64, device=device)
         if best is not None:
             values = torch.cat([best[0], values])
             owner = torch.cat([best[1], owner])
@@ -97,7 +103,6 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
                 values, keep = values.topk(k, sorted=False)
                 owner, index = owner[keep], index[keep]
         best = (values, owner, index)
-        del score, flat  # the next tensor may be built now: one tensor's scores at a time
     selected = 0 if best is None else best[0].numel()
     if selected < k:
         raise ValueError(f"k={k} exceeds the {selected} values in all scores together")
