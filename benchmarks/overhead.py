@@ -509,6 +509,32 @@ def peak_extra(fn: Callable[[], object], device: torch.device) -> float:
     return float(peak)
 
 
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that bring a tensor's value to the host (``.item()``, ``.tolist()``,
+    ``bool()``, ``int()``, ``float()``, ``.cpu()``, ``.numpy()``): each is a synchronisation
+    when the tensor lives on a GPU."""
+
+    NAMES = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+                       "cpu", "numpy"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn: Callable[[], object]) -> int:
+    """How many times ``fn`` reads a tensor's value back to the host (see ``_HostReads``)."""
+    counter = _HostReads()
+    with counter:
+        fn()
+    return counter.count
+
+
 def cuda_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
     """Synchronising CUDA calls made by ``fn`` (``torch.cuda.set_sync_debug_mode`` warnings);
     ``None`` off CUDA."""
@@ -567,15 +593,15 @@ def run_rewiring(s: Settings) -> list[dict]:
             if method == "rigl-torch":
                 # last on this model: its hooks stay on the weights afterwards
                 pruner = attach_rigl_torch(model, optimizer, s)
-                syncs = None
+                syncs = reads = None
                 times, peaks = [], []
                 for _ in range(s.rewiring_reps + 1):
                     pruner.step = pruner.delta_T - 1  # the next backward accumulates dense_grad
                     nn.functional.cross_entropy(model(x), y).backward()
                     times.append(timed(pruner, s.device)[0])  # one RigL step
                     optimizer.zero_grad(set_to_none=True)
-                    nn.functional.cross_entropy(model(x), y).backward()
                     pruner.step = pruner.delta_T - 1
+                    nn.functional.cross_entropy(model(x), y).backward()
                     peaks.append(peak_extra(pruner, s.device))
                     optimizer.zero_grad(set_to_none=True)
                 times, peaks = times[1:], peaks[1:]  # the first one warms up
@@ -593,6 +619,7 @@ def run_rewiring(s: Settings) -> list[dict]:
                     return engine.rewire(0.1, [optimizer])
 
                 syncs = cuda_syncs(rewire, s.device)
+                reads = host_reads(rewire)
                 times = [timed(rewire, s.device)[0] for _ in range(s.rewiring_reps)]
                 peaks = [peak_extra(rewire, s.device)]
                 del engine
@@ -601,6 +628,7 @@ def run_rewiring(s: Settings) -> list[dict]:
                          "steps": statistics.median(times) / step_s,
                          "dense_step_ms": step_s * 1e3,
                          "peak_extra_mb": max(peaks) / 2**20, "cuda_syncs": syncs,
+                         "host_reads": reads,
                          "moved": moved, "largest_scores_mb": largest * 4 / 2**20})
             optimizer.zero_grad(set_to_none=True)
             _free(s.device)
@@ -689,14 +717,15 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
         out.append("")
     if results.get("rewiring"):
         out += ["| model | method | one rewiring (ms) | in dense steps | peak extra memory (MB) "
-                "| largest layer's scores (MB) | weights moved | CUDA syncs |",
-                "|---|---|---:|---:|---:|---:|---:|---:|"]
+                "| largest layer's scores (MB) | weights moved | host reads | CUDA syncs |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["rewiring"]:
             syncs = "-" if r["cuda_syncs"] is None else str(r["cuda_syncs"])
             moved = "-" if r["moved"] is None else str(r["moved"])
+            reads = "-" if r["host_reads"] is None else str(r["host_reads"])
             out.append(f"| {r['model']} | {r['method']} | {_range(r['ms'], 1, '{:.1f}')} | "
-                       f"{r['steps']:.2f} | {r['peak_extra_mb']:.0f} | "
-                       f"{r['largest_scores_mb']:.0f} | {moved} | {syncs} |")
+                       f"{r['steps']:.2f} | {r['peak_extra_mb']:.1f} | "
+                       f"{r['largest_scores_mb']:.1f} | {moved} | {reads} | {syncs} |")
         out.append("")
     if results.get("build"):
         out += ["| model | sparse weights | SparseEngine construction (s) | CPU time (s) |",
@@ -734,10 +763,10 @@ def goals(results: dict) -> list[str]:
             lines.append(f"- one GGR rewiring <= 1 step, {r['model']}: "
                          f"{'met' if r['steps'] <= 1 else 'MISSED'} ({r['steps']:.2f} steps)")
             lines.append(f"- GGR peak extra memory <= largest scores + "
-                         f"{BYTES_PER_MOVED_WEIGHT} B x moved weights ({bound:.0f} MB), "
+                         f"{BYTES_PER_MOVED_WEIGHT} B x moved weights ({bound:.1f} MB), "
                          f"{r['model']}: "
                          f"{'met' if r['peak_extra_mb'] <= bound else 'MISSED'} "
-                         f"({r['peak_extra_mb']:.0f} MB)")
+                         f"({r['peak_extra_mb']:.1f} MB)")
     for r in results.get("build", []):
         lines.append(f"- construction < 0.5 s, {r['model']}: "
                      f"{'met' if r['s'][0] < 0.5 else 'MISSED'} ({r['s'][0]:.3f} s)")
@@ -762,6 +791,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help="methods of the CPU table (section methods)")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"])
+    parser.add_argument("--reps", type=int, help="rewirings and constructions timed")
+    parser.add_argument("--models", nargs="+", help="the two models of the pass, rewiring "
+                        "and build sections (default: resnet18 vgg16)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -780,9 +812,12 @@ def main(argv: list[str] | None = None) -> str:
     for key, value in (("batch_size", args.batch_size), ("rounds", args.rounds),
                        ("trainer_rounds", args.rounds), ("steps", args.steps),
                        ("trainer_steps", args.steps), ("warmup", args.warmup),
-                       ("table_methods", args.methods), ("precisions", args.precisions)):
+                       ("table_methods", args.methods), ("precisions", args.precisions),
+                       ("rewiring_reps", args.reps), ("build_reps", args.reps)):
         if value is not None:
             setattr(s, key, value)
+    if args.models:
+        s.model, s.big_model = args.models[0], args.models[-1]
     torch.manual_seed(0)
     start = time.perf_counter()
     results = {}

@@ -165,9 +165,9 @@ class MaskPass:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the boolean masks into the integer ones (after a rewiring or a mask load)."""
-        for _, indices in self.groups:
-            torch._foreach_copy_([self.integer_masks[i] for i in indices],
-                                 [self.masks[i] for i in indices])
+        for mask, integer in zip(self.masks, self.integer_masks, strict=True):
+            if integer is not None:
+                integer.copy_(mask)
 
     @torch.no_grad()
     def gradients_(self) -> None:
