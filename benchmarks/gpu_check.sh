@@ -21,15 +21,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" \
     >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout 120 $PY -m pytest -q -p no:cacheprovider \
+PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider \
     tests/sparse/test_cuda.py tests/sparse/test_speed_contract.py > "$OUT/cuda_tests.log" 2>&1
 echo "CUDA tests rc=$?"; tail -3 "$OUT/cuda_tests.log"
-PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout 420 $PY benchmarks/overhead.py --suite gpu \
+PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout ${SUITE_TIMEOUT:-420} $PY benchmarks/overhead.py --suite gpu \
     > "$OUT/suite.md" 2> "$OUT/suite.log"
 echo "suite rc=$?"; tail -2 "$OUT/suite.log"
 cat "$OUT/suite.md"
 if [ $# -ge 1 ]; then
-    PYTHONPATH=$1${PYTHONPATH:+:$PYTHONPATH} timeout 200 $PY benchmarks/overhead.py --device cuda \
+    PYTHONPATH=$1${PYTHONPATH:+:$PYTHONPATH} timeout ${BASELINE_TIMEOUT:-200} $PY benchmarks/overhead.py --device cuda \
         --sections loop pass rewiring build --rounds 3 > "$OUT/baseline.md" 2> "$OUT/baseline.log"
     echo; echo "=== baseline: $1 (rc=$?) ==="; tail -2 "$OUT/baseline.log"
     cat "$OUT/baseline.md"
