@@ -190,7 +190,7 @@ class MaskPass:
                 for tensor in per_param[i]:
                     if tensor is None:
                         continue
-                    if tensor.dtype != self.params[i].dtype:  # rare: a hook cast it
+                    if INTEGER_VIEWS.get(tensor.dtype) != integer:  # rare: a hook cast it
                         apply_masks_([tensor], [self.masks[i]])
                         continue
                     views.append(tensor.view(integer))

@@ -126,6 +126,9 @@ def test_mask_pass_follows_new_masks_and_skips_missing_gradients():
     grads = [None, torch.ones(5)]
     mask_pass.apply_(enumerate(grads))
     assert grads[1].tolist() == [0, 0, 1, 1, 1]
+    other_dtype = torch.full((5,), float("nan"), dtype=torch.float16)  # exact where() instead
+    mask_pass.apply_([(1, other_dtype)])
+    assert other_dtype[:2].tolist() == [0, 0] and other_dtype[2:].isnan().all()
 
 
 class HostReads(TorchFunctionMode):
