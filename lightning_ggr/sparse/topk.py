@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -9,17 +10,27 @@ import torch
 from torch import Tensor
 
 #: On a CPU, ``Tensor.topk`` builds a (value, index) work vector of the whole input (16 bytes
-#: per element, outside torch's allocator: 1.6 GB for VGG16's fc1); larger inputs are
-#: selected chunk by chunk. A GPU's radix select needs no such buffer.
+#: per element, outside torch's allocator: 1.6 GB for VGG16's fc1) and is slow when ``k`` is
+#: large; larger inputs take another route (see :func:`topk`). A GPU's radix select needs
+#: neither.
 CPU_TOPK_CHUNK = 1 << 22
 
 
 def topk(scores: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
-    """``scores.topk(k, sorted=False)`` of a 1-D tensor, with O(k + chunk) work memory on a
-    CPU: the top ``k`` of the union of every chunk's top ``k`` is the top ``k`` of all."""
+    """``scores.topk(k, sorted=False)`` of a 1-D tensor, the same set of values (ties broken
+    arbitrarily), with O(n) bytes of work memory on a CPU.
+
+    A CPU input above ``CPU_TOPK_CHUNK`` elements is first narrowed to the candidates beyond a
+    threshold estimated from a strided sample (exact: every value beyond the threshold is a
+    candidate, and the threshold leaves at least ``k``), else it is selected chunk by chunk
+    (the top ``k`` of the union of every chunk's top ``k`` is the top ``k`` of all).
+    """
     n = scores.numel()
-    if scores.device.type != "cpu" or n <= CPU_TOPK_CHUNK:
+    if scores.device.type != "cpu" or n <= CPU_TOPK_CHUNK or k == 0:
         return scores.topk(k, largest=largest, sorted=False)
+    narrowed = _topk_by_threshold(scores, k, largest)
+    if narrowed is not None:
+        return narrowed
     values = index = None
     for start in range(0, n, CPU_TOPK_CHUNK):
         part = scores[start:start + CPU_TOPK_CHUNK]
@@ -33,6 +44,32 @@ def topk(scores: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
         values, index = v, i
     assert values is not None and index is not None
     return values, index
+
+
+def _topk_by_threshold(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor] | None:
+    """The top ``k`` among the values at or beyond a threshold that a strided sample puts a
+    little past the ``k``-th (``None`` when the threshold leaves fewer than ``k`` candidates,
+    or too many to gain anything)."""
+    n = scores.numel()
+    sample = scores[:: max(1, n // (1 << 16))]
+    size = sample.numel()
+    share = k / n
+    above = math.ceil(share * size + 4 * math.sqrt(share * size) + 16)
+    if above >= size:
+        return None
+    threshold = sample.topk(above, largest=largest, sorted=False).values
+    threshold = threshold.min() if largest else threshold.max()
+    if largest:
+        # topk ranks NaN above everything: keep them as candidates too.
+        chosen = (scores >= threshold) | scores.isnan()
+    else:
+        chosen = scores <= threshold
+    candidates = chosen.nonzero().squeeze(1)
+    del chosen
+    if candidates.numel() < k or candidates.numel() > 8 * k + CPU_TOPK_CHUNK:
+        return None
+    values, keep = scores[candidates].topk(k, largest=largest, sorted=False)
+    return values, candidates[keep]
 
 
 class GlobalTopK(NamedTuple):
