@@ -163,6 +163,7 @@ class SparsityReporter:
         self.selection_record: dict[str, Any] | None = None
         #: Suffix of metric groups and of the summary file ("" for the first callback).
         self.tag = ""
+        self._shown_density: float | None = None
         self._summary_path: Path | None = None
 
     def key(self, group: str, name: str) -> str:
@@ -199,6 +200,7 @@ class SparsityReporter:
                                            global_step=trainer.global_step)
 
     def training_started(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
+        self._shown_density = None  # a new fit starts with an empty progress bar
         self.log_densities(trainer, engine, trainer.global_step)
         self.log_views(trainer, engine)
 
@@ -234,8 +236,15 @@ class SparsityReporter:
             self.log_views(trainer, engine, moved=report.moved)
 
     def batch_ended(self, pl_module: pl.LightningModule) -> None:
-        pl_module.log(f"density{self.tag}", self.global_density, prog_bar=True, logger=False,
-                      on_step=True, on_epoch=False)
+        """Show the global density on the progress bar, only when it changed: Lightning
+        keeps the last value shown. A CPU tensor, because ``log`` copies a float to the
+        module's device (a host-to-device copy every step on a GPU) and the progress bar then
+        reads it back."""
+        if self.global_density == self._shown_density:
+            return
+        self._shown_density = self.global_density
+        pl_module.log(f"density{self.tag}", torch.tensor(self.global_density), prog_bar=True,
+                      logger=False, on_step=True, on_epoch=False)
 
     def epoch_ended(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
         self.log_views(trainer, engine)

@@ -27,6 +27,7 @@ from lightning_ggr.sparse.checks import (
     check_fraction,
     check_int,
     check_patterns,
+    check_positive_or_none,
     check_sparsity,
 )
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
@@ -92,6 +93,16 @@ class DynamicSparsityCallback(Callback):
         selection_summary: at fit start, print (rank 0) and log as TensorBoard text the table
             of every parameter tensor: sparse or dense, shape, initial density, active
             count, and why each dense one is dense.
+        update_grown_weights: let the optimizer step of a rewiring step also update the
+            weights it grew (``-lr * g``). Default ``False``: their gradient is zeroed, so they
+            start the next step at ``init_value`` (RigL's reference applies no gradient on
+            mask-update steps; weight decay, if any, still applies).
+        reinit_regrown: restart a weight dropped and regrown in the same rewiring at
+            ``init_value`` with zero optimizer state. Default ``False``: it keeps its value
+            and state (RigL's reference, ``reinit_when_same=False``).
+        dsr_initial_threshold: DSR's first threshold ``H``, finite and > 0 (default
+            ``1e-3``, DSR's reference), or ``None`` to start at the ``K``-th smallest active
+            magnitude of the first rewiring.
 
     Several callbacks may share a Trainer, each over its own parameters (disjoint
     ``include``) held by its own optimizer, e.g. one per network of a GAN.
@@ -116,6 +127,9 @@ class DynamicSparsityCallback(Callback):
         log_figures: bool = True,
         mask_layers: list[str] | None = None,
         selection_summary: bool = True,
+        update_grown_weights: bool = False,
+        reinit_regrown: bool = False,
+        dsr_initial_threshold: float | None = 1e-3,
     ) -> None:
         super().__init__()
         # The same checks the engine and the schedule run, here so that a bad argument fails
@@ -138,6 +152,10 @@ class DynamicSparsityCallback(Callback):
                                             closed_high=False)
         self.log_figures = check_bool("log_figures", log_figures)
         self.mask_layers = check_patterns("mask_layers", mask_layers)
+        self.update_grown_weights = check_bool("update_grown_weights", update_grown_weights)
+        self.reinit_regrown = check_bool("reinit_regrown", reinit_regrown)
+        self.dsr_initial_threshold = check_positive_or_none("dsr_initial_threshold",
+                                                            dsr_initial_threshold)
         self.selection_summary = check_bool("selection_summary", selection_summary)
         self.reporter = SparsityReporter(self.log_figures, self.mask_layers,
                                          self.selection_summary)
@@ -237,6 +255,9 @@ class DynamicSparsityCallback(Callback):
             "sparsity": self.sparsity, "distribution": self.distribution, "method": self.method,
             "schedule": None, "gradient_ratio": self.gradient_ratio,
             "init_value": self.init_value, "seed": self.seed, "dsr_tolerance": self.dsr_tolerance,
+            "update_grown_weights": self.update_grown_weights,
+            "reinit_regrown": self.reinit_regrown,
+            "dsr_initial_threshold": self.dsr_initial_threshold,
         }
         if loaded is None:
             self._warn_if_already_sparse(params)
@@ -380,6 +401,9 @@ class DynamicSparsityCallback(Callback):
             "gradient_ratio": self.gradient_ratio,
             "init_value": self.init_value,
             "seed": self.seed,
+            "update_grown_weights": self.update_grown_weights,
+            "reinit_regrown": self.reinit_regrown,
+            "dsr_initial_threshold": self.dsr_initial_threshold,
         }
 
     # ------------------------------------------------------------------- internals

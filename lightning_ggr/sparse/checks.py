@@ -89,6 +89,19 @@ def check_finite(name: str, value: Any) -> float:
     return number
 
 
+def check_positive_or_none(name: str, value: Any) -> float | None:
+    """``None``, or a finite real number ``> 0`` returned as ``float``."""
+    if value is None:
+        return None
+    allowed = "a finite real number > 0, or None"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None,
               maximum_text: str | None = None) -> int:
     """An integer ``>= minimum`` (and ``< maximum`` when given), returned as ``int``.

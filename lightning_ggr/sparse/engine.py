@@ -14,13 +14,14 @@ A training loop drives it with three calls::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_ggr.sparse.checks import check_choice, check_int, check_sparsity
+from lightning_ggr.sparse.checks import check_bool, check_choice, check_int, check_sparsity
 from lightning_ggr.sparse.densities import (
     DISTRIBUTIONS,
     active_counts,
@@ -28,13 +29,19 @@ from lightning_ggr.sparse.densities import (
     layer_budget,
 )
 from lightning_ggr.sparse.masks import (
-    apply_masks_,
+    MaskPass,
+    count_active,
     mask_optimizer_state_,
+    optimizer_state_tensors,
     random_mask,
     reset_optimizer_state_,
 )
 from lightning_ggr.sparse.methods import get_method
-from lightning_ggr.sparse.rewiring import RewiringReport
+from lightning_ggr.sparse.rewiring import (
+    DSR_REFERENCE_THRESHOLD,
+    DeviceGenerators,
+    RewiringReport,
+)
 from lightning_ggr.sparse.schedules import RewiringSchedule
 
 
@@ -45,9 +52,18 @@ def _distributed() -> bool:
 class SparseEngine:
     """Dynamic sparse training state of a set of parameters: masks, rewiring, bookkeeping.
 
-    The masks are drawn at construction: layer ``l`` gets exactly ``active_counts`` weights
-    at uniformly random positions (from a generator seeded with ``seed``, so every process
-    draws the same masks), and the parameters are masked in place.
+    The masks are drawn at construction, on the parameters' device: layer ``l`` gets exactly
+    ``active_counts`` weights at uniformly random positions (from a generator seeded with
+    ``seed``, so every process draws the same masks; on accelerators of different models
+    the draws could differ, which ``broadcast_topology`` corrects), and the parameters are
+    masked in place.
+
+    Per step the engine zeroes masked gradients with one multi-tensor operation per (device,
+    dtype) group over 0/1 integer copies of the masks (:class:`~lightning_ggr.sparse.masks.
+    MaskPass`): exact over NaN/inf, no allocation, no host synchronisation, at
+    ``element_size`` bytes per sparse weight (4 for float32) besides the 1-byte masks. The
+    active counts are kept on the host, so reading them never waits for the device; change
+    the masks only through the engine (:meth:`load_state_dict`).
 
     Args:
         params: name -> parameter to train sparse (see ``select_sparse_parameters``).
@@ -61,6 +77,16 @@ class SparseEngine:
         seed: seed of the engine's own generator (masks and random growth).
         dsr_tolerance: DSR's tolerance around the target removal count.
         masks: adopt these masks instead of drawing new ones (resuming a run).
+        update_grown_weights: let the optimizer step of the rewiring step update the newly
+            grown weights (``-lr * g``). ``False`` (default, RigL's reference applies no
+            gradient on mask-update steps): their gradient is zeroed in the rewiring step, so
+            they start the next step at ``init_value`` (weight decay aside: the step still
+            applies it, e.g. SGD leaves ``init_value * (1 - lr * weight_decay)``).
+        reinit_regrown: restart a weight dropped and regrown in the same rewiring at
+            ``init_value`` with zero optimizer state. ``False`` (default, RigL's reference
+            ``reinit_when_same=False``): it keeps its value and state, as if never dropped.
+        dsr_initial_threshold: DSR's first threshold ``H`` (default 1e-3, DSR's reference);
+            ``None`` starts it at the ``K``-th smallest active magnitude.
     """
 
     def __init__(
@@ -76,6 +102,9 @@ class SparseEngine:
         seed: int = 0,
         dsr_tolerance: float = 0.1,
         masks: Mapping[str, Tensor] | None = None,
+        update_grown_weights: bool = False,
+        reinit_regrown: bool = False,
+        dsr_initial_threshold: float | None = DSR_REFERENCE_THRESHOLD,
     ) -> None:
         if schedule is not None and not isinstance(schedule, RewiringSchedule):
             raise TypeError(f"schedule must be a RewiringSchedule or None, got {schedule!r}")
@@ -85,10 +114,16 @@ class SparseEngine:
         self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
         #: removal -> allocation -> insertion; owns DSR's threshold.
         self.rewiring = self.method.build(gradient_ratio=gradient_ratio, init_value=init_value,
-                                          dsr_tolerance=dsr_tolerance)
+                                          dsr_tolerance=dsr_tolerance,
+                                          reinit_regrown=reinit_regrown,
+                                          dsr_initial_threshold=dsr_initial_threshold)
         self.gradient_ratio = float(gradient_ratio)
         self.init_value = self.rewiring.init_value
         self.dsr_tolerance = float(dsr_tolerance)
+        self.update_grown_weights = check_bool("update_grown_weights", update_grown_weights)
+        self.reinit_regrown = self.rewiring.reinit_regrown
+        self.dsr_initial_threshold = getattr(self.rewiring.removal, "initial_threshold",
+                                             dsr_initial_threshold)
         self.schedule = schedule
         self.params: dict[str, Tensor] = dict(params)
         if not self.params:
@@ -99,12 +134,18 @@ class SparseEngine:
                                             total=layer_budget(shapes, self.sparsity))
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**64, "2**64"))
         if masks is None:
+            # On each parameter's device, from a generator seeded by one draw of the engine's.
+            generators = DeviceGenerators(self.generator)
             self.masks: dict[str, Tensor] = {
-                name: random_mask(p.shape, self.initial_counts[name], self.generator, p.device)
+                name: random_mask(p.shape, self.initial_counts[name], generators(p.device),
+                                  p.device)
                 for name, p in self.params.items()
             }
+            self._active = dict(self.initial_counts)
         else:
-            self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+            self.masks = {n: torch.ones_like(p, dtype=torch.bool,
+                                             memory_format=torch.contiguous_format)
+                          for n, p in self.params.items()}
             self._adopt_masks(masks)
         #: Optimizer step and epoch of the last rewiring (``None`` before the first one): the
         #: schedule position, in units that survive a change of ``interval``/``update_interval``.
@@ -121,55 +162,73 @@ class SparseEngine:
 
     # ------------------------------------------------------------------ bookkeeping
     def _refresh_lists(self) -> None:
+        """After the masks changed: the per-step pass's integer masks follow them."""
         self._param_list = list(self.params.values())
         self._mask_list = [self.masks[name] for name in self.params]
-        # The dense baseline (sparsity 0) masks nothing: skip its per-step passes.
-        self._anything_masked = not all(bool(mask.all()) for mask in self._mask_list)
+        # The dense baseline (sparsity 0) masks nothing: skip its per-step passes (and the
+        # integer masks' memory).
+        self._anything_masked = any(self._active[name] < mask.numel()
+                                    for name, mask in self.masks.items())
+        if not self._anything_masked:
+            self._pass = None
+        elif getattr(self, "_pass", None) is None:
+            self._pass = MaskPass(self._param_list, self._mask_list)
+        else:
+            self._pass.refresh()
+
+    def _recount(self) -> None:
+        """Read the active counts back from the masks (one transfer per device): only when
+        the masks came from outside (a checkpoint, a broadcast)."""
+        self._active = dict(zip(self.masks, count_active(self.masks.values()), strict=True))
 
     @property
     def total_active(self) -> int:
-        return sum(int(m.sum()) for m in self._mask_list)
+        return sum(self._active.values())
 
     def active_counts(self) -> dict[str, int]:
-        """name -> number of active weights."""
-        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+        """name -> number of active weights (kept on the host: no device read)."""
+        return dict(self._active)
 
     def layer_densities(self) -> dict[str, float]:
         """name -> fraction of active weights."""
-        return {name: int(mask.sum()) / mask.numel() for name, mask in self.masks.items()}
+        return {name: self._active[name] / mask.numel() for name, mask in self.masks.items()}
 
     def global_density(self) -> float:
         return self.total_active / sum(mask.numel() for mask in self._mask_list)
 
     # ---------------------------------------------------------------- per-step work
     def apply_masks(self) -> None:
-        """Zero every masked weight (one pass, no allocation)."""
-        if self._anything_masked:
-            apply_masks_([p.data for p in self._param_list], self._mask_list)
+        """Zero every masked weight (one operation per group, no allocation)."""
+        if self._pass is not None:
+            self._pass.apply_(enumerate(p.data for p in self._param_list))
 
     def mask_gradients(self) -> None:
-        """Zero every masked gradient (one pass, no allocation): no update reaches a masked
-        weight."""
-        if not self._anything_masked:
-            return
-        grads, masks = [], []
-        for param, mask in zip(self._param_list, self._mask_list, strict=True):
-            if param.grad is not None:
-                grads.append(param.grad)
-                masks.append(mask)
-        apply_masks_(grads, masks)
+        """Zero every masked gradient: no update reaches a masked weight. One
+        ``torch._foreach_mul_`` per (device, dtype) group, whatever the number of layers; no
+        allocation, no host synchronisation; exact over NaN/inf."""
+        if self._pass is not None:
+            self._pass.gradients_()
 
     def gradients_finite(self) -> bool:
-        """Whether every sparse parameter's gradient is finite, agreed over all processes."""
-        finite = torch.ones((), dtype=torch.bool)
+        """Whether every sparse parameter's gradient is finite, agreed over all processes.
+
+        One infinity-norm per gradient (a multi-tensor operation; NaN propagates through
+        it), read back to the host once.
+        """
+        by_device: dict[torch.device, list[Tensor]] = {}
         for param in self._param_list:
             if param.grad is not None:
-                finite &= torch.isfinite(param.grad).all().cpu()
+                by_device.setdefault(param.grad.device, []).append(param.grad)
+        flags = [torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+                 for grads in by_device.values()]
         if _distributed():
-            flag = finite.to(self._distributed_device(), torch.int32)
+            device = self._distributed_device()
+            flag = torch.ones((), dtype=torch.int32, device=device)
+            for finite in flags:
+                flag &= finite.to(device, torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool().cpu()
-        return bool(finite)
+            return bool(flag)
+        return all(bool(finite) for finite in flags)
 
     def gradients_usable(self) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
@@ -247,10 +306,10 @@ class SparseEngine:
         dense run, an optimizer reused across fits): per-step work relies on that state
         being zero at masked positions.
         """
-        if not self._anything_masked:
+        if self._pass is None:
             return
         self.apply_masks()
-        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
+        mask_optimizer_state_(optimizers, self._param_list, self._mask_list, self._pass)
 
     def after_optimizer_step(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Re-zero masked weights (and the optimizers' state there) after a step.
@@ -266,38 +325,49 @@ class SparseEngine:
     ) -> RewiringReport:
         """One rewiring now, with the gradients currently in ``.grad``.
 
-        Masks and weights change in place; the optimizer state of every masked position and
-        of every grown one (a weight dropped and regrown restarts at ``init_value`` with no
-        momentum) is zeroed; under ``torch.distributed`` the new topology is broadcast from
-        rank 0.
+        Masks and weights change in place; the optimizer state is zeroed at every masked
+        position and at every new one (a weight dropped and regrown keeps its value and state
+        unless ``reinit_regrown``); unless ``update_grown_weights``, the gradient of every new
+        weight is zeroed too, so the optimizer step that follows leaves it at
+        ``init_value``. Under ``torch.distributed`` the new topology is broadcast from
+        rank 0. Host reads: one for GGR's allocation or DSR's removal counts, none for SET
+        and RigL (and one more for a data-driven DSR start).
         """
         optimizers = list(optimizers)
-
-        def reset_grown(name: str, positions: Tensor) -> None:
-            reset_optimizer_state_(optimizers, self.params[name], positions)
-
         gradients = None
         if self.rewiring.needs_gradients:
-            gradients = {}
-            for name, param in self.params.items():
-                # A layer unused in this step (aux head, conditional branch) has no gradient:
-                # it scores 0 everywhere, so it gets weights only where nothing scores higher.
-                gradients[name] = torch.zeros_like(param) if param.grad is None else param.grad
+            # A layer unused in this step (aux head, conditional branch) has no gradient:
+            # it scores 0 everywhere, so it gets weights only where nothing scores higher.
+            gradients = {name: param.grad for name, param in self.params.items()}
+        # Tensors that follow each weight: zero at dropped and new positions.
+        states = {}
+        for name, param in self.params.items():
+            follow = [value for optimizer in optimizers
+                      for value in optimizer_state_tensors(optimizer, param)]
+            if not self.update_grown_weights and param.grad is not None:
+                follow.append(param.grad)
+            states[name] = follow
         report = self.rewiring(
             {name: p.data for name, p in self.params.items()},
             self.masks,
             gradients,
             drop_fraction,
             generator=self.generator,
-            on_grow=reset_grown if optimizers else None,
+            active=self._active,
+            states=states,
         )
+        self._active = dict(report.active)
         if _distributed():
             local = {name: mask.clone() for name, mask in self.masks.items()}
             self.broadcast_topology()
             # Had this rank grown differently, rank 0's new positions start afresh here too.
             for name, mask in self.masks.items():
                 reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name])
-        mask_optimizer_state_(optimizers, self._param_list, self._mask_list)
+        else:
+            self._refresh_lists()
+        # Every masked position's state is zero already (the rewiring zeroed the dropped
+        # ones); one multi-tensor pass keeps that true whatever the optimizer did before.
+        mask_optimizer_state_(optimizers, self._param_list, self._mask_list, self._pass)
         self.rewirings += 1
         return report
 
@@ -324,6 +394,8 @@ class SparseEngine:
             values = param.to(device)
             torch.distributed.broadcast(values, src=src)
             param.copy_(values.to(param.device))
+        self._recount()
+        self._refresh_lists()
 
     @property
     def threshold(self) -> float | None:
@@ -372,6 +444,9 @@ class SparseEngine:
                 raise ValueError(f"saved mask of {name!r} has shape {tuple(mask.shape)}, "
                                  f"the parameter {tuple(self.masks[name].shape)}")
             self.masks[name].copy_(mask.to(dtype=torch.bool))
+        self._recount()
+        if hasattr(self, "_param_list"):
+            self._refresh_lists()
 
     @classmethod
     def from_state_dict(
@@ -407,6 +482,5 @@ class SparseEngine:
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
         self.rewiring.load_state_dict({"threshold": state.get("threshold")})
         self.generator.set_state(state["generator_state"])
-        self._refresh_lists()
         self.apply_masks()
 

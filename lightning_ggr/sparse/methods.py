@@ -10,8 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_ggr.sparse.checks import check_choice, check_finite, check_fraction
+from lightning_ggr.sparse.checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_positive_or_none,
+)
 from lightning_ggr.sparse.rewiring import (
+    DSR_REFERENCE_THRESHOLD,
     Allocation,
     GradientAllocation,
     GradientInsertion,
@@ -29,7 +36,8 @@ from lightning_ggr.sparse.rewiring import (
 #: Removal name -> factory taking the method's settings (see :meth:`MethodSpec.build`).
 REMOVALS: dict[str, Callable[..., Removal]] = {
     "magnitude": lambda **settings: MagnitudeRemoval(),
-    "threshold": lambda *, dsr_tolerance, **settings: ThresholdRemoval(dsr_tolerance),
+    "threshold": lambda *, dsr_tolerance, dsr_initial_threshold, **settings: ThresholdRemoval(
+        dsr_tolerance, initial_threshold=dsr_initial_threshold),
 }
 #: Allocation name -> factory.
 ALLOCATIONS: dict[str, Callable[..., Allocation]] = {
@@ -81,24 +89,33 @@ class MethodSpec:
         return self.build().allocation.moves_between_layers
 
     def build(self, *, gradient_ratio: float = 0.5, init_value: float = 1e-10,
-              dsr_tolerance: float = 0.1) -> Rewiring:
-        """The :class:`~lightning_ggr.sparse.rewiring.Rewiring` this spec names.
+              dsr_tolerance: float = 0.1, reinit_regrown: bool = False,
+              dsr_initial_threshold: float | None = DSR_REFERENCE_THRESHOLD) -> Rewiring:
+        """The :class:`~lightning_ggr.sparse.rewiring.Rewiring` this spec names: the one
+        place where settings become objects.
 
         Args:
             gradient_ratio: share of mixed insertion grown by gradient, ``[0, 1]``.
             init_value: value of a newly grown weight (finite).
             dsr_tolerance: DSR's tolerance around its target removal count, ``(0, 1)``.
+            reinit_regrown: restart a weight dropped and regrown in the same rewiring at
+                ``init_value`` with zero state (``False``: it keeps both, as RigL's reference).
+            dsr_initial_threshold: DSR's first threshold ``H`` (finite, > 0; its reference:
+                1e-3), or ``None`` to start at the ``K``-th smallest active magnitude.
         """
         settings: dict[str, Any] = {
             "gradient_ratio": check_fraction("gradient_ratio", gradient_ratio),
             "dsr_tolerance": check_fraction("dsr_tolerance", dsr_tolerance,
                                             closed_low=False, closed_high=False),
+            "dsr_initial_threshold": check_positive_or_none("dsr_initial_threshold",
+                                                            dsr_initial_threshold),
         }
         return Rewiring(
             REMOVALS[self.removal](**settings),
             ALLOCATIONS[self.allocation](**settings),
             INSERTIONS[self.insertion](**settings),
             init_value=check_finite("init_value", init_value),
+            reinit_regrown=check_bool("reinit_regrown", reinit_regrown),
         )
 
 

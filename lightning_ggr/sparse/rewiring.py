@@ -10,9 +10,19 @@ Every method is three independent choices (``docs/methods.md``), each a small ob
   :class:`RandomInsertion` for SET, :class:`MixedInsertion` for GGR).
 
 :class:`Rewiring` composes one of each; ``lightning_ggr.sparse.methods`` holds the presets.
-The pure functions below the classes do the work and are usable on their own. Every rewiring
-works in place on the given masks and weights and keeps the total number of active weights
-exactly: ``sum(grown) == sum(removed)``.
+Every rewiring works in place on the given masks and weights and keeps the total number of
+active weights exactly: ``sum(grown) == sum(removed)``.
+
+How it runs on an accelerator: positions are flat index tensors (row-major over the layer's
+shape), counts are host integers known without reading the device wherever they can be
+(every selection is a ``topk`` of exactly ``k``), and the data-dependent ones are read in
+one transfer (GGR's per-layer allocation, DSR's per-layer removals). The scores of one layer
+at a time are alive (the peak extra memory is the largest layer's scores plus O(K) for the
+``K`` moved weights); random draws happen on the layer's device.
+
+Non-finite weights: a NaN or inf *active* weight scores below every finite magnitude, so
+removal drops it first (DSR's threshold counts it as below ``H``); inactive positions are
+never picked, whatever the values.
 """
 
 from __future__ import annotations
@@ -20,13 +30,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from lightning_ggr.sparse.checks import check_fraction
-from lightning_ggr.sparse.topk import global_topk_counts
+from lightning_ggr.sparse.checks import check_fraction, check_positive_or_none
+from lightning_ggr.sparse.masks import count_active
+from lightning_ggr.sparse.topk import global_topk, topk
+
+#: DSR's reference implementation starts its threshold here.
+DSR_REFERENCE_THRESHOLD = 1e-3
 
 
 @dataclass
@@ -63,16 +77,93 @@ def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def _select(scores: Tensor, count: int, largest: bool) -> Tensor:
-    """A boolean tensor shaped like ``scores`` marking its ``count`` extreme entries."""
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if count > 0:
-        index = scores.reshape(-1).topk(count, largest=largest, sorted=False).indices
-        chosen[index] = True
-    return chosen.view(scores.shape)
+# ----------------------------------------------------------------------------- positions
+
+
+def _empty_index(like: Tensor) -> Tensor:
+    return torch.zeros(0, dtype=torch.int64, device=like.device)
+
+
+def _as_index(selection: Tensor) -> Tensor:
+    """Flat indices of a selection: an index tensor as is, a bool tensor's True positions
+    (a host synchronisation: for pieces written against boolean selections)."""
+    if selection.dtype == torch.bool:
+        return selection.reshape(-1).nonzero().squeeze(1)
+    return selection.reshape(-1)
+
+
+def _to_bool(index: Tensor, like: Tensor) -> Tensor:
+    positions = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    positions[index] = True
+    return positions.view(like.shape)
+
+
+def _gather(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor``'s entries at flat (row-major) ``index``, whatever its memory layout."""
+    if tensor.is_contiguous():
+        return tensor.view(-1)[index]
+    return tensor[torch.unravel_index(index, tensor.shape)]
+
+
+def _write_(tensor: Tensor, index: Tensor, values: Tensor | float | bool) -> None:
+    """Write ``values`` at flat (row-major) ``index`` of ``tensor``, in place, O(len(index))."""
+    if index.numel() == 0:
+        return
+    if tensor.is_contiguous():
+        tensor.view(-1)[index] = values
+    else:
+        tensor[torch.unravel_index(index, tensor.shape)] = values
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def magnitude_scores(weight: Tensor, mask: Tensor) -> Tensor:
+    """Flat removal scores of one layer: ``abs(weight)`` at active positions, ``+inf`` at
+    inactive ones, ``-1`` at a non-finite active weight (so it is dropped first)."""
+    scores = torch.empty(mask.numel(), dtype=_score_dtype(weight.dtype), device=mask.device)
+    scores.view(mask.shape).copy_(weight.detach())
+    scores.abs_().nan_to_num_(nan=-1.0, posinf=-1.0)
+    inf = torch.full((), math.inf, dtype=scores.dtype, device=scores.device)
+    return torch.where(mask.reshape(-1), scores, inf, out=scores)
+
+
+def gradient_scores(gradient: Tensor | None, mask: Tensor) -> Tensor:
+    """Flat growth scores of one layer: ``abs(gradient)`` at inactive positions, ``-1`` at
+    active ones (no gradient: 0 everywhere inactive)."""
+    dtype = _score_dtype(gradient.dtype) if gradient is not None else torch.float32
+    scores = torch.empty(mask.numel(), dtype=dtype, device=mask.device)
+    if gradient is None:
+        scores.zero_()
+    else:
+        scores.view(mask.shape).copy_(gradient.detach())
+        scores.abs_()
+    return scores.masked_fill_(mask.reshape(-1), -1.0)
 
 
 # ----------------------------------------------------------------------------- removal
+
+
+def drop_smallest(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """Flat indices of each layer's ``counts[name]`` active weights of smallest magnitude
+    (non-finite ones first); ``counts[name]`` must not exceed the layer's active count."""
+    dropped = {}
+    for name, mask in masks.items():
+        count = counts[name]
+        if count <= 0:
+            dropped[name] = _empty_index(mask)
+            continue
+        dropped[name] = topk(magnitude_scores(weights[name], mask), count, largest=False)[1]
+    return dropped
+
+
+def magnitude_counts(active: Mapping[str, int], drop_fraction: float) -> dict[str, int]:
+    """Each layer drops ``round(f * n_l)`` weights, keeping at least one."""
+    return {name: min(_round_half_up(drop_fraction * n), max(n - 1, 0))
+            for name, n in active.items()}
 
 
 def remove_by_magnitude(
@@ -80,15 +171,38 @@ def remove_by_magnitude(
 ) -> dict[str, Tensor]:
     """Each layer drops its ``round(f * n_l)`` active weights of smallest magnitude.
 
-    A layer always keeps at least one active weight. Returns the dropped positions.
+    A layer always keeps at least one active weight. Returns the dropped positions (bool).
     """
-    dropped = {}
-    for name, mask in masks.items():
-        active = int(mask.sum())
-        count = min(_round_half_up(drop_fraction * active), max(active - 1, 0))
-        scores = torch.where(mask, weights[name].detach().abs(), torch.inf)
-        dropped[name] = _select(scores, count, largest=False)
-    return dropped
+    active = _active_or_count(masks, None)
+    dropped = drop_smallest(weights, masks, magnitude_counts(active, drop_fraction))
+    return {name: _to_bool(index, masks[name]) for name, index in dropped.items()}
+
+
+def threshold_counts(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], threshold: float,
+    active: Mapping[str, int],
+) -> dict[str, int]:
+    """How many active weights of each layer are below ``threshold`` (non-finite ones count
+    as below), read back in one transfer; a layer whose every weight is below keeps one."""
+    below = [torch.count_nonzero(magnitude_scores(weights[n], m) < threshold)
+             for n, m in masks.items()]
+    counts = {}
+    for (name, value) in zip(masks, _read_ints(below), strict=True):
+        counts[name] = min(value, max(active[name] - 1, 0))
+    return counts
+
+
+def _read_ints(values: Sequence[Tensor]) -> list[int]:
+    """0-dim integer tensors as host ints, one transfer per device."""
+    out = [0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(index)
+    for indices in by_device.values():
+        read = torch.stack([values[i] for i in indices]).tolist()
+        for i, value in zip(indices, read, strict=True):
+            out[i] = int(value)
+    return out
 
 
 def remove_by_threshold(
@@ -96,17 +210,12 @@ def remove_by_threshold(
 ) -> dict[str, Tensor]:
     """DSR: drop every active weight with magnitude below ``threshold`` (global).
 
-    A layer whose every weight is below the threshold keeps its largest one.
+    A layer whose every weight is below the threshold keeps its largest one. Returns the
+    dropped positions (bool).
     """
-    dropped = {}
-    for name, mask in masks.items():
-        magnitude = weights[name].detach().abs()
-        drop = mask & (magnitude < threshold)
-        if int(drop.sum()) == int(mask.sum()) and int(mask.sum()) > 0:
-            keep = _select(torch.where(mask, magnitude, -1.0), 1, largest=True)
-            drop &= ~keep
-        dropped[name] = drop
-    return dropped
+    active = _active_or_count(masks, None)
+    dropped = drop_smallest(weights, masks, threshold_counts(weights, masks, threshold, active))
+    return {name: _to_bool(index, masks[name]) for name, index in dropped.items()}
 
 
 def adapt_threshold(threshold: float, removed: int, target: int, tolerance: float) -> float:
@@ -119,26 +228,36 @@ def adapt_threshold(threshold: float, removed: int, target: int, tolerance: floa
 
 
 def initial_threshold(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], k: int) -> float:
-    """The k-th smallest active magnitude over all layers: a data-driven start for DSR's H."""
+    """The k-th smallest finite active magnitude over all layers: a data-driven start for
+    DSR's H (``inf`` when fewer than ``k`` are finite, 0 when ``k <= 0``)."""
     if k <= 0:
         return 0.0
-    negated = (torch.where(m, -weights[n].detach().abs(), -torch.inf) for n, m in masks.items())
-    # The k largest negated magnitudes are the k smallest magnitudes; stream per layer.
-    values: Tensor | None = None
-    for score in negated:
-        flat = score.reshape(-1).float()
-        top = flat.topk(min(k, flat.numel()), sorted=False).values
-        values = top if values is None else torch.cat([values, top.to(values.device)])
-        if values.numel() > k:
-            values = values.topk(k, sorted=False).values
-    return float(-values.min())
+
+    def negated(name: str) -> Tensor:
+        scores = magnitude_scores(weights[name], masks[name])
+        # Non-finite weights (scored -1) and inactive positions take no part.
+        return scores.masked_fill_(scores < 0, math.inf).neg_()
+
+    k = min(k, sum(m.numel() for m in masks.values()))
+    top = global_topk((negated(name) for name in masks), k)
+    return float(-top.values.min())
+
+
+def _active_or_count(masks: Mapping[str, Tensor],
+                     active: Mapping[str, int] | None) -> Mapping[str, int]:
+    if active is not None:
+        return active
+    return dict(zip(masks, count_active(masks.values()), strict=True))
 
 
 class Removal(Protocol):
-    """Picks the active weights to drop; may keep state across rewirings (DSR's threshold)."""
+    """Picks the active weights to drop (flat index tensor per layer); ``active`` holds each
+    layer's active count when the caller knows it. May keep state across rewirings (DSR's
+    threshold)."""
 
     def __call__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                 drop_fraction: float) -> dict[str, Tensor]: ...
+                 drop_fraction: float, *,
+                 active: Mapping[str, int] | None = None) -> dict[str, Tensor]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -146,11 +265,14 @@ class Removal(Protocol):
 
 
 class MagnitudeRemoval:
-    """Local magnitude removal (SET, RigL, GGR): see :func:`remove_by_magnitude`."""
+    """Local magnitude removal (SET, RigL, GGR): each layer drops its ``round(f * n_l)``
+    active weights of smallest magnitude, at most ``n_l - 1``, with no host read."""
 
     def __call__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                 drop_fraction: float) -> dict[str, Tensor]:
-        return remove_by_magnitude(weights, masks, drop_fraction)
+                 drop_fraction: float, *,
+                 active: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+        active = _active_or_count(masks, active)
+        return drop_smallest(weights, masks, magnitude_counts(active, drop_fraction))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -164,29 +286,46 @@ class ThresholdRemoval:
 
     The target count is ``K = round(f * total active)``. After removing, ``H`` is doubled
     when fewer than ``(1 - tolerance) K`` weights fell below it and halved when more than
-    ``(1 + tolerance) K`` did (:func:`adapt_threshold`). ``H`` starts (and restarts, should
-    halving ever drive it to 0) at the ``K``-th smallest active magnitude
-    (:func:`initial_threshold`).
+    ``(1 + tolerance) K`` did (:func:`adapt_threshold`). ``H`` starts at
+    ``initial_threshold`` (DSR's reference: 1e-3), or, when that is ``None``, at the ``K``-th
+    smallest finite active magnitude of the first rewiring (:func:`initial_threshold`); it
+    starts again the same way should it ever stop being a positive finite number (halved to
+    0, or a saved NaN). The per-layer counts below ``H`` are read back in one transfer.
 
     Args:
         tolerance: DSR's tolerance around ``K``, in ``(0, 1)`` (their code: 0.1).
         threshold: the current ``H``; ``None`` until the first rewiring sets it.
+        initial_threshold: the first ``H``, finite and > 0, or ``None`` for the data-driven
+            start.
     """
 
-    def __init__(self, tolerance: float = 0.1, threshold: float | None = None) -> None:
+    def __init__(self, tolerance: float = 0.1, threshold: float | None = None, *,
+                 initial_threshold: float | None = DSR_REFERENCE_THRESHOLD) -> None:
         self.tolerance = check_fraction("dsr_tolerance", tolerance, 0.0, 1.0,
                                         closed_low=False, closed_high=False)
+        self.initial_threshold = check_positive_or_none("dsr_initial_threshold",
+                                                        initial_threshold)
         self.threshold = threshold
 
+    def _start(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor],
+               target: int) -> float:
+        if self.initial_threshold is not None:
+            return self.initial_threshold
+        start = initial_threshold(weights, masks, target)
+        # No usable magnitude (every active weight 0 or non-finite): DSR's reference start.
+        return start if math.isfinite(start) and start > 0 else DSR_REFERENCE_THRESHOLD
+
     def __call__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                 drop_fraction: float) -> dict[str, Tensor]:
-        target = _round_half_up(drop_fraction * sum(int(m.sum()) for m in masks.values()))
-        if self.threshold is None or self.threshold <= 0.0:
-            self.threshold = initial_threshold(weights, masks, target)
-        dropped = remove_by_threshold(weights, masks, self.threshold)
-        removed = sum(int(d.sum()) for d in dropped.values())
-        self.threshold = adapt_threshold(self.threshold, removed, target, self.tolerance)
-        return dropped
+                 drop_fraction: float, *,
+                 active: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+        active = _active_or_count(masks, active)
+        target = _round_half_up(drop_fraction * sum(active.values()))
+        threshold = self.threshold
+        if threshold is None or not math.isfinite(threshold) or threshold <= 0.0:
+            threshold = self._start(weights, masks, target)
+        counts = threshold_counts(weights, masks, threshold, active)
+        self.threshold = adapt_threshold(threshold, sum(counts.values()), target, self.tolerance)
+        return drop_smallest(weights, masks, counts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"threshold": None if self.threshold is None else float(self.threshold)}
@@ -197,6 +336,15 @@ class ThresholdRemoval:
 
 
 # -------------------------------------------------------------------------- allocation
+
+
+class Allocated(NamedTuple):
+    """An allocation's result: per-layer counts (host ints, in the masks' order), and, for
+    allocations that ranked the free positions by gradient, each layer's winners best first
+    (a gradient insertion reuses them instead of ranking the layer again)."""
+
+    counts: list[int]
+    ranked: dict[str, Tensor] | None = None
 
 
 def allocate_proportional(
@@ -235,22 +383,34 @@ def allocate_proportional(
     return counts
 
 
+def rank_by_gradient(
+    gradients: Mapping[str, Tensor | None], masks: Mapping[str, Tensor], total: int
+) -> Allocated:
+    """GGR: the global top-``total`` inactive ``abs`` gradients; layer ``l`` gets as many as
+    it holds, and its winners, best first. One layer's scores at a time; one host read."""
+    names = list(masks)
+    top = global_topk((gradient_scores(gradients.get(n), masks[n]) for n in names), total)
+    counts = top.counts()
+    return Allocated(counts, dict(zip(names, top.ranked(counts), strict=True)))
+
+
 def allocate_by_gradient(
     gradients: Mapping[str, Tensor], masks: Mapping[str, Tensor], total: int
 ) -> list[int]:
     """GGR: layer ``l`` gets as many as it holds of the global top-``total`` inactive gradients."""
-    scores = (torch.where(m, -1.0, gradients[n].detach().abs().float()) for n, m in masks.items())
-    return global_topk_counts(scores, total)
+    return rank_by_gradient(gradients, masks, total).counts
 
 
 class Allocation(Protocol):
-    """How many new weights each layer gets, given the masks after removal."""
+    """How many new weights each layer gets, given the masks after removal: a list of
+    counts in the masks' order, or an :class:`Allocated`."""
 
     needs_gradients: bool
     moves_between_layers: bool
 
     def __call__(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor] | None,
-                 removed: Mapping[str, int], survivors: Mapping[str, int]) -> list[int]: ...
+                 removed: Mapping[str, int],
+                 survivors: Mapping[str, int]) -> list[int] | Allocated: ...
 
 
 class KeepAllocation:
@@ -265,15 +425,15 @@ class KeepAllocation:
 
 
 class GradientAllocation:
-    """GGR's global gradient-based redistribution: see :func:`allocate_by_gradient`."""
+    """GGR's global gradient-based redistribution: see :func:`rank_by_gradient`."""
 
     needs_gradients = True
     moves_between_layers = True
 
     def __call__(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor] | None,
-                 removed: Mapping[str, int], survivors: Mapping[str, int]) -> list[int]:
+                 removed: Mapping[str, int], survivors: Mapping[str, int]) -> Allocated:
         assert gradients is not None
-        return allocate_by_gradient(gradients, masks, sum(removed.values()))
+        return rank_by_gradient(gradients, masks, sum(removed.values()))
 
 
 class ProportionalAllocation:
@@ -292,63 +452,82 @@ class ProportionalAllocation:
 # --------------------------------------------------------------------------- insertion
 
 
-def _uniform_scores(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Uniform random numbers shaped like ``like``, drawn on its device from ``generator``."""
-    if like.device == generator.device:
-        return torch.rand(like.shape, generator=generator, device=like.device)
-    # A per-call device generator seeded from the (checkpointed) host generator.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    device_generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.rand(like.shape, generator=device_generator, device=like.device)
+def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Flat uniform random numbers for ``like``'s positions, drawn on its device when the
+    generator lives there."""
+    if generator.device == like.device:
+        return torch.rand(like.numel(), generator=generator, device=like.device)
+    return torch.rand(like.numel(), generator=generator, device=generator.device).to(like.device)
+
+
+def random_positions(mask: Tensor, count: int, generator: torch.Generator,
+                     exclude: Tensor | None = None) -> Tensor:
+    """Flat indices of ``count`` inactive positions (not in ``exclude``) drawn uniformly."""
+    if count <= 0:
+        return _empty_index(mask)
+    scores = _uniform(mask, generator).masked_fill_(mask.reshape(-1), -1.0)
+    if exclude is not None and exclude.numel():
+        scores.index_fill_(0, exclude, -1.0)
+    return topk(scores, count)[1]
+
+
+def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
+                       ranked: Tensor | None = None) -> Tensor:
+    """Flat indices of the ``count`` inactive positions of largest ``abs(gradient)``; the
+    first ``count`` of ``ranked`` (the layer's free positions best first) when given."""
+    if count <= 0:
+        return _empty_index(mask)
+    if ranked is not None and ranked.numel() >= count:
+        return ranked[:count]
+    return topk(gradient_scores(gradient, mask), count)[1]
 
 
 def grow_by_gradient(mask: Tensor, gradient: Tensor, count: int) -> Tensor:
-    """The ``count`` inactive positions of largest ``|gradient|`` (RigL)."""
-    if count <= 0:
-        return torch.zeros_like(mask)
-    scores = torch.where(mask, -1.0, gradient.detach().abs().float())
-    return _select(scores, count, largest=True)
+    """The ``count`` inactive positions of largest ``|gradient|`` (RigL), as a bool tensor."""
+    return _to_bool(gradient_positions(mask, gradient, count), mask)
 
 
 def grow_at_random(mask: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` inactive positions drawn uniformly at random (SET).
+    """``count`` inactive positions drawn uniformly at random (SET), as a bool tensor.
 
     Draws nothing from ``generator`` when ``count`` is 0.
     """
-    if count <= 0:
-        return torch.zeros_like(mask)
-    scores = torch.where(mask, -1.0, _uniform_scores(mask, generator))
-    return _select(scores, count, largest=True)
+    return _to_bool(random_positions(mask, count, generator), mask)
 
 
 class Insertion(Protocol):
-    """Where inside a layer its new weights go."""
+    """Where inside a layer its new weights go: flat (row-major) indices of ``count``
+    inactive positions. ``ranked`` (when the allocation ranked them) are the layer's free
+    positions by decreasing gradient. ``needs_random``: whether it draws from ``generator``
+    (a generator on the mask's device)."""
 
     needs_gradients: bool
+    needs_random: bool
 
     def __call__(self, mask: Tensor, gradient: Tensor | None, count: int,
-                 generator: torch.Generator) -> Tensor: ...
+                 generator: torch.Generator, ranked: Tensor | None = None) -> Tensor: ...
 
 
 class GradientInsertion:
     """RigL: at the inactive positions of largest gradient magnitude."""
 
     needs_gradients = True
+    needs_random = False
 
     def __call__(self, mask: Tensor, gradient: Tensor | None, count: int,
-                 generator: torch.Generator) -> Tensor:
-        assert gradient is not None
-        return grow_by_gradient(mask, gradient, count)
+                 generator: torch.Generator, ranked: Tensor | None = None) -> Tensor:
+        return gradient_positions(mask, gradient, count, ranked)
 
 
 class RandomInsertion:
     """SET: at uniformly random inactive positions."""
 
     needs_gradients = False
+    needs_random = True
 
     def __call__(self, mask: Tensor, gradient: Tensor | None, count: int,
-                 generator: torch.Generator) -> Tensor:
-        return grow_at_random(mask, count, generator)
+                 generator: torch.Generator, ranked: Tensor | None = None) -> Tensor:
+        return random_positions(mask, count, generator)
 
 
 class MixedInsertion:
@@ -360,18 +539,39 @@ class MixedInsertion:
     """
 
     needs_gradients = True
+    needs_random = True
 
     def __init__(self, gradient_ratio: float = 0.5) -> None:
         self.gradient_ratio = check_fraction("gradient_ratio", gradient_ratio)
 
     def __call__(self, mask: Tensor, gradient: Tensor | None, count: int,
-                 generator: torch.Generator) -> Tensor:
-        assert gradient is not None
+                 generator: torch.Generator, ranked: Tensor | None = None) -> Tensor:
         by_gradient = _round_half_up(self.gradient_ratio * count)
-        grown = grow_by_gradient(mask, gradient, by_gradient)
+        chosen = gradient_positions(mask, gradient, by_gradient, ranked)
         if count > by_gradient:
-            grown |= grow_at_random(mask | grown, count - by_gradient, generator)
-        return grown
+            at_random = random_positions(mask, count - by_gradient, generator, exclude=chosen)
+            chosen = torch.cat([chosen, at_random])
+        return chosen
+
+
+class DeviceGenerators:
+    """The rewiring's random source on each device: ``root`` itself on its own device,
+    elsewhere a generator seeded from one draw of ``root`` (a host-side draw: no device
+    synchronisation). Same root state, same draws, on every process."""
+
+    def __init__(self, root: torch.Generator) -> None:
+        self.root = root
+        self._made: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device == self.root.device:
+            return self.root
+        if device not in self._made:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.root,
+                                     device=self.root.device))
+            self._made[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._made[device]
 
 
 # ------------------------------------------------------------------------------ compose
@@ -381,23 +581,27 @@ class Rewiring:
     """One dynamic-sparse-training method: removal, then allocation, then insertion.
 
     Dropped weights become 0 and grown ones ``init_value``. Positions dropped in a rewiring
-    may be grown again in the same rewiring (as in RigL). The total active count is
-    conserved. State (DSR's threshold) lives in the removal and is saved by
-    :meth:`state_dict`.
+    may be grown again in the same rewiring (as in RigL): with ``reinit_regrown=False``
+    (RigL's reference, ``reinit_when_same=False``) such a weight keeps its value and its
+    state, as if it had never left; with ``True`` it restarts at ``init_value`` with zero
+    state. The total active count is conserved. State (DSR's threshold) lives in the removal
+    and is saved by :meth:`state_dict`.
 
     Args:
         removal: which active weights go.
         allocation: how many new weights each layer gets.
         insertion: where inside each layer they go.
         init_value: value of a newly grown weight (the paper: ``1e-10``).
+        reinit_regrown: restart a weight dropped and regrown in the same rewiring.
     """
 
     def __init__(self, removal: Removal, allocation: Allocation, insertion: Insertion,
-                 init_value: float = 1e-10) -> None:
+                 init_value: float = 1e-10, reinit_regrown: bool = False) -> None:
         self.removal = removal
         self.allocation = allocation
         self.insertion = insertion
         self.init_value = float(init_value)
+        self.reinit_regrown = bool(reinit_regrown)
 
     @property
     def needs_gradients(self) -> bool:
@@ -409,10 +613,12 @@ class Rewiring:
         self,
         weights: Mapping[str, Tensor],
         masks: Mapping[str, Tensor],
-        gradients: Mapping[str, Tensor] | None,
+        gradients: Mapping[str, Tensor | None] | None,
         drop_fraction: float,
         *,
         generator: torch.Generator,
+        active: Mapping[str, int] | None = None,
+        states: Mapping[str, Sequence[Tensor]] | None = None,
         on_grow: Callable[[str, Tensor], None] | None = None,
     ) -> RewiringReport:
         """Rewire ``masks`` and ``weights`` in place.
@@ -421,33 +627,68 @@ class Rewiring:
             weights: name -> parameter; masked entries are expected to be 0.
             masks: name -> boolean mask, modified in place.
             gradients: name -> dense gradient of the rewiring step (required when
-                :attr:`needs_gradients`).
+                :attr:`needs_gradients`; a ``None`` entry scores 0 everywhere).
             drop_fraction: fraction ``f`` of each layer's active weights to drop.
-            generator: source of randomness for random insertion.
-            on_grow: called with each layer's name and the positions grown in it (a bool
-                tensor, including positions dropped and regrown in this rewiring), e.g. to
-                reset their optimizer state.
+            generator: source of randomness for random insertion (see
+                :class:`DeviceGenerators`).
+            active: name -> active count of each mask, when the caller knows it (else it is
+                read back from the masks, one transfer).
+            states: name -> tensors shaped like the weight that follow it (optimizer state,
+                a gradient not to apply to new weights): zeroed at every dropped and every
+                new position; a regrown position keeps its entries unless
+                ``reinit_regrown``.
+            on_grow: called with each layer's name and its new positions (a bool tensor:
+                grown ones, regrown ones too when ``reinit_regrown``), e.g. to reset their
+                optimizer state. Builds one bool tensor per layer: prefer ``states``.
         """
         if self.needs_gradients and gradients is None:
             raise ValueError("this method grows by gradient: pass the dense gradients")
         names = list(masks)
-        before = {n: int(masks[n].sum()) for n in names}
-        dropped = self.removal(weights, masks, drop_fraction)
-        removed = {n: int(dropped[n].sum()) for n in names}
+        states = states or {}
+        active = _active_or_count(masks, active)
+        dropped = self.removal(weights, masks, drop_fraction, active=active)
+        dropped = {n: _as_index(dropped[n]) for n in names}
+        removed = {n: dropped[n].numel() for n in names}
+        keep = not self.reinit_regrown
+        saved: dict[str, list[Tensor]] = {}
         for name in names:
-            masks[name] &= ~dropped[name]
-            weights[name].masked_fill_(dropped[name], 0.0)
-        survivors = {n: before[n] - removed[n] for n in names}
-        counts = self.allocation(masks, gradients, removed, survivors)
+            index = dropped[name]
+            if keep and index.numel():
+                saved[name] = [_gather(t, index) for t in (weights[name], *states.get(name, ()))]
+            _write_(masks[name], index, False)
+        survivors = {n: active[n] - removed[n] for n in names}
+        result = self.allocation(masks, gradients, removed, survivors)
+        counts, ranked = ((result.counts, result.ranked) if isinstance(result, Allocated)
+                          else (list(result), None))
 
+        generators = DeviceGenerators(generator)
+        random = getattr(self.insertion, "needs_random", True)
         grown = {}
         for name, count in zip(names, counts, strict=True):
+            mask = masks[name]
             gradient = None if gradients is None else gradients.get(name)
-            new = self.insertion(masks[name], gradient, count, generator)
-            masks[name] |= new
-            weights[name].masked_fill_(new, self.init_value)
+            source = generators(mask.device) if random and count > 0 else generator
+            new = _as_index(self.insertion(mask, gradient, count, source,
+                                           ranked=None if ranked is None else ranked.get(name)))
+            _write_(mask, new, True)
+            index = dropped[name]
+            regrown = _gather(mask, index) if index.numel() else None
+            targets = [(weights[name], self.init_value)]
+            targets += [(state, 0.0) for state in states.get(name, ())]
+            for position, (tensor, value) in enumerate(targets):
+                _write_(tensor, new, value)
+                if regrown is not None:
+                    zero = torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+                    if keep:
+                        back = torch.where(regrown, saved[name][position], zero)
+                    else:
+                        back = torch.where(regrown, zero + value, zero)
+                    _write_(tensor, index, back)
             if on_grow is not None:
-                on_grow(name, new)
+                positions = _to_bool(new, mask)
+                if keep and index.numel():
+                    _write_(positions, index, False)
+                on_grow(name, positions)
             grown[name] = count
         return RewiringReport(
             drop_fraction=drop_fraction,

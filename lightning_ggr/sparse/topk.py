@@ -2,20 +2,159 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+#: On a CPU, ``Tensor.topk`` builds a (value, index) work vector of the whole input (16 bytes
+#: per element, outside torch's allocator: 1.6 GB for VGG16's fc1) and is slow when ``k`` is
+#: large; larger inputs take another route (see :func:`topk`). A GPU's radix select needs
+#: neither.
+CPU_TOPK_CHUNK = 1 << 22
+
+
+def topk(scores: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k, sorted=False)`` of a 1-D tensor, the same set of values (ties broken
+    arbitrarily), with O(n) bytes of work memory on a CPU.
+
+    A CPU input above ``CPU_TOPK_CHUNK`` elements is first narrowed to the candidates beyond a
+    threshold estimated from a strided sample (exact: every value beyond the threshold is a
+    candidate, and the threshold leaves at least ``k``), else it is selected chunk by chunk
+    (the top ``k`` of the union of every chunk's top ``k`` is the top ``k`` of all).
+    """
+    n = scores.numel()
+    if scores.device.type != "cpu" or n <= CPU_TOPK_CHUNK or k == 0:
+        return scores.topk(k, largest=largest, sorted=False)
+    narrowed = _topk_by_threshold(scores, k, largest)
+    if narrowed is not None:
+        return narrowed
+    values = index = None
+    for start in range(0, n, CPU_TOPK_CHUNK):
+        part = scores[start:start + CPU_TOPK_CHUNK]
+        v, i = part.topk(min(k, part.numel()), largest=largest, sorted=False)
+        i = i + start
+        if values is not None:
+            v, i = torch.cat([values, v]), torch.cat([index, i])
+            if v.numel() > k:
+                v, keep = v.topk(k, largest=largest, sorted=False)
+                i = i[keep]
+        values, index = v, i
+    assert values is not None and index is not None
+    return values, index
+
+
+def _topk_by_threshold(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor] | None:
+    """The top ``k`` among the values at or beyond a threshold that a strided sample puts a
+    little past the ``k``-th (``None`` when the threshold leaves fewer than ``k`` candidates,
+    or too many to gain anything)."""
+    n = scores.numel()
+    sample = scores[:: max(1, n // (1 << 16))]
+    size = sample.numel()
+    share = k / n
+    above = math.ceil(share * size + 4 * math.sqrt(share * size) + 16)
+    if above >= size:
+        return None
+    threshold = sample.topk(above, largest=largest, sorted=False).values
+    threshold = threshold.min() if largest else threshold.max()
+    if largest:
+        # topk ranks NaN above everything: keep them as candidates too.
+        chosen = (scores >= threshold) | scores.isnan()
+    else:
+        chosen = scores <= threshold
+    candidates = chosen.nonzero().squeeze(1)
+    del chosen
+    if candidates.numel() < k or candidates.numel() > 8 * k + CPU_TOPK_CHUNK:
+        return None
+    values, keep = scores[candidates].topk(k, largest=largest, sorted=False)
+    return values, candidates[keep]
+
+
+class GlobalTopK(NamedTuple):
+    """The ``k`` largest values over many tensors: each one's value, tensor and flat index."""
+
+    values: Tensor
+    owner: Tensor
+    index: Tensor
+    tensors: int
+
+    def counts(self) -> list[int]:
+        """How many of the ``k`` fall in each tensor: the one host read of the selection.
+
+        ``index_add_`` rather than ``torch.bincount``, which reads its input's range back to
+        the host on CUDA (two synchronisations).
+        """
+        counts = torch.zeros(self.tensors, dtype=torch.int64, device=self.owner.device)
+        counts.index_add_(0, self.owner, torch.ones_like(self.owner))
+        return counts.tolist()
+
+    def ranked(self, counts: list[int]) -> list[Tensor]:
+        """Per tensor, the flat indices of its selected values, largest first (``counts``
+        from :meth:`counts`)."""
+        order = torch.argsort(self.values, descending=True, stable=True)
+        order = order[torch.argsort(self.owner[order], stable=True)]
+        return list(torch.split(self.index[order], counts))
+
+
+def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
+    """The ``k`` largest values over all ``scores``, without concatenating them.
+
+    A running top-``k`` is merged with one tensor's own top-``k`` at a time and only the top
+    ``k`` of that union is kept, so the peak extra memory is one tensor's scores plus O(k)
+    rather than the sum of all tensors. The scores may be a generator, so the caller can
+    build each tensor only when it is consumed (and reuse its buffer). Nothing is read back
+    to the host. Ties are broken arbitrarily (as by :func:`torch.topk`).
+
+    Raises:
+        ValueError: ``k`` exceeds the number of values.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    best: tuple[Tensor, Tensor, Tensor] | None = None
+    layers = 0
+    device = None
+    # Not enumerate(): it keeps its last (index, tensor) pair alive until the next tensor
+    # exists, which would double the peak.
+    position = -1
+    for score in scores:
+        position += 1
+        layers = position + 1
+        flat = score.detach().reshape(-1)
+        device = flat.device if device is None else device
+        take = min(k, flat.numel())
+        if take == 0:
+            del score, flat
+            continue
+        values, index = topk(flat, take)
+        del score, flat  # the merge below and the next tensor need not share memory with it
+        owner = torch.full((take,), position, dtype=torch.int64, device=device)
+        if best is not None:
+            values = torch.cat([best[0], values])
+            owner = torch.cat([best[1], owner])
+            index = torch.cat([best[2], index])
+            if values.numel() > k:
+                values, keep = values.topk(k, sorted=False)
+                owner, index = owner[keep], index[keep]
+        best = (values, owner, index)
+    selected = 0 if best is None else best[0].numel()
+    if selected < k:
+        raise ValueError(f"k={k} exceeds the {selected} values in all scores together")
+    if best is None:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return GlobalTopK(empty.float(), empty, empty, layers)
+    return GlobalTopK(*best, layers)
 
 
 def global_topk_counts(scores: Iterable[Tensor], k: int) -> list[int]:
     """How many of the ``k`` largest values over all ``scores`` fall in each tensor.
 
-    The tensors are never concatenated: a running top-``k`` is merged with one tensor's
-    own top-``k`` at a time and only the top-``k`` of that union is kept, so the peak
-    extra memory is ``O(k + largest tensor)`` rather than the sum of all tensors. The
-    scores may be a generator, so the caller can build each tensor only when it is
-    consumed. Ties are broken arbitrarily (as by :func:`torch.topk`).
+    Streams the tensors as :func:`global_topk` does: the peak extra memory is
+    ``O(k + largest tensor)`` rather than the sum of all tensors, and the counts are read
+    back to the host once.
 
     Args:
         scores: one tensor per layer, any shapes, on one device.
@@ -25,31 +164,4 @@ def global_topk_counts(scores: Iterable[Tensor], k: int) -> list[int]:
         ``counts`` with ``counts[i]`` the number of selected values in ``scores[i]``;
         ``sum(counts) == k``.
     """
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {k!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    best_values: Tensor | None = None
-    best_owner: Tensor | None = None
-    layers = 0
-    for index, score in enumerate(scores):
-        layers = index + 1
-        flat = score.detach().reshape(-1)
-        take = min(k, flat.numel())
-        if take == 0:
-            continue
-        values = flat.topk(take, sorted=False).values
-        owner = torch.full((take,), index, dtype=torch.long, device=flat.device)
-        if best_values is not None:
-            values = torch.cat([best_values, values])
-            owner = torch.cat([best_owner, owner])
-            if values.numel() > k:
-                keep = values.topk(k, sorted=False).indices
-                values, owner = values[keep], owner[keep]
-        best_values, best_owner = values, owner
-    selected = 0 if best_owner is None else best_owner.numel()
-    if selected < k:
-        raise ValueError(f"k={k} exceeds the {selected} values in all scores together")
-    if best_owner is None:
-        return [0] * layers
-    return torch.bincount(best_owner, minlength=layers).tolist()
+    return global_topk(scores, k).counts()

@@ -50,6 +50,13 @@ BAD_ARGUMENTS = [
     ("log_figures", "yes", TypeError, "bool"),
     ("mask_layers", "net.0.weight", TypeError, "list of name patterns"),
     ("selection_summary", "yes", TypeError, "bool"),
+    ("update_grown_weights", "no", TypeError, "bool"),
+    ("reinit_regrown", 1, TypeError, "bool"),
+    ("dsr_initial_threshold", 0.0, ValueError, r"finite real number > 0, or None"),
+    ("dsr_initial_threshold", -1e-3, ValueError, r"> 0"),
+    ("dsr_initial_threshold", float("nan"), ValueError, r"finite"),
+    ("dsr_initial_threshold", float("inf"), ValueError, r"finite"),
+    ("dsr_initial_threshold", "1e-3", TypeError, r"finite real number > 0, or None"),
 ]
 
 

@@ -197,3 +197,29 @@ def test_test_after_fit_keeps_the_fit_metrics_in_the_summary(tmp_path):
     fit_trainer.test(module, loader())
     metrics = read_run_summary(f"{logger.log_dir}/{SUMMARY_FILENAME}")["metrics"]
     assert {"val/loss", "test/loss"} <= set(metrics)
+
+
+def test_density_reaches_the_progress_bar_without_a_log_call_every_step(tmp_path):
+    """Logged only when it changes (train start, rewirings), as a CPU tensor: a float would be
+    copied to the module's device every step, and read back by the progress bar."""
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.8, interval="step",
+                                     update_interval=4, stop_step=9, log_figures=False)
+    logged = []
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            original = pl_module.log
+
+            def log(name, value, *args, **kwargs):
+                if name == "density":
+                    logged.append(value)
+                return original(name, value, *args, **kwargs)
+
+            pl_module.log = log
+
+    fit = trainer(tmp_path, [Spy(), sparse], max_epochs=2)
+    fit.fit(TinyModule(), loader())
+    assert sparse.engine.rewirings == 2  # steps 4 and 8 of 16
+    assert 1 <= len(logged) <= 3  # the start, and a rewiring only if the density moved
+    assert all(torch.is_tensor(v) and v.device.type == "cpu" for v in logged)
+    assert fit.progress_bar_metrics["density"] == pytest.approx(sparse.engine.global_density())

@@ -99,6 +99,11 @@ BAD_ENGINES = [
     ({"dsr_tolerance": 1.0}, ValueError, r"dsr_tolerance must be a real number in \(0, 1\)"),
     ({"seed": -3}, ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
     ({"schedule": "step"}, TypeError, r"schedule must be a RewiringSchedule or None"),
+    ({"update_grown_weights": None}, TypeError, r"update_grown_weights must be a bool"),
+    ({"reinit_regrown": "yes"}, TypeError, r"reinit_regrown must be a bool"),
+    ({"dsr_initial_threshold": 0}, ValueError,
+     r"dsr_initial_threshold must be a finite real number > 0, or None, got 0"),
+    ({"dsr_initial_threshold": True}, TypeError, r"dsr_initial_threshold must be"),
 ]
 
 

@@ -5,7 +5,8 @@ global target, every layer keeps >= 1 active weight), every rewiring conserves t
 (and, for methods that keep layer densities, every layer's count), weights and optimizer
 state are zero wherever masked, a grown weight starts with zero optimizer state, and a
 budget too small for one weight per layer is refused with a ValueError rather than
-producing an empty layer.
+producing an empty layer. All of it holds with non-finite weights or gradients (an unused
+head that blew up), under every setting of the new-weight options.
 """
 
 from __future__ import annotations
@@ -51,17 +52,26 @@ def check_invariants(engine: SparseEngine, params: dict[str, nn.Parameter], targ
     init_value=st.sampled_from([1e-10, 0.0, 0.5]),
     optimizer_name=st.sampled_from(["sgd", "adam"]),
     seed=st.integers(0, 2**31 - 1),
+    non_finite=st.sampled_from([None, "nan weights", "inf weights", "nan gradients",
+                                "inf gradients"]),
+    update_grown_weights=st.booleans(),
+    reinit_regrown=st.booleans(),
+    dsr_initial_threshold=st.sampled_from([1e-3, None, 10.0]),
 )
 def test_counts_are_conserved_and_masks_exact(shapes, sparsity, method, distribution,
                                                drop_fractions, gradient_ratio, init_value,
-                                               optimizer_name, seed):
+                                               optimizer_name, seed, non_finite,
+                                               update_grown_weights, reinit_regrown,
+                                               dsr_initial_threshold):
     generator = torch.Generator().manual_seed(seed)
     params = {f"layer{i}.weight": nn.Parameter(torch.randn(s, generator=generator))
               for i, s in enumerate(shapes)}
     total = sum(math.prod(s) for s in shapes)
     target = round((1 - sparsity) * total)
     kwargs = {"sparsity": sparsity, "distribution": distribution, "method": method,
-              "gradient_ratio": gradient_ratio, "init_value": init_value, "seed": seed}
+              "gradient_ratio": gradient_ratio, "init_value": init_value, "seed": seed,
+              "update_grown_weights": update_grown_weights, "reinit_regrown": reinit_regrown,
+              "dsr_initial_threshold": dsr_initial_threshold}
     if target < len(shapes):  # fewer active weights than layers: refused, never an empty layer
         event("budget below one weight per layer: refused")
         with pytest.raises(ValueError, match=r"every layer keeps at least one active weight"):
@@ -79,18 +89,30 @@ def test_counts_are_conserved_and_masks_exact(shapes, sparsity, method, distribu
         # A training step first, so weights move and the optimizer holds state everywhere.
         for param in params.values():
             param.grad = torch.randn(param.shape, generator=generator)
+        if non_finite is not None:  # the first layer blew up, at some positions
+            event(non_finite)
+            first = next(iter(params))
+            bad = float("nan") if non_finite.startswith("nan") else float("inf")
+            chosen = torch.rand(params[first].shape, generator=generator) < 0.5
+            with torch.no_grad():
+                if non_finite.endswith("weights"):
+                    params[first][chosen & engine.masks[first]] = bad
+                else:
+                    params[first].grad[chosen] = bad
         before = engine.active_counts()
         weights_before = {n: p.detach().clone() for n, p in params.items()}
         report = engine.rewire(drop_fraction, [optimizer])
         after = engine.active_counts()
         for name, param in params.items():
             # A weight the rewiring set (grown, or dropped and regrown) starts with no state.
-            changed = engine.masks[name] & (param.detach() != weights_before[name])
+            now, then = param.detach(), weights_before[name]
+            changed = engine.masks[name] & (now != then) & ~(now.isnan() & then.isnan())
             for value in optimizer.state[param].values():
                 if torch.is_tensor(value) and value.shape == param.shape:
                     assert (value[changed] == 0).all(), f"{name}: state kept by a new weight"
         assert report.total_removed == report.total_grown
         assert report.active == after
+        assert report.threshold is None or math.isfinite(report.threshold)
         for name in params:
             assert after[name] == before[name] - report.removed[name] + report.grown[name]
             if keeps_layers:
@@ -100,6 +122,9 @@ def test_counts_are_conserved_and_masks_exact(shapes, sparsity, method, distribu
         optimizer.step()
         engine.after_optimizer_step()
         check_invariants(engine, params, target, optimizer)
+        with torch.no_grad():  # a fresh start for the next round: finite weights again
+            for name, param in params.items():
+                param.nan_to_num_(0.5, 0.5, -0.5).mul_(engine.masks[name])
 
 
 @engine_settings
@@ -132,6 +157,9 @@ def test_state_dict_round_trip_restores_masks_and_random_stream(shapes, sparsity
     for name, param in resumed.params.items():  # the weights come from the model checkpoint
         param.data.copy_(running.params[name].data)
     resumed.load_state_dict(state)
+    for engine in (running, resumed):  # the next step's gradients, the same for both
+        for name, param in engine.params.items():
+            param.grad = gradients[name].clone()
     running.rewire(0.3)
     resumed.rewire(0.3)
     for name, mask in running.masks.items():

@@ -60,7 +60,7 @@ def test_gradient_growth_picks_the_largest_inactive_gradients():
     mask = torch.tensor([True, False, False, False, False])
     gradient = torch.tensor([9.0, 1.0, -5.0, 3.0, 0.5])
     grown = GradientInsertion()(mask, gradient, 2, torch.Generator().manual_seed(0))
-    assert grown.tolist() == [False, False, True, True, False]
+    assert sorted(grown.tolist()) == [2, 3]  # flat indices
 
 
 def test_mixed_growth_splits_between_gradient_and_random():
@@ -68,8 +68,8 @@ def test_mixed_growth_splits_between_gradient_and_random():
     gradient = torch.zeros(1000)
     gradient[:10] = torch.arange(10.0, 20.0)
     grown = MixedInsertion(0.5)(mask, gradient, 20, torch.Generator().manual_seed(0))
-    assert int(grown.sum()) == 20
-    assert grown[:10].all()  # the 10 largest gradients, then 10 random others
+    assert len(set(grown.tolist())) == 20
+    assert set(range(10)) <= set(grown.tolist())  # the 10 largest gradients, 10 random others
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -138,7 +138,7 @@ def test_unknown_method_and_bad_spec_are_refused():
 def test_dsr_threshold_restarts_from_the_data_when_it_reached_zero():
     weights, masks, _ = make_layers()
     active = sum(int(m.sum()) for m in masks.values())
-    rewiring = METHODS["dsr"].build()
+    rewiring = METHODS["dsr"].build(dsr_initial_threshold=None)
     assert isinstance(rewiring.removal, ThresholdRemoval)
     rewiring.removal.threshold = 0.0
     report = rewiring(weights, masks, None, 0.2, generator=torch.Generator().manual_seed(0))

@@ -63,3 +63,21 @@ def test_streaming_never_concatenates_all_layers(monkeypatch):
     scores = [torch.rand(10_000) for _ in range(5)]
     global_topk_counts(scores, 7)
     assert seen and max(seen) <= 14
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("k", [1, 1000, 300_000])
+def test_cpu_topk_of_a_huge_input_selects_what_torch_topk_selects(single_thread, k, largest):
+    """Above CPU_TOPK_CHUNK elements the CPU route narrows by a sampled threshold (or goes
+    chunk by chunk): the selected values are torch.topk's, NaN ranked as torch ranks it."""
+    from lightning_ggr.sparse.topk import CPU_TOPK_CHUNK, topk
+
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.rand(CPU_TOPK_CHUNK + 12_345, generator=generator)
+    scores[::5] = -1.0  # many ties, as the masked positions of real scores
+    scores[7] = float("nan")
+    values, index = topk(scores, k, largest)
+    expected = scores.topk(k, largest=largest, sorted=False).values
+    assert torch.equal(values.nan_to_num(9).sort().values, expected.nan_to_num(9).sort().values)
+    assert torch.equal(scores[index].nan_to_num(9), values.nan_to_num(9))
+    assert index.unique().numel() == k
