@@ -40,6 +40,22 @@ def refuse_closure_optimizers(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
+def refuse_lottery_ticket_pruning(trainer: pl.Trainer) -> None:
+    """Refuse ``ModelPruning`` that rewinds weights (``use_lottery_ticket_hypothesis``, its
+    default): after each pruning it copies weights saved before the masks existed back into the
+    model, dense values at masked positions included, so masked weights train and are
+    evaluated until the end of fit. Both callbacks would own the weights' zeros."""
+    for callback in trainer.callbacks:
+        if (isinstance(callback, pl_callbacks.ModelPruning)
+                and getattr(callback, "_use_lottery_ticket_hypothesis", False)):
+            raise ValueError(
+                "DynamicSparsityCallback cannot run next to ModelPruning(use_lottery_ticket_"
+                "hypothesis=True) (its default): the rewind writes weights saved before the "
+                "masks existed into masked positions. Pass use_lottery_ticket_hypothesis=False, "
+                "or use one of the two callbacks"
+            )
+
+
 def check_weight_averaging(trainer: pl.Trainer, stop_step: int,
                            batches: float | None = None) -> None:
     """Refuse weight averaging that starts while rewiring still changes the topology.

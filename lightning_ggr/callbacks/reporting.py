@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import Tensor
 
+from lightning_ggr.sparse.analysis import sparse_flops
 from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.selection import Selection
@@ -165,6 +166,7 @@ class SparsityReporter:
         self.tag = ""
         self._shown_density: float | None = None
         self._summary_path: Path | None = None
+        self._flops_warned = False
 
     def key(self, group: str, name: str) -> str:
         """The metric name ``<group><tag>/<name>``."""
@@ -291,12 +293,15 @@ class SparsityReporter:
 
         config = {**config, "model": model_name(pl_module),
                   "dataset": dataset_name(trainer, pl_module)}
-        example = getattr(pl_module, "example_input_array", None)
         summary = build_run_summary(
             masks=engine.masks, params=engine.params, initial_counts=engine.initial_counts,
             config=config, metrics=scalar_metrics(trainer.callback_metrics), module=pl_module,
-            example_input=example[:1] if isinstance(example, Tensor) else None,
         )
+        flops = self._count_flops(trainer, pl_module, engine)
+        if flops is not None:  # where build_run_summary puts it: before the metrics
+            metrics = summary.pop("metrics")
+            summary["flops"] = {"sparse": flops[0], "dense": flops[1]}
+            summary["metrics"] = metrics
         if self.selection_record is not None:
             summary["selection"] = self.selection_record
         stem, suffix = SUMMARY_FILENAME.rsplit(".", 1)
@@ -306,3 +311,30 @@ class SparsityReporter:
             summary["metrics"] = {**previous, **summary["metrics"]}
         write_run_summary(path, summary)
         self._summary_path = path
+
+    def _count_flops(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     engine: SparseEngine) -> tuple[int, int] | None:
+        """Sparse and dense FLOPs of one example, run as Lightning's ModelSummary runs it
+        (batch-transfer hooks, the precision plugin's input conversion and forward context).
+        A report-only figure: an example the module cannot run is skipped with a warning,
+        never a crash of a finished fit."""
+        example = getattr(pl_module, "example_input_array", None)
+        if not isinstance(example, Tensor):
+            return None
+        try:
+            batch = pl_module._on_before_batch_transfer(example[:1])
+            batch = pl_module._apply_batch_transfer_handler(batch)
+            batch = trainer.precision_plugin.convert_input(batch)
+            if not isinstance(batch, Tensor):
+                return None
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                return sparse_flops(pl_module, engine.masks, batch)
+        except Exception as error:  # any failure only drops a reported figure
+            if not self._flops_warned:
+                self._flops_warned = True
+                rank_zero_warn(
+                    f"the run summary has no FLOP count: running example_input_array through "
+                    f"the module failed ({type(error).__name__}: {error}). Set an "
+                    "example_input_array the module accepts after its batch-transfer hooks"
+                )
+            return None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import math
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,6 +17,7 @@ from torch import Tensor
 from lightning_ggr.callbacks.compatibility import (
     check_weight_averaging,
     refuse_closure_optimizers,
+    refuse_lottery_ticket_pruning,
     warn_if_learning_rate_finder,
 )
 from lightning_ggr.callbacks.ranks import distributed, gather_ints, rank_zero_int
@@ -176,6 +179,8 @@ class DynamicSparsityCallback(Callback):
         self._epoch_batches: int | None = None  # batches in the epoch so far (the epoch's length)
         self._epoch_start_step = 0
         self._warned: set[str] = set()
+        # Names one run across its resumes (checkpointed): the report counts it once.
+        self._run_id: str | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -210,12 +215,18 @@ class DynamicSparsityCallback(Callback):
         if stage != "fit":
             return
         _refuse_sharded(trainer)
+        refuse_lottery_ticket_pruning(trainer)
         # Fails early, with a clear message, when a pattern cannot work. What depends on the
         # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start. A
         # module that builds its layers in its own setup or configure_model (both run after
         # this hook) has no parameters yet: on_fit_start checks the patterns then.
+        # A pattern that matches nothing yet may name a layer the module builds in its own
+        # setup: on_fit_start (still before the first step) decides then.
         if next(pl_module.parameters(), None) is not None:
-            check_selection_patterns(pl_module, self.include, self.exclude)
+            try:
+                check_selection_patterns(pl_module, self.include, self.exclude)
+            except ValueError:
+                pass  # plan_selection in on_fit_start raises the same error if it still holds
         self._take_position(trainer)
         for checkpoint in trainer.checkpoint_callbacks:
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.save_weights_only:
@@ -266,6 +277,7 @@ class DynamicSparsityCallback(Callback):
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
             self._loaded_state = None
         self._restore_clock(loaded)
+        self._run_id = str((loaded or {}).get("run_id") or uuid.uuid4().hex)
         self._attach_step_hook(trainer, params)
         refuse_closure_optimizers(self._optimizer)
         self.reporter.global_density = self.engine.global_density()
@@ -297,7 +309,9 @@ class DynamicSparsityCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are final: accumulated, all-reduced, unscaled, not yet clipped.
-        if self.engine is None or optimizer is not self._optimizer:
+        if self.engine is None:
+            return
+        if optimizer is not self._optimizer and not self._follow_optimizer(trainer, optimizer):
             return
         if self._steps is None:  # no schedule yet (a step outside the fit loop): mask only
             self.engine.mask_gradients()
@@ -311,6 +325,7 @@ class DynamicSparsityCallback(Callback):
         self._steps = step + 1
         if report is not None:
             self.last_report = report
+            self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -369,6 +384,8 @@ class DynamicSparsityCallback(Callback):
             state["schedule"] = dict(self._saved_schedule)  # restored, training never started
         if self._steps is not None:
             state["optimizer_steps"] = int(self._steps)
+        if self._run_id is not None:
+            state["run_id"] = self._run_id
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -379,11 +396,25 @@ class DynamicSparsityCallback(Callback):
                            checkpoint: dict[str, Any]) -> None:
         # Checkpoints of earlier versions store the state under the class name whatever the
         # selection; a single callback with include/exclude adopts it.
+        # A single callback whose include/exclude changed since (so its key did) adopts the
+        # checkpoint's only DynamicSparsityCallback state: the saved masks are the selection
+        # (_select_parameters warns that it differs). Several callbacks find theirs by their
+        # patterns, whatever their order.
         states = checkpoint.get("callbacks") or {}
-        legacy = type(self).__qualname__
+        if self.state_key in states:
+            return  # Lightning passes it to load_state_dict
+        ours = {key: state for key, state in states.items()
+                if _patterns_of_key(key) is not None and state}
         single = sum(isinstance(cb, DynamicSparsityCallback) for cb in trainer.callbacks) == 1
-        if single and self.state_key not in states and states.get(legacy):
-            self.load_state_dict(states[legacy])
+        if single and len(ours) == 1:
+            self.load_state_dict(next(iter(ours.values())))
+            return
+        mine = _normalized(self.include, self.exclude)
+        matches = [state for key, state in ours.items() if _patterns_of_key(key) == mine]
+        if len(matches) == 1:
+            self.load_state_dict(matches[0])
+        elif single and states.get(type(self).__qualname__):  # an earlier version's key
+            self.load_state_dict(states[type(self).__qualname__])
 
     def run_config(self) -> dict[str, Any]:
         """The callback's settings, as stored in the run summary."""
@@ -404,6 +435,7 @@ class DynamicSparsityCallback(Callback):
             "update_grown_weights": self.update_grown_weights,
             "reinit_regrown": self.reinit_regrown,
             "dsr_initial_threshold": self.dsr_initial_threshold,
+            "run_id": self._run_id,
         }
 
     # ------------------------------------------------------------------- internals
@@ -726,9 +758,60 @@ class DynamicSparsityCallback(Callback):
             # keep masked weights at 0 on their own, which saves one pass per step.
             self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
 
+    def _follow_optimizer(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` is now the one holding the sparse weights: the trainer's
+        optimizers were replaced mid-fit (``strategy.setup_optimizers``, e.g. a switch from
+        Adam to SGD). Then the hook moves to it and its state is masked; otherwise (another
+        optimizer of a multi-optimizer module) it is not ours."""
+        if any(o is self._optimizer for o in trainer.optimizers):
+            return False
+        self._attach_step_hook(trainer, self.engine.params)  # raises if no single owner
+        refuse_closure_optimizers(self._optimizer)
+        self.engine.enforce_masks([self._optimizer])
+        rank_zero_info(
+            f"DynamicSparsityCallback: the optimizers were replaced; now following "
+            f"{type(self._optimizer).__name__}, which holds the sparse weights"
+        )
+        return optimizer is self._optimizer
+
+    def _warn_if_nothing_removed(self, report: RewiringReport) -> None:
+        """A drop fraction that rounds to 0 removals in every layer makes rewiring a no-op."""
+        if report.skipped or report.total_removed or report.threshold is not None:
+            return
+        largest = max(report.active.values(), default=0)
+        if largest and math.floor(self.drop_fraction * largest + 0.5) == 0:
+            self._warn_once(
+                "nothing removed",
+                f"drop_fraction={self.drop_fraction:g} removes round(drop_fraction * active) = 0 "
+                f"weights in every layer (the largest has {largest} active weights): the "
+                "rewirings move nothing and the masks stay the initial random ones. Raise "
+                f"drop_fraction to at least {0.5 / largest:.3g}",
+            )
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
             self.engine.after_optimizer_step([optimizer])
+
+
+def _normalized(include: Sequence[str] | None,
+                exclude: Sequence[str] | None) -> tuple[tuple[str, ...] | None, ...]:
+    """The patterns, order-free (the selection does not depend on their order)."""
+    return tuple(None if p is None else tuple(sorted(p)) for p in (include, exclude))
+
+
+def _patterns_of_key(key: str) -> tuple[tuple[str, ...] | None, ...] | None:
+    """The normalized patterns of a DynamicSparsityCallback state key (the class name alone:
+    the default selection), or None for another callback's key."""
+    name = DynamicSparsityCallback.__qualname__
+    if key == name:
+        return _normalized(None, None)
+    if not key.startswith(name + "{"):
+        return None
+    try:
+        fields = ast.literal_eval(key[len(name):])
+        return _normalized(fields.get("include"), fields.get("exclude"))
+    except (ValueError, SyntaxError, AttributeError, TypeError):
+        return None
 
 
 def _materialize_lazy_modules(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
