@@ -99,9 +99,11 @@ class Cell:
 # ---------------------------------------------------------------------------- collecting
 
 
-def collect_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def collect_runs(paths: Sequence[str | Path], *,
+                 latest_only: bool = True) -> list[dict[str, Any]]:
     """Every run summary under ``paths`` (searched recursively; a summary file is taken as
-    is), in path order; each dict gets its file under ``"_path"``.
+    is), in path order; each dict gets its file under ``"_path"``. ``latest_only``: one
+    summary per run (:func:`latest_of_each_run`), not one per fit of a resumed run.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -120,7 +122,23 @@ def collect_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         run = read_run_summary(file)
         run[PATH_KEY] = str(file)
         runs.append(run)
-    return runs
+    return latest_of_each_run(runs) if latest_only else runs
+
+
+def latest_of_each_run(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per run: a resumed run writes a summary per fit under one ``run_id``
+    (kept in the checkpoint); the latest (``created``, then path order) stands for it, so a
+    run is never counted as two seeds. Summaries without ``run_id`` are each their own run."""
+    latest: dict[str, int] = {}
+    for index, run in enumerate(runs):
+        run_id = run.get("run_id")
+        if run_id is None:
+            continue
+        kept = latest.get(str(run_id))
+        if kept is None or str(run.get("created", "")) >= str(runs[kept].get("created", "")):
+            latest[str(run_id)] = index
+    return [run for index, run in enumerate(runs)
+            if run.get("run_id") is None or latest[str(run["run_id"])] == index]
 
 
 def _order(value: str, order: Sequence[str]) -> tuple[int, str]:
@@ -542,15 +560,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "scenario found")
     args = parser.parse_args(argv)
     try:
-        runs = collect_runs(args.run_dirs)
+        summaries = collect_runs(args.run_dirs, latest_only=False)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if not runs:
+    if not summaries:
         print(f"error: no {SUMMARY_FILENAME} found under {' '.join(args.run_dirs)}",
               file=sys.stderr)
         return 1
+    runs = latest_of_each_run(summaries)
     _, notes = accuracies(runs, args.metric, scale=args.accuracy_scale)
+    if len(runs) < len(summaries):
+        notes.insert(0, f"{len(summaries) - len(runs)} summary file(s) are earlier fits of a "
+                     "resumed run (same run_id): each run counts once, with its latest summary")
     print(f"{len(runs)} run(s) found.", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

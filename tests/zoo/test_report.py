@@ -385,3 +385,44 @@ def test_a_run_without_accuracy_is_where_the_note_says(tmp_path, capsys):
     assert "Averaged over every scenario found: d/netA." in table2  # netB has no accuracy
     row = next(line for line in table4.splitlines() if "netB" in line)
     assert row.split("|")[6].strip() == ""  # the accuracy cell
+
+
+# ------------------------------------------------------------------ a resumed run counts once
+
+
+def test_report_counts_a_resumed_run_once(tmp_path, capsys, single_thread):
+    """A run resumed for more epochs writes one summary per fit (a new logger version each);
+    both carry the run_id kept in the checkpoint, and the report counts the run once, with
+    its latest summary (not as two seeds, n=2), and says so."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_ggr import DynamicSparsityCallback
+    from tests.helpers.setups import MLP, loader
+
+    class WithAccuracy(MLP):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    for epochs, ckpt in [(2, None), (4, tmp_path / "ckpt" / "last.ckpt")]:
+        torch.manual_seed(0)
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=epochs,
+            callbacks=[DynamicSparsityCallback(sparsity=0.8, log_figures=False,
+                                               selection_summary=False),
+                       ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            logger=CSVLogger(tmp_path / "runs"), enable_progress_bar=False,
+            enable_model_summary=False)
+        with pytest.warns(UserWarning):
+            trainer.fit(WithAccuracy(), loader(), loader(), ckpt_path=ckpt)
+    summaries = collect_runs([tmp_path / "runs"], latest_only=False)
+    assert len(summaries) == 2 and summaries[0]["run_id"] == summaries[1]["run_id"]
+    runs = collect_runs([tmp_path / "runs"])
+    assert [run["_path"] for run in runs] == [summaries[1]["_path"]]  # the latest fit's
+    capsys.readouterr()
+    assert main([str(tmp_path / "runs"), "--tables", "table1"]) == 0
+    out, err = capsys.readouterr()
+    assert "(n=2)" not in out
+    assert "1 summary file(s) are earlier fits of a resumed run" in err
