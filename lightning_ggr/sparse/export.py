@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,7 +174,15 @@ def _constant_through(
             current = flat.reshape(shape)
         elif isinstance(op, _AVG_POOLS):
             padding = op.padding if isinstance(op.padding, tuple) else (op.padding,)
-            if (any(p > 0 for p in padding) and op.count_include_pad) or op.ceil_mode:
+            divisor = getattr(op, "divisor_override", None)  # AvgPool2d/3d only
+            if divisor:  # a window's sum over divisor: the constant is scaled, not kept
+                dims = 3 if isinstance(op, nn.AvgPool3d) else 2
+                kernel = (op.kernel_size if isinstance(op.kernel_size, tuple)
+                          else (op.kernel_size,) * dims)
+                current = current * (math.prod(kernel) / divisor)
+                if any(p > 0 for p in padding) or op.ceil_mode:  # partial windows differ
+                    exact &= (current == 0).all(dim=1)
+            elif (any(p > 0 for p in padding) and op.count_include_pad) or op.ceil_mode:
                 exact &= (current == 0).all(dim=1)
         elif isinstance(op, _ELEMENTWISE):
             current = op(current)

@@ -252,3 +252,25 @@ def test_compact_linear_chain_property(widths, density, seed, norm):
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
     assert count_parameters(compact) <= count_parameters(model)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_compact_sequential_is_exact_through_an_average_pool_with_divisor_override(padding):
+    """AvgPool2d(divisor_override=d) sums a window over d: an empty channel's constant is
+    scaled by kernel area / d before it is folded into the next layer's bias (with padding
+    the border windows differ, so the channel is kept)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(),
+                        nn.AvgPool2d(2, padding=padding, divisor_override=1),
+                        nn.Flatten(), nn.Linear(3 * (2 + padding) ** 2, 2))
+    masks = {"0.weight": torch.ones(3, 2, 1, 1, dtype=torch.bool),
+             "4.weight": torch.ones(2, 3 * (2 + padding) ** 2, dtype=torch.bool)}
+    masks["0.weight"][1] = False  # channel 1 is empty: it carries its bias, 0.5
+    with torch.no_grad():
+        net[0].weight.mul_(masks["0.weight"])
+        net[0].bias.fill_(0.5)
+    net.eval()
+    x = torch.randn(3, 2, 4, 4)
+    compact = compact_sequential(net, masks)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), net(x), atol=1e-5)
