@@ -102,3 +102,19 @@ def test_grid_skips_finished_runs(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert len(calls) == 1 and calls[0][1:4] == ["-m", "lightning_ggr.zoo.cli", "fit"]
     assert "done already" in capsys.readouterr().out
+
+
+def test_the_plain_pytorch_loop_of_the_usage_guide_runs_as_written():
+    """docs/usage.md "Without Lightning": the code block, run as written, keeps one step
+    counter over all epochs (a per-epoch batch index would restart the schedule's clock)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    section = text[text.index("## Without Lightning"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    namespace: dict = {}
+    exec(compile(code, "docs/usage.md", "exec"), namespace)
+    engine = namespace["engine"]
+    assert namespace["step"] == 80
+    assert engine.rewirings == 5  # steps 10, 20, ..., 50: before the stop at 60
+    for name, param in engine.params.items():
+        assert int((param.detach()[~engine.masks[name]] != 0).sum()) == 0, name
