@@ -15,6 +15,7 @@ A training loop drives it with three calls::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -155,6 +156,7 @@ class SparseEngine:
         self.pending_step: int | None = None
         self._saved_slot = 0  # a checkpoint's slot, for states saved without the epoch
         self.rewirings = 0
+        self._warned_no_optimizer = False
         self.skipped_rewirings = 0
         self._refresh_lists()
         self.broadcast_topology()
@@ -334,6 +336,13 @@ class SparseEngine:
         and RigL (and one more for a data-driven DSR start).
         """
         optimizers = list(optimizers)
+        if not optimizers and not self._warned_no_optimizer:
+            self._warned_no_optimizer = True
+            warnings.warn(
+                "SparseEngine.rewire ran without optimizers: their state (momentum, Adam's "
+                "moments) at dropped positions is not zeroed, so it can move masked weights "
+                "off 0 at the next step. Pass them: engine.before_optimizer_step(step, epoch, "
+                "[optimizer])", UserWarning, stacklevel=3)
         gradients = None
         if self.rewiring.needs_gradients:
             # A layer unused in this step (aux head, conditional branch) has no gradient:

@@ -239,3 +239,21 @@ def test_the_schedule_position_survives_a_change_of_interval():
     engine.schedule = RewiringSchedule("epoch", 1, stop_step=30, drop_fraction=0.3)
     assert engine.before_optimizer_step(17, 2) is None  # epoch 2 already rewired
     assert engine.before_optimizer_step(24, 3) is not None
+
+
+def test_rewiring_without_the_optimizers_warns_once():
+    """A plain loop that forgets to pass its optimizer would leave momentum at dropped
+    positions (it moves masked weights off 0 at the next step): the engine says so, once."""
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="set", seed=0)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)),
+                                torch.randint(0, 10, (4,))).backward()
+    with pytest.warns(UserWarning, match=r"rewire ran without optimizers.*\[optimizer\]"):
+        engine.rewire(0.2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.rewire(0.2)  # said once
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine.rewire(0.2, [optimizer])
