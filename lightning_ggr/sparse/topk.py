@@ -59,14 +59,19 @@ def _topk_by_threshold(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, T
         return None
     threshold = sample.topk(above, largest=largest, sorted=False).values
     threshold = threshold.min() if largest else threshold.max()
-    if largest:
-        # topk ranks NaN above everything: keep them as candidates too.
-        chosen = (scores >= threshold) | scores.isnan()
-    else:
-        chosen = scores <= threshold
-    candidates = chosen.nonzero().squeeze(1)
-    del chosen
-    if candidates.numel() < k or candidates.numel() > 8 * k + CPU_TOPK_CHUNK:
+    # Chunk by chunk, so the comparison's temporary stays small. `not (x < t)` keeps NaN,
+    # which topk ranks above everything; `x <= t` leaves it out, as topk(largest=False) does.
+    found, total = [], 0
+    for start in range(0, n, CPU_TOPK_CHUNK):
+        part = scores[start:start + CPU_TOPK_CHUNK]
+        chosen = (part < threshold).logical_not_() if largest else part <= threshold
+        found.append(chosen.nonzero().squeeze(1).add_(start))
+        total += found[-1].numel()
+        if total > 8 * k + CPU_TOPK_CHUNK:
+            return None
+    candidates = torch.cat(found)
+    del found
+    if candidates.numel() < k:
         return None
     values, keep = scores[candidates].topk(k, largest=largest, sorted=False)
     return values, candidates[keep]
