@@ -4,7 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh [BASELINE_ROOT]
 #
-# 1. the CUDA tests (tests/sparse/test_cuda.py) and the CPU speed contract;
+# 1. the CUDA tests (tests/sparse/test_cuda.py) and the CPU speed contract, then every CUDA
+#    synchronisation of the pass and of one rewiring per method with its Python line
+#    (benchmarks/sync_sites.py);
 # 2. `benchmarks/overhead.py --suite gpu` on this checkout;
 # 3. with BASELINE_ROOT (another checkout, e.g. `git archive <commit> | tar -x -C /tmp/base`),
 #    the same sections but the Trainer's on that checkout's engine, in the same session, for
@@ -24,6 +26,9 @@ cat "$OUT/gpu.txt"
 PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -q -p no:cacheprovider \
     tests/sparse/test_cuda.py tests/sparse/test_speed_contract.py > "$OUT/cuda_tests.log" 2>&1
 echo "CUDA tests rc=$?"; tail -3 "$OUT/cuda_tests.log"
+PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout 120 $PY benchmarks/sync_sites.py \
+    > "$OUT/sync_sites.txt" 2>&1
+echo "sync sites rc=$?"; cat "$OUT/sync_sites.txt"
 PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH} timeout ${SUITE_TIMEOUT:-420} $PY benchmarks/overhead.py --suite gpu \
     > "$OUT/suite.md" 2> "$OUT/suite.log"
 echo "suite rc=$?"; tail -2 "$OUT/suite.log"

@@ -211,47 +211,43 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.gradients_()
 
-    def gradients_finite(self) -> bool:
-        """Whether every sparse parameter's gradient is finite, agreed over all processes.
-
-        One infinity-norm per gradient (a multi-tensor operation; NaN propagates through
-        it), read back to the host once.
-        """
+    def _finite_flags(self) -> list[Tensor]:
+        """One 0-dim flag per device: every gradient there is finite. An infinity norm per
+        gradient (one multi-tensor operation; NaN propagates through it), nothing read."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for param in self._param_list:
             if param.grad is not None:
                 by_device.setdefault(param.grad.device, []).append(param.grad)
-        flags = [torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
-                 for grads in by_device.values()]
+        return [torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+                for grads in by_device.values()]
+
+    def _agreed(self, flags: list[Tensor], local: bool = True) -> bool:
+        """``local`` and every flag, read back once (per device), and under
+        ``torch.distributed`` agreed over all processes by one all-reduce."""
         if _distributed():
             device = self._distributed_device()
-            flag = torch.ones((), dtype=torch.int32, device=device)
+            flag = torch.full((), int(local), dtype=torch.int32, device=device)
             for finite in flags:
                 flag &= finite.to(device, torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             return bool(flag)
-        return all(bool(finite) for finite in flags)
+        return local and all(bool(finite) for finite in flags)
+
+    def gradients_finite(self) -> bool:
+        """Whether every sparse parameter's gradient is finite, agreed over all processes
+        (one read of the device)."""
+        return self._agreed(self._finite_flags())
 
     def gradients_usable(self) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
 
         Every sparse gradient present must be finite, and a method that grows by gradient
         (RigL, GGR) needs at least one: a step without any (``training_step`` returned
-        ``None``) would score every position 0 and grow arbitrarily. One all-reduce, only
-        on a step where a rewiring is due.
+        ``None``) would score every position 0 and grow arbitrarily. One read of the device
+        (not one per layer) and one all-reduce, only on a step where a rewiring is due.
         """
-        finite = torch.ones((), dtype=torch.bool)
-        present = False
-        for param in self._param_list:
-            if param.grad is not None:
-                present = True
-                finite &= torch.isfinite(param.grad).all().cpu()
-        usable = finite & (present or not self.rewiring.needs_gradients)
-        if _distributed():
-            flag = usable.to(self._distributed_device(), torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            usable = flag.bool().cpu()
-        return bool(usable)
+        present = any(param.grad is not None for param in self._param_list)
+        return self._agreed(self._finite_flags(), present or not self.rewiring.needs_gradients)
 
     @property
     def last_slot(self) -> int:

@@ -94,25 +94,61 @@ def _as_index(selection: Tensor) -> Tensor:
 
 def _to_bool(index: Tensor, like: Tensor) -> Tensor:
     positions = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
-    positions[index] = True
+    positions.index_fill_(0, index, True)
     return positions.view(like.shape)
+
+
+def _flat(tensor: Tensor, index: Tensor) -> tuple[Tensor, Tensor] | None:
+    """A 1-D view of ``tensor``'s memory and the positions there of flat row-major ``index``
+    (``None`` for a tensor with gaps or overlaps).
+
+    A contiguous tensor is its own flat view. A dense one in another layout (channels_last)
+    is viewed in memory order and the row-major index mapped through its strides with
+    device arithmetic on Python integers (``torch.unravel_index`` would copy the shape to
+    the device from the host: a synchronisation on CUDA).
+    """
+    if tensor.is_contiguous():
+        return tensor.view(-1), index
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape,
+                                                          strict=True) if sz != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    offsets = torch.zeros_like(index)
+    rest = index
+    for size, stride in reversed(list(zip(tensor.shape, tensor.stride(), strict=True))):
+        offsets += rest.remainder(size) * stride
+        rest = rest.div(size, rounding_mode="floor")
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset()), offsets
 
 
 def _gather(tensor: Tensor, index: Tensor) -> Tensor:
     """``tensor``'s entries at flat (row-major) ``index``, whatever its memory layout."""
-    if tensor.is_contiguous():
-        return tensor.view(-1)[index]
-    return tensor[torch.unravel_index(index, tensor.shape)]
+    flat = _flat(tensor, index)
+    if flat is None:
+        return tensor[torch.unravel_index(index, tensor.shape)]
+    return flat[0].index_select(0, flat[1])
 
 
 def _write_(tensor: Tensor, index: Tensor, values: Tensor | float | bool) -> None:
-    """Write ``values`` at flat (row-major) ``index`` of ``tensor``, in place, O(len(index))."""
+    """Write ``values`` at flat (row-major) ``index`` of ``tensor``, in place, O(len(index)).
+
+    Never ``tensor[index] = 0.0``: on CUDA, item assignment of a Python number builds the
+    number on the CPU and copies it to the device, a synchronisation per call.
+    ``index_fill_`` takes the number as a kernel argument.
+    """
     if index.numel() == 0:
         return
-    if tensor.is_contiguous():
-        tensor.view(-1)[index] = values
+    flat = _flat(tensor, index)
+    if flat is None:  # gaps or overlaps: rare, and slower
+        if not isinstance(values, Tensor):
+            values = torch.full((), values, dtype=tensor.dtype, device=tensor.device)
+        tensor.index_put_(torch.unravel_index(index, tensor.shape), values)
+    elif isinstance(values, Tensor):
+        flat[0].index_copy_(0, flat[1], values)
     else:
-        tensor[torch.unravel_index(index, tensor.shape)] = values
+        flat[0].index_fill_(0, flat[1], values)
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -682,7 +718,8 @@ class Rewiring:
                     if keep:
                         back = torch.where(regrown, saved[name][position], zero)
                     else:
-                        back = torch.where(regrown, zero + value, zero)
+                        start = torch.full((), value, dtype=tensor.dtype, device=tensor.device)
+                        back = torch.where(regrown, start, zero)
                     _write_(tensor, index, back)
             if on_grow is not None:
                 positions = _to_bool(new, mask)
