@@ -46,7 +46,7 @@ def test_masks_are_drawn_on_the_gpu_and_reproducible():
         assert int(mask.sum()) == engines[0].initial_counts[name]
 
 
-@pytest.mark.xfail(strict=False, reason="measured on an H100 (2026-11-26): one synchronisation "
+@pytest.mark.xfail(strict=True, reason="measured on an H100 (2026-11-26): one synchronisation "
                    "per pass, source not found yet (benchmarks/sync_sites.py prints the line); "
                    "see docs/benchmarks.md")
 def test_the_per_step_pass_never_synchronises_and_is_exact():
