@@ -48,6 +48,7 @@ from torch import nn
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse import METHODS
 from lightning_ggr.sparse.masks import preserves_zeros
+from lightning_ggr.sparse.syncs import count_cuda_syncs, profile_sync_events, profiler_own_syncs
 from lightning_ggr.zoo import build_model
 
 try:  # the optional peer
@@ -56,7 +57,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     RigLScheduler = None
 
 HOST_READ_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal")
-CUDA_SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 METADATA_OPS = ("aten::view", "aten::as_strided", "aten::alias", "aten::detach")
 #: Bytes per moved weight allowed beside the largest layer's scores in the memory goal.
 BYTES_PER_MOVED_WEIGHT = 128
@@ -485,15 +485,13 @@ def run_pass(s: Settings) -> list[dict]:
         if s.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         with profile(activities=activities, profile_memory=True) as prof:
-            engine.mask_gradients()
-            sync(s.device)
+            engine.mask_gradients()  # the profiler waits for the device when it stops
         events = prof.events()
         ops = [e.name for e in events if e.name.startswith("aten::") and _top_level(e)]
         kernels = [e for e in events if e.device_type.name == "CUDA"]
         host_syncs = sum(1 for e in events if e.name in HOST_READ_OPS)
-        # the explicit synchronize() above is ours: count the others
-        cuda_syncs = sum(1 for e in events if e.name in CUDA_SYNC_EVENTS) - (
-            1 if s.device.type == "cuda" else 0)
+        # the profiler's own wait at its stop is not the pass's
+        cuda_syncs = profile_sync_events(events) - profiler_own_syncs(s.device)
         grads = [p.grad for p in engine.params.values() if p.grad is not None]
         # read gradient + integer mask, write gradient
         nbytes = sum(g.numel() * g.element_size() * 3 for g in grads)
@@ -564,18 +562,11 @@ def host_reads(fn: Callable[[], object]) -> int:
 
 
 def cuda_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronising CUDA calls made by ``fn`` (``torch.cuda.set_sync_debug_mode`` warnings);
-    ``None`` off CUDA."""
+    """Synchronising CUDA calls made by ``fn`` (``torch.cuda.set_sync_debug_mode``
+    warnings, see ``lightning_ggr.sparse.syncs``); ``None`` off CUDA."""
     if device.type != "cuda":
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message))
+    return count_cuda_syncs(fn)
 
 
 def dense_step_time(s: Settings, model: nn.Module) -> float:

@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from lightning_ggr import SparseEngine, select_sparse_parameters
+from lightning_ggr.sparse.syncs import is_sync_warning
 from lightning_ggr.zoo import build_model
 
 SITES: collections.Counter[str] = collections.Counter()
 
 
 def _record(message, *args, **kwargs) -> None:
+    if not is_sync_warning(message):  # e.g. the mode's one-time "prototype feature" notice
+        return
     frames = [f for f in traceback.extract_stack() if "lightning_ggr" in f.filename]
     if frames:
         frame = frames[-1]

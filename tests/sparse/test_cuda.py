@@ -3,13 +3,12 @@ rewiring without synchronisations beyond the documented ones, invariants kept.""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
 from lightning_ggr.sparse import METHODS, SparseEngine, select_sparse_parameters
+from lightning_ggr.sparse.syncs import count_cuda_syncs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,15 +21,7 @@ def cuda_net() -> nn.Module:
     ).cuda()
 
 
-def syncs(fn) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for w in caught if "synchroniz" in str(w.message))
+syncs = count_cuda_syncs
 
 
 def backward(model: nn.Module) -> None:
@@ -46,9 +37,6 @@ def test_masks_are_drawn_on_the_gpu_and_reproducible():
         assert int(mask.sum()) == engines[0].initial_counts[name]
 
 
-@pytest.mark.xfail(strict=True, reason="measured on an H100 (2026-11-26): one synchronisation "
-                   "per pass, source not found yet (benchmarks/sync_sites.py prints the line); "
-                   "see docs/benchmarks.md")
 def test_the_per_step_pass_never_synchronises_and_is_exact():
     model = cuda_net()
     engine = SparseEngine(select_sparse_parameters(model), sparsity=0.9, seed=0)
@@ -60,24 +48,22 @@ def test_the_per_step_pass_never_synchronises_and_is_exact():
         assert (param.grad[~engine.masks[name]] == 0).all()
 
 
-@pytest.mark.xfail(strict=False, reason="measured on an H100 (2026-11-26) before the fix: 15-107 "
-                   "CUDA synchronisations per rewiring (item assignment of Python numbers, one "
-                   ".cpu() per layer in gradients_usable); the fix is not re-measured on a GPU "
-                   "yet: run benchmarks/sync_sites.py and make this strict or drop it")
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_rewiring_on_the_gpu_keeps_the_invariants_with_few_syncs(method):
     model = cuda_net()
     engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method=method, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     backward(model)
+    engine.mask_gradients()  # as a training step does before the optimizer's
     optimizer.step()
     engine.rewire(0.3, [optimizer])  # DSR's first threshold
     backward(model)
     total = engine.total_active
+    assert syncs(engine.gradients_usable) == 1  # the due step's one check of the gradients
     count = syncs(lambda: engine.rewire(0.3, [optimizer]))
     data_dependent = METHODS[method].allocation == "gradient" or METHODS[method].removal == (
         "threshold")
-    assert count <= (1 if data_dependent else 0), count
+    assert count == (1 if data_dependent else 0), count
     assert engine.total_active == total
     for name, param in engine.params.items():
         mask = engine.masks[name]
