@@ -101,7 +101,18 @@ def count_active(masks: Iterable[Tensor]) -> list[int]:
     return counts
 
 
-_ZEROS: dict[torch.dtype, Tensor] = {}
+_SCALARS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def device_scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor holding ``value`` on ``device``, for ``torch.where`` operands:
+    built once (a CPU scalar next to CUDA tensors costs host time at every call, and a new one
+    is a kernel launch each time). Never modify it in place."""
+    key = (float(value), dtype, torch.device(device))
+    scalar = _SCALARS.get(key)
+    if scalar is None:
+        scalar = _SCALARS.setdefault(key, torch.full((), value, dtype=dtype, device=device))
+    return scalar
 
 
 @torch.no_grad()
@@ -113,10 +124,7 @@ def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     tensors, :class:`MaskPass` is one operation per group, and faster.
     """
     for tensor, mask in zip(tensors, masks, strict=True):
-        zero = _ZEROS.get(tensor.dtype)
-        if zero is None:
-            zero = _ZEROS.setdefault(tensor.dtype, torch.zeros((), dtype=tensor.dtype))
-        torch.where(mask, tensor, zero, out=tensor)
+        torch.where(mask, tensor, device_scalar(0.0, tensor.dtype, tensor.device), out=tensor)
 
 
 class MaskPass:

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.checks import check_fraction, check_positive_or_none
-from lightning_ggr.sparse.masks import count_active
-from lightning_ggr.sparse.topk import global_topk, topk
+from lightning_ggr.sparse.masks import count_active, device_scalar
+from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk
 
 #: DSR's reference implementation starts its threshold here.
 DSR_REFERENCE_THRESHOLD = 1e-3
@@ -143,7 +143,7 @@ def _write_(tensor: Tensor, index: Tensor, values: Tensor | float | bool) -> Non
     flat = _flat(tensor, index)
     if flat is None:  # gaps or overlaps: rare, and slower
         if not isinstance(values, Tensor):
-            values = torch.full((), values, dtype=tensor.dtype, device=tensor.device)
+            values = device_scalar(values, tensor.dtype, tensor.device)
         tensor.index_put_(torch.unravel_index(index, tensor.shape), values)
     elif isinstance(values, Tensor):
         flat[0].index_copy_(0, flat[1], values)
@@ -161,15 +161,18 @@ def magnitude_scores(weight: Tensor, mask: Tensor) -> Tensor:
     scores = torch.empty(mask.numel(), dtype=_score_dtype(weight.dtype), device=mask.device)
     scores.view(mask.shape).copy_(weight.detach())
     scores.abs_().nan_to_num_(nan=-1.0, posinf=-1.0)
-    inf = torch.full((), math.inf, dtype=scores.dtype, device=scores.device)
+    inf = device_scalar(math.inf, scores.dtype, scores.device)
     return torch.where(mask.reshape(-1), scores, inf, out=scores)
 
 
-def gradient_scores(gradient: Tensor | None, mask: Tensor) -> Tensor:
+def gradient_scores(gradient: Tensor | None, mask: Tensor, out: Tensor | None = None) -> Tensor:
     """Flat growth scores of one layer: ``abs(gradient)`` at inactive positions, ``-1`` at
-    active ones (no gradient: 0 everywhere inactive)."""
-    dtype = _score_dtype(gradient.dtype) if gradient is not None else torch.float32
-    scores = torch.empty(mask.numel(), dtype=dtype, device=mask.device)
+    active ones (no gradient: 0 everywhere inactive); written into ``out`` (1-D, the mask's
+    size) when given."""
+    if out is None:
+        dtype = _score_dtype(gradient.dtype) if gradient is not None else torch.float32
+        out = torch.empty(mask.numel(), dtype=dtype, device=mask.device)
+    scores = out
     if gradient is None:
         scores.zero_()
     else:
@@ -425,7 +428,16 @@ def rank_by_gradient(
     """GGR: the global top-``total`` inactive ``abs`` gradients; layer ``l`` gets as many as
     it holds, and its winners, best first. One layer's scores at a time; one host read."""
     names = list(masks)
-    top = global_topk((gradient_scores(gradients.get(n), masks[n]) for n in names), total)
+    devices = {masks[n].device for n in names}
+    if len(devices) == 1:  # one selection per buffer-full of small layers
+        dtypes = {_score_dtype(g.dtype) for g in gradients.values() if g is not None}
+        top = global_topk_packed(
+            [masks[n].numel() for n in names],
+            lambda i, out: gradient_scores(gradients.get(names[i]), masks[names[i]], out),
+            total, device=devices.pop(),
+            dtype=torch.float64 if torch.float64 in dtypes else torch.float32)
+    else:  # a model spread over devices: one layer at a time
+        top = global_topk((gradient_scores(gradients.get(n), masks[n]) for n in names), total)
     counts = top.counts()
     return Allocated(counts, dict(zip(names, top.ranked(counts), strict=True)))
 
@@ -714,11 +726,11 @@ class Rewiring:
             for position, (tensor, value) in enumerate(targets):
                 _write_(tensor, new, value)
                 if regrown is not None:
-                    zero = torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+                    zero = device_scalar(0.0, tensor.dtype, tensor.device)
                     if keep:
                         back = torch.where(regrown, saved[name][position], zero)
                     else:
-                        start = torch.full((), value, dtype=tensor.dtype, device=tensor.device)
+                        start = device_scalar(value, tensor.dtype, tensor.device)
                         back = torch.where(regrown, start, zero)
                     _write_(tensor, index, back)
             if on_grow is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -152,6 +152,81 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         return GlobalTopK(empty.float(), empty, empty, layers)
     return GlobalTopK(*best, layers)
+
+
+def device_ints(values: Sequence[int], device: torch.device) -> Tensor:
+    """Host integers as an int64 tensor on ``device`` without waiting for it: on CUDA through
+    pinned memory and an asynchronous copy (``torch.tensor(values, device="cuda")`` copies from
+    pageable memory and synchronises)."""
+    host = torch.tensor(list(values), dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def global_topk_packed(
+    sizes: Sequence[int], write: Callable[[int, Tensor], None], k: int, *,
+    device: torch.device, dtype: torch.dtype = torch.float32,
+) -> GlobalTopK:
+    """:func:`global_topk` over ``len(sizes)`` score vectors that ``write(i, out)`` fills into
+    a 1-D ``out`` of ``sizes[i]`` elements, several small ones per selection.
+
+    The vectors are packed (first-fit decreasing) into buffers as large as the largest of
+    them, filled one after the other in one allocation, and one ``topk`` serves each
+    buffer-full instead of one per vector: on a GPU a ``topk`` is some twenty kernel launches
+    whatever its size, and launches, not bytes, bound the rewiring of a network with many
+    small layers (ResNet-18: 5 selections instead of 21). The peak extra memory stays one
+    buffer of the largest vector's size plus O(k). Nothing is read back to the host.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    total = sum(sizes)
+    if k > total:
+        raise ValueError(f"k={k} exceeds the {total} values in all scores together")
+    if k == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return GlobalTopK(empty.to(dtype), empty, empty, len(sizes))
+    capacity = max(sizes)
+    buffer = torch.empty(capacity, dtype=dtype, device=device)
+    # First-fit decreasing: ResNet-18's 21 layers fill 5 buffers (next-fit in layer order: 7).
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for position in sorted((i for i, n in enumerate(sizes) if n), key=lambda i: -sizes[i]):
+        for b, free in enumerate(room):
+            if sizes[position] <= free:
+                bins[b].append(position)
+                room[b] -= sizes[position]
+                break
+        else:
+            bins.append([position])
+            room.append(capacity - sizes[position])
+    best: tuple[Tensor, Tensor, Tensor] | None = None
+    for members in bins:
+        members.sort()
+        offsets = [0]
+        for position in members:
+            write(position, buffer[offsets[-1]:offsets[-1] + sizes[position]])
+            offsets.append(offsets[-1] + sizes[position])
+        filled = offsets.pop()
+        values, flat = topk(buffer[:filled], min(k, filled))
+        if len(members) == 1:
+            owner, index = torch.full_like(flat, members[0]), flat
+        else:  # which member each winner came from: one small asynchronous copy
+            table = device_ints(offsets + members, device)
+            local = torch.searchsorted(table[:len(members)], flat, right=True).sub_(1)
+            owner, index = table[len(members):][local], flat - table[local]
+        if best is not None:
+            values = torch.cat([best[0], values])
+            owner = torch.cat([best[1], owner])
+            index = torch.cat([best[2], index])
+            if values.numel() > k:
+                values, keep = values.topk(k, sorted=False)
+                owner, index = owner[keep], index[keep]
+        best = (values, owner, index)
+    assert best is not None
+    return GlobalTopK(*best, len(sizes))
 
 
 def global_topk_counts(scores: Iterable[Tensor], k: int) -> list[int]:

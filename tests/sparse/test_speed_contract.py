@@ -143,7 +143,8 @@ class SyncHazards(TorchFunctionMode):
                        "numpy"})
     DATA_SIZED = frozenset({"nonzero", "argwhere", "masked_select", "unique",
                             "unique_consecutive", "bincount", "repeat_interleave"})
-    #: Copy host data to the device (``unravel_index`` does, for the shape).
+    #: Copy host data to the device when given ``device=`` (``unravel_index`` always does,
+    #: for the shape).
     FROM_HOST = frozenset({"tensor", "as_tensor", "unravel_index"})
 
     def __init__(self) -> None:
@@ -164,8 +165,16 @@ class SyncHazards(TorchFunctionMode):
         elif name == "__setitem__" and not torch.is_tensor(args[2]):
             self.calls.append("__setitem__ of a Python number")
         elif name in self.FROM_HOST and not (args and torch.is_tensor(args[0])
-                                             and name != "unravel_index"):
+                                             and name != "unravel_index") and (
+                name == "unravel_index" or (kwargs or {}).get("device") is not None):
+            # built on the device straight from host data: a synchronous copy on CUDA
             self.calls.append(f"{name} from host data")
+        elif name == "to" and args and torch.is_tensor(args[0]) and args[0].device.type == (
+                "cpu") and ("device" in (kwargs or {}) or any(
+                    isinstance(a, (torch.device, str)) for a in args[1:])) and not (
+                kwargs or {}).get("non_blocking", False):
+            # a host tensor sent to a device without non_blocking (pinned memory) waits
+            self.calls.append("to() from the host")
         return func(*args, **(kwargs or {}))
 
 

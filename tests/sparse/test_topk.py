@@ -81,3 +81,66 @@ def test_cpu_topk_of_a_huge_input_selects_what_torch_topk_selects(single_thread,
     assert torch.equal(values.nan_to_num(9).sort().values, expected.nan_to_num(9).sort().values)
     assert torch.equal(scores[index].nan_to_num(9), values.nan_to_num(9))
     assert index.unique().numel() == k
+
+
+def packed(scores, k, dtype=torch.float32):
+    from lightning_ggr.sparse.topk import global_topk_packed
+
+    flat = [s.reshape(-1) for s in scores]
+    calls = []
+
+    def write(i, out):
+        calls.append(i)
+        out.copy_(flat[i])
+
+    top = global_topk_packed([f.numel() for f in flat], write, k, device=torch.device("cpu"),
+                             dtype=dtype)
+    return top, calls
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=9).filter(any), data=st.data())
+def test_packed_selection_is_the_global_top_k_with_owner_and_index(sizes, data):
+    """Small layers share one buffer (one topk per buffer-full): the selection, its owners and
+    flat indices are those of one global sort, empty layers included."""
+    values = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(
+        data.draw(st.integers(0, 2**31)))).float()
+    scores = list(values.split(sizes))
+    k = data.draw(st.integers(0, sum(sizes)))
+    top, calls = packed(scores, k)
+    assert sorted(calls) == ([i for i, n in enumerate(sizes) if n] if k else [])
+    assert top.counts() == brute_force_counts(scores, k)
+    for value, owner, index in zip(top.values.tolist(), top.owner.tolist(),
+                                   top.index.tolist(), strict=True):
+        assert scores[owner][index] == value
+    assert sorted(top.values.tolist()) == sorted(values.topk(k).values.tolist())
+
+
+def test_packing_never_holds_more_than_the_largest_layer_and_2k(monkeypatch):
+    """The paper's memory claim: one buffer as large as the largest layer, O(k) besides."""
+    seen = []
+    real_empty, real_cat = torch.empty, torch.cat
+
+    def spy_empty(*size, **kwargs):
+        out = real_empty(*size, **kwargs)
+        seen.append(("buffer", out.numel()))
+        return out
+
+    def spy_cat(tensors, *args, **kwargs):
+        seen.append(("cat", sum(t.numel() for t in tensors)))
+        return real_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    monkeypatch.setattr(torch, "cat", spy_cat)
+    sizes = [50, 3000, 20, 20, 2000, 999, 3000]
+    top, _ = packed([torch.rand(n) for n in sizes], 7)
+    assert [n for kind, n in seen if kind == "buffer"] == [3000]
+    assert max(n for kind, n in seen if kind == "cat") <= 14
+    # first-fit decreasing: 3000 | 3000 | 2000+999 | 50+20+20: 4 selections for 7 layers
+    assert len([n for kind, n in seen if kind == "cat"]) == 3 * 3
+
+
+def test_packed_float64_scores_keep_their_precision():
+    close = [torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64), torch.tensor([0.5])]
+    top, _ = packed(close, 1, dtype=torch.float64)
+    assert (top.owner.tolist(), top.index.tolist()) == ([0], [1])
