@@ -134,6 +134,7 @@ def test_packing_never_holds_more_than_the_largest_layer_and_2k(monkeypatch):
     monkeypatch.setattr(torch, "cat", spy_cat)
     sizes = [50, 3000, 20, 20, 2000, 999, 3000]
     top, _ = packed([torch.rand(n) for n in sizes], 7)
+    assert sum(top.counts()) == 7
     assert [n for kind, n in seen if kind == "buffer"] == [3000]
     assert max(n for kind, n in seen if kind == "cat") <= 14
     # first-fit decreasing: 3000 | 3000 | 2000+999 | 50+20+20: 4 selections for 7 layers
