@@ -211,43 +211,60 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.gradients_()
 
-    def _finite_flags(self) -> list[Tensor]:
-        """One 0-dim flag per device: every gradient there is finite. An infinity norm per
-        gradient (one multi-tensor operation; NaN propagates through it), nothing read."""
+    def _gradient_checks(self) -> list[Tensor]:
+        """Per device, ``[every gradient there is finite, one of them has a nonzero entry]``
+        as a 2-element tensor: an infinity norm per gradient (one multi-tensor operation; NaN
+        propagates through it), nothing read."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for param in self._param_list:
             if param.grad is not None:
                 by_device.setdefault(param.grad.device, []).append(param.grad)
-        return [torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
-                for grads in by_device.values()]
+        checks = []
+        for grads in by_device.values():
+            norms = torch.stack(torch._foreach_norm(grads, math.inf))
+            checks.append(torch.stack([torch.isfinite(norms).all(), (norms > 0).any()]))
+        return checks
 
-    def _agreed(self, flags: list[Tensor], local: bool = True) -> bool:
-        """``local`` and every flag, read back once (per device), and under
-        ``torch.distributed`` agreed over all processes by one all-reduce."""
+    def _agreed(self, checks: list[Tensor], local: bool = True, signal: bool = False) -> bool:
+        """``local``, every gradient finite and, with ``signal``, some gradient nonzero: read
+        back once (per device), and under ``torch.distributed`` agreed over all processes by
+        one all-reduce."""
         if _distributed():
             device = self._distributed_device()
-            flag = torch.full((), int(local), dtype=torch.int32, device=device)
-            for finite in flags:
-                flag &= finite.to(device, torch.int32)
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            nonzero = torch.zeros((), dtype=torch.bool, device=device)
+            for check in checks:
+                check = check.to(device)
+                finite &= check[0]
+                nonzero |= check[1]
+            usable = finite & (nonzero | (not signal)) & local
+            flag = usable.to(torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             return bool(flag)
-        return local and all(bool(finite) for finite in flags)
+        if not local:
+            return False
+        values = [check.tolist() for check in checks]
+        finite = all(value[0] for value in values)
+        return finite and (not signal or any(value[1] for value in values))
 
     def gradients_finite(self) -> bool:
         """Whether every sparse parameter's gradient is finite, agreed over all processes
         (one read of the device)."""
-        return self._agreed(self._finite_flags())
+        return self._agreed(self._gradient_checks())
 
     def gradients_usable(self) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
 
         Every sparse gradient present must be finite, and a method that grows by gradient
-        (RigL, GGR) needs at least one: a step without any (``training_step`` returned
-        ``None``) would score every position 0 and grow arbitrarily. One read of the device
-        (not one per layer) and one all-reduce, only on a step where a rewiring is due.
+        (RigL, GGR) needs at least one that is not zero everywhere: a step without any
+        (``training_step`` returned ``None``), or whose gradients were zeroed and not
+        computed again (``zero_grad(set_to_none=False)`` and no backward), would score every
+        position 0 and grow arbitrarily. One read of the device (not one per layer) and one
+        all-reduce, only on a step where a rewiring is due.
         """
+        signal = self.rewiring.needs_gradients
         present = any(param.grad is not None for param in self._param_list)
-        return self._agreed(self._finite_flags(), present or not self.rewiring.needs_gradients)
+        return self._agreed(self._gradient_checks(), present or not signal, signal)
 
     @property
     def last_slot(self) -> int:

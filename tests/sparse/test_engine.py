@@ -223,6 +223,35 @@ def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(m
     assert (engine.pending_step == 2) is postponed
 
 
+@pytest.mark.parametrize(("method", "postponed"), [("rigl", True), ("ggr", True),
+                                                   ("set", False), ("dsr", False)])
+def test_gradients_zeroed_and_not_recomputed_postpone_growth_by_gradient(method, postponed):
+    """``zero_grad(set_to_none=False)`` and no backward before a due step: every gradient is
+    an all-zero tensor. Growth by gradient would score every free position 0 and grow
+    arbitrarily (adversarial finding); it waits for a step with a signal instead."""
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method=method,
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    _backward(model)
+    model.zero_grad(set_to_none=False)
+    masks = {name: mask.clone() for name, mask in engine.masks.items()}
+    report = engine.before_optimizer_step(2, 0)
+    assert report.skipped is postponed
+    assert (engine.pending_step == 2) is postponed
+    assert all(torch.equal(masks[n], m) for n, m in engine.masks.items()) is postponed
+    _backward(model)  # the next step has gradients: the postponed rewiring runs
+    report = engine.before_optimizer_step(3, 0)
+    assert (report is not None and not report.skipped) is postponed
+
+
+def test_one_zero_gradient_layer_among_others_is_usable():
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="ggr")
+    _backward(model)
+    engine.params["2.weight"].grad.zero_()  # an unused branch: the others carry the signal
+    assert engine.gradients_usable()
+
+
 def test_the_schedule_position_survives_a_change_of_interval():
     """The position is the step and epoch of the last rewiring, not a slot of the old unit."""
     model = tiny_net()
