@@ -157,6 +157,7 @@ class SparseEngine:
         self._saved_slot = 0  # a checkpoint's slot, for states saved without the epoch
         self.rewirings = 0
         self._warned_no_optimizer = False
+        self._warned_no_signal = False
         self.skipped_rewirings = 0
         self._refresh_lists()
         self.broadcast_topology()
@@ -225,46 +226,61 @@ class SparseEngine:
             checks.append(torch.stack([torch.isfinite(norms).all(), (norms > 0).any()]))
         return checks
 
-    def _agreed(self, checks: list[Tensor], local: bool = True, signal: bool = False) -> bool:
-        """``local``, every gradient finite and, with ``signal``, some gradient nonzero: read
-        back once (per device), and under ``torch.distributed`` agreed over all processes by
-        one all-reduce."""
+    def _agreed(self, checks: list[Tensor], local: bool = True) -> tuple[bool, bool]:
+        """(``local`` and every gradient finite, some gradient nonzero), read back once (per
+        device), and under ``torch.distributed`` agreed over all processes by one all-reduce
+        (finite everywhere, nonzero somewhere)."""
         if _distributed():
             device = self._distributed_device()
-            finite = torch.ones((), dtype=torch.bool, device=device)
-            nonzero = torch.zeros((), dtype=torch.bool, device=device)
+            # MIN over [usable, 1 - signal]: usable everywhere, signal somewhere.
+            flags = torch.ones(2, dtype=torch.int32, device=device)
+            flags[0].fill_(int(local))
             for check in checks:
-                check = check.to(device)
-                finite &= check[0]
-                nonzero |= check[1]
-            usable = finite & (nonzero | (not signal)) & local
-            flag = usable.to(torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            return bool(flag)
-        if not local:
-            return False
+                check = check.to(device, torch.int32)
+                flags[0].bitwise_and_(check[0])
+                flags[1].bitwise_and_(1 - check[1])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            usable, silent = flags.tolist()
+            return bool(usable), not silent
         values = [check.tolist() for check in checks]
         finite = all(value[0] for value in values)
-        return finite and (not signal or any(value[1] for value in values))
+        return local and finite, any(value[1] for value in values)
 
     def gradients_finite(self) -> bool:
         """Whether every sparse parameter's gradient is finite, agreed over all processes
         (one read of the device)."""
-        return self._agreed(self._gradient_checks())
+        return self._agreed(self._gradient_checks())[0]
+
+    def _check_gradients(self) -> bool:
+        """:meth:`gradients_usable`, warning once when a method that grows by gradient is
+        about to rewire with gradients that are zero everywhere."""
+        needs = self.rewiring.needs_gradients
+        present = any(param.grad is not None for param in self._param_list)
+        usable, signal = self._agreed(self._gradient_checks(), present or not needs)
+        if usable and needs and not signal and not self._warned_no_signal:
+            self._warned_no_signal = True
+            warnings.warn(
+                "every sparse gradient is zero at this rewiring: growth by gradient has no "
+                "signal and puts new weights at arbitrary free positions. Either no backward "
+                "ran since the gradients were zeroed (zero_grad(set_to_none=False) without a "
+                "backward, a skipped step) or the network is dead (no signal reaches its "
+                "sparse layers)", UserWarning, stacklevel=3)
+        return usable
 
     def gradients_usable(self) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
 
         Every sparse gradient present must be finite, and a method that grows by gradient
-        (RigL, GGR) needs at least one that is not zero everywhere: a step without any
-        (``training_step`` returned ``None``), or whose gradients were zeroed and not
-        computed again (``zero_grad(set_to_none=False)`` and no backward), would score every
-        position 0 and grow arbitrarily. One read of the device (not one per layer) and one
-        all-reduce, only on a step where a rewiring is due.
+        (RigL, GGR) needs at least one: a step without any (``training_step`` returned
+        ``None``) would score every position 0 and grow arbitrarily. Gradients that are all
+        zero (no backward since ``zero_grad(set_to_none=False)``, or a dead network) cannot be
+        told apart from a real step: they are usable, with a warning at the rewiring. One
+        read of the device (not one per layer) and one all-reduce, only on a step where a
+        rewiring is due.
         """
-        signal = self.rewiring.needs_gradients
+        needs = self.rewiring.needs_gradients
         present = any(param.grad is not None for param in self._param_list)
-        return self._agreed(self._gradient_checks(), present or not signal, signal)
+        return self._agreed(self._gradient_checks(), present or not needs)[0]
 
     @property
     def last_slot(self) -> int:
@@ -303,7 +319,7 @@ class SparseEngine:
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            if not self.gradients_usable():
+            if not self._check_gradients():
                 self.skipped_rewirings += 1
                 self.pending_step = int(due_step)
                 report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_ggr.sparse.checks import check_fraction, check_positive_or_none
 from lightning_ggr.sparse.masks import count_active, device_scalar
-from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk
+from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk, topk_rows
 
 #: DSR's reference implementation starts its threshold here.
 DSR_REFERENCE_THRESHOLD = 1e-3
@@ -155,10 +155,12 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def magnitude_scores(weight: Tensor, mask: Tensor) -> Tensor:
+def magnitude_scores(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
     """Flat removal scores of one layer: ``abs(weight)`` at active positions, ``+inf`` at
-    inactive ones, ``-1`` at a non-finite active weight (so it is dropped first)."""
-    scores = torch.empty(mask.numel(), dtype=_score_dtype(weight.dtype), device=mask.device)
+    inactive ones, ``-1`` at a non-finite active weight (so it is dropped first); written into
+    ``out`` (1-D, the mask's size) when given."""
+    scores = out if out is not None else torch.empty(
+        mask.numel(), dtype=_score_dtype(weight.dtype), device=mask.device)
     scores.view(mask.shape).copy_(weight.detach())
     scores.abs_().nan_to_num_(nan=-1.0, posinf=-1.0)
     inf = device_scalar(math.inf, scores.dtype, scores.device)
@@ -184,19 +186,34 @@ def gradient_scores(gradient: Tensor | None, mask: Tensor, out: Tensor | None = 
 # ----------------------------------------------------------------------------- removal
 
 
+def _topk_per_layer(
+    masks: Mapping[str, Tensor], counts: Mapping[str, int],
+    write: Callable[[str, Tensor], object], dtypes: Mapping[str, torch.dtype], *,
+    largest: bool,
+) -> dict[str, Tensor]:
+    """Each layer's ``counts[name]`` largest (smallest) scores, as flat indices; ``write(name,
+    out)`` fills a layer's scores into ``out``. Layers of one device and score type share
+    selections (:func:`lightning_ggr.sparse.topk.topk_rows`): a few ``topk`` for all."""
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, mask in masks.items():
+        groups.setdefault((mask.device, dtypes[name]), []).append(name)
+    found: dict[str, Tensor] = {}
+    for (device, dtype), names in groups.items():
+        found.update(zip(names, topk_rows(
+            [masks[n].numel() for n in names], [max(counts[n], 0) for n in names],
+            lambda i, out, names=names: write(names[i], out), largest=largest,
+            pad=-math.inf if largest else math.inf, device=device, dtype=dtype), strict=True))
+    return {name: found[name] for name in masks}
+
+
 def drop_smallest(
     weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], counts: Mapping[str, int]
 ) -> dict[str, Tensor]:
     """Flat indices of each layer's ``counts[name]`` active weights of smallest magnitude
     (non-finite ones first); ``counts[name]`` must not exceed the layer's active count."""
-    dropped = {}
-    for name, mask in masks.items():
-        count = counts[name]
-        if count <= 0:
-            dropped[name] = _empty_index(mask)
-            continue
-        dropped[name] = topk(magnitude_scores(weights[name], mask), count, largest=False)[1]
-    return dropped
+    return _topk_per_layer(
+        masks, counts, lambda name, out: magnitude_scores(weights[name], masks[name], out),
+        {name: _score_dtype(weights[name].dtype) for name in masks}, largest=False)
 
 
 def magnitude_counts(active: Mapping[str, int], drop_fraction: float) -> dict[str, int]:
@@ -530,6 +547,64 @@ def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
     return topk(gradient_scores(gradient, mask), count)[1]
 
 
+def _uniform_into(out: Tensor, generator: torch.Generator) -> None:
+    if generator.device == out.device:
+        out.uniform_(generator=generator)
+    else:
+        out.copy_(torch.rand(out.numel(), generator=generator, device=generator.device))
+
+
+def random_positions_per_layer(
+    masks: Mapping[str, Tensor], counts: Mapping[str, int],
+    generators: Callable[[torch.device], torch.Generator],
+    exclude: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """:func:`random_positions` for every layer at once (a few selections for all layers):
+    ``counts[name]`` inactive positions of each layer, not in ``exclude[name]``, uniformly at
+    random; ``generators(device)`` gives the random source of a device. A layer with nothing
+    to grow draws nothing."""
+    exclude = exclude or {}
+
+    def write(name: str, out: Tensor) -> None:
+        mask = masks[name]
+        _uniform_into(out, generators(mask.device))
+        out.masked_fill_(mask.reshape(-1), -1.0)
+        skip = exclude.get(name)
+        if skip is not None and skip.numel():
+            out.index_fill_(0, skip, -1.0)
+
+    return _topk_per_layer(masks, counts, write, dict.fromkeys(masks, torch.float32),
+                           largest=True)
+
+
+def gradient_positions_per_layer(
+    masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor | None] | None,
+    counts: Mapping[str, int], ranked: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """:func:`gradient_positions` for every layer at once: the first ``counts[name]`` of
+    ``ranked[name]`` where the allocation ranked enough, else a shared selection."""
+    ranked = ranked or {}
+    gradients = gradients or {}
+    chosen: dict[str, Tensor] = {}
+    rest: dict[str, int] = {}
+    for name, mask in masks.items():
+        count, order = counts[name], ranked.get(name)
+        if count <= 0:
+            chosen[name] = _empty_index(mask)
+        elif order is not None and order.numel() >= count:
+            chosen[name] = order[:count]
+        else:
+            rest[name] = count
+    if rest:
+        subset = {name: masks[name] for name in rest}
+        dtypes = {name: _score_dtype(g.dtype) if (g := gradients.get(name)) is not None
+                  else torch.float32 for name in rest}
+        chosen.update(_topk_per_layer(
+            subset, rest, lambda name, out: gradient_scores(gradients.get(name), masks[name],
+                                                            out), dtypes, largest=True))
+    return {name: chosen[name] for name in masks}
+
+
 def grow_by_gradient(mask: Tensor, gradient: Tensor, count: int) -> Tensor:
     """The ``count`` inactive positions of largest ``|gradient|`` (RigL), as a bool tensor."""
     return _to_bool(gradient_positions(mask, gradient, count), mask)
@@ -547,7 +622,12 @@ class Insertion(Protocol):
     """Where inside a layer its new weights go: flat (row-major) indices of ``count``
     inactive positions. ``ranked`` (when the allocation ranked them) are the layer's free
     positions by decreasing gradient. ``needs_random``: whether it draws from ``generator``
-    (a generator on the mask's device)."""
+    (a generator on the mask's device).
+
+    An insertion may also offer ``select(masks, gradients, counts, generators, ranked)``, the
+    same for every layer at once (name -> indices; ``generators(device)`` gives a device's
+    random source): :class:`Rewiring` then calls it once, so that layers can share
+    selections. Without it, :class:`Rewiring` calls the insertion layer by layer."""
 
     needs_gradients: bool
     needs_random: bool
@@ -566,6 +646,11 @@ class GradientInsertion:
                  generator: torch.Generator, ranked: Tensor | None = None) -> Tensor:
         return gradient_positions(mask, gradient, count, ranked)
 
+    def select(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor | None] | None,
+               counts: Mapping[str, int], generators: Callable[[torch.device], torch.Generator],
+               ranked: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return gradient_positions_per_layer(masks, gradients, counts, ranked)
+
 
 class RandomInsertion:
     """SET: at uniformly random inactive positions."""
@@ -576,6 +661,11 @@ class RandomInsertion:
     def __call__(self, mask: Tensor, gradient: Tensor | None, count: int,
                  generator: torch.Generator, ranked: Tensor | None = None) -> Tensor:
         return random_positions(mask, count, generator)
+
+    def select(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor | None] | None,
+               counts: Mapping[str, int], generators: Callable[[torch.device], torch.Generator],
+               ranked: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return random_positions_per_layer(masks, counts, generators)
 
 
 class MixedInsertion:
@@ -600,6 +690,20 @@ class MixedInsertion:
             at_random = random_positions(mask, count - by_gradient, generator, exclude=chosen)
             chosen = torch.cat([chosen, at_random])
         return chosen
+
+    def select(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor | None] | None,
+               counts: Mapping[str, int], generators: Callable[[torch.device], torch.Generator],
+               ranked: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        by_gradient = {name: _round_half_up(self.gradient_ratio * count)
+                       for name, count in counts.items()}
+        chosen = gradient_positions_per_layer(masks, gradients, by_gradient, ranked)
+        at_random = random_positions_per_layer(
+            masks, {name: counts[name] - by_gradient[name] for name in masks}, generators,
+            exclude=chosen)
+        return {name: torch.cat([chosen[name], at_random[name]])
+                if chosen[name].numel() and at_random[name].numel()
+                else (chosen[name] if chosen[name].numel() else at_random[name])
+                for name in masks}
 
 
 class DeviceGenerators:
@@ -710,14 +814,22 @@ class Rewiring:
                           else (list(result), None))
 
         generators = DeviceGenerators(generator)
-        random = getattr(self.insertion, "needs_random", True)
+        counted = dict(zip(names, counts, strict=True))
+        select = getattr(self.insertion, "select", None)
+        if select is not None:  # every layer at once: shared selections
+            positions = select(masks, gradients, counted, generators, ranked)
+        else:
+            positions = {}
+            random = getattr(self.insertion, "needs_random", True)
+            for name, count in counted.items():
+                source = generators(masks[name].device) if random and count > 0 else generator
+                positions[name] = self.insertion(
+                    masks[name], None if gradients is None else gradients.get(name), count,
+                    source, ranked=None if ranked is None else ranked.get(name))
         grown = {}
-        for name, count in zip(names, counts, strict=True):
+        for name, count in counted.items():
             mask = masks[name]
-            gradient = None if gradients is None else gradients.get(name)
-            source = generators(mask.device) if random and count > 0 else generator
-            new = _as_index(self.insertion(mask, gradient, count, source,
-                                           ranked=None if ranked is None else ranked.get(name)))
+            new = _as_index(positions[name])
             _write_(mask, new, True)
             index = dropped[name]
             regrown = _gather(mask, index) if index.numel() else None

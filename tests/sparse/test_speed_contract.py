@@ -207,5 +207,5 @@ def test_a_due_rewiring_synchronises_a_fixed_number_of_times(single_thread, meth
         calls[layers] = hazards.calls
     data_dependent = (METHODS[method].allocation == "gradient"
                       or METHODS[method].removal == "threshold")
-    expected = ["tolist", "tolist"] + (["tolist"] if data_dependent else [])
+    expected = ["tolist", "tolist"] + (["tolist"] if data_dependent else [])  # check, check
     assert calls == {3: expected, 24: expected}

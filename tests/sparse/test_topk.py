@@ -145,3 +145,52 @@ def test_packed_float64_scores_keep_their_precision():
     close = [torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64), torch.tensor([0.5])]
     top, _ = packed(close, 1, dtype=torch.float64)
     assert (top.owner.tolist(), top.index.tolist()) == ([0], [1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(0, 400), min_size=1, max_size=9), largest=st.booleans(),
+       data=st.data())
+def test_rows_of_similar_layers_select_each_layers_own_top_k(sizes, largest, data):
+    """topk_rows: one topk per group of similar lengths, each vector's own k extremes."""
+    from lightning_ggr.sparse.topk import topk_rows
+
+    values = torch.randperm(max(sum(sizes), 1), generator=torch.Generator().manual_seed(
+        data.draw(st.integers(0, 2**31)))).float()[:sum(sizes)]
+    scores = list(values.split(sizes))
+    ks = [data.draw(st.integers(0, n)) for n in sizes]
+    written = []
+
+    def write(i, out):
+        written.append(i)
+        out.copy_(scores[i])
+
+    found = topk_rows(sizes, ks, write, largest=largest,
+                      pad=-float("inf") if largest else float("inf"),
+                      device=torch.device("cpu"))
+    assert sorted(written) == [i for i, (n, k) in enumerate(zip(sizes, ks, strict=True)) if n and k]
+    for score, k, index in zip(scores, ks, found, strict=True):
+        assert index.numel() == k and index.unique().numel() == k
+        expected = score.topk(k, largest=largest).values if k else score[:0]
+        assert sorted(score[index].tolist()) == sorted(expected.tolist())
+
+
+def test_similar_layers_share_one_selection(monkeypatch):
+    """The buffer is as large as the longest vector: shorter ones share it as rows."""
+    from lightning_ggr.sparse.topk import row_groups, topk_rows
+
+    sizes = [1000, 900, 300, 1000, 100, 250, 20]  # 20: too short for a row of 300
+    assert row_groups(sizes, capacity=1000) == [[0], [3], [1], [2, 5, 4], [6]]
+    assert row_groups(sizes, capacity=4000) == [[0, 3, 1, 2], [5, 4], [6]]
+    calls = []
+    real = torch.Tensor.topk
+
+    def spy(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", spy)
+    scores = [torch.rand(n) for n in sizes]
+    found = topk_rows(sizes, [5, 4, 3, 2, 1, 7, 1], lambda i, out: out.copy_(scores[i]),
+                      largest=True, pad=-float("inf"), device=torch.device("cpu"))
+    assert [index.numel() for index in found] == [5, 4, 3, 2, 1, 7, 1]
+    assert calls == [(1000,), (1000,), (900,), (3, 300), (20,)]
