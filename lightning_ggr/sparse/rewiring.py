@@ -155,14 +155,22 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _abs_into(out: Tensor, values: Tensor) -> None:
+    """``out = abs(values)``: one kernel when the dtypes match, else a copy first."""
+    if values.dtype == out.dtype:
+        torch.abs(values, out=out)
+    else:
+        out.copy_(values).abs_()
+
+
 def magnitude_scores(weight: Tensor, mask: Tensor, out: Tensor | None = None) -> Tensor:
     """Flat removal scores of one layer: ``abs(weight)`` at active positions, ``+inf`` at
     inactive ones, ``-1`` at a non-finite active weight (so it is dropped first); written into
     ``out`` (1-D, the mask's size) when given."""
     scores = out if out is not None else torch.empty(
         mask.numel(), dtype=_score_dtype(weight.dtype), device=mask.device)
-    scores.view(mask.shape).copy_(weight.detach())
-    scores.abs_().nan_to_num_(nan=-1.0, posinf=-1.0)
+    _abs_into(scores.view(mask.shape), weight.detach())
+    scores.nan_to_num_(nan=-1.0, posinf=-1.0)
     inf = device_scalar(math.inf, scores.dtype, scores.device)
     return torch.where(mask.reshape(-1), scores, inf, out=scores)
 
@@ -178,8 +186,7 @@ def gradient_scores(gradient: Tensor | None, mask: Tensor, out: Tensor | None = 
     if gradient is None:
         scores.zero_()
     else:
-        scores.view(mask.shape).copy_(gradient.detach())
-        scores.abs_()
+        _abs_into(scores.view(mask.shape), gradient.detach())
     return scores.masked_fill_(mask.reshape(-1), -1.0)
 
 
