@@ -164,6 +164,11 @@ def device_ints(values: Sequence[int], device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True)
 
 
+#: :func:`global_topk_packed` merges its buffers' winners once more than this many times ``k``
+#: of them wait.
+MERGE_AFTER = 4
+
+
 def global_topk_packed(
     sizes: Sequence[int], write: Callable[[int, Tensor], None], k: int, *,
     device: torch.device, dtype: torch.dtype = torch.float32,
@@ -202,7 +207,17 @@ def global_topk_packed(
         else:
             bins.append([position])
             room.append(capacity - sizes[position])
-    best: tuple[Tensor, Tensor, Tensor] | None = None
+    # Each buffer's winners wait; they are merged (one topk) when more than MERGE_AFTER * k
+    # wait, and at the end: fewer merges than one per buffer, still O(k) memory.
+    waiting: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def merge() -> None:
+        values, owner, index = (torch.cat(part) for part in zip(*waiting, strict=True))
+        if values.numel() > k:
+            values, keep = values.topk(k, sorted=False)
+            owner, index = owner[keep], index[keep]
+        waiting[:] = [(values, owner, index)]
+
     for members in bins:
         members.sort()
         offsets = [0]
@@ -217,14 +232,12 @@ def global_topk_packed(
             table = device_ints(offsets + members, device)
             local = torch.searchsorted(table[:len(members)], flat, right=True).sub_(1)
             owner, index = table[len(members):][local], flat - table[local]
-        if best is not None:
-            values = torch.cat([best[0], values])
-            owner = torch.cat([best[1], owner])
-            index = torch.cat([best[2], index])
-            if values.numel() > k:
-                values, keep = values.topk(k, sorted=False)
-                owner, index = owner[keep], index[keep]
-        best = (values, owner, index)
+        waiting.append((values, owner, index))
+        if sum(part[0].numel() for part in waiting) > MERGE_AFTER * k:
+            merge()
+    if len(waiting) > 1:
+        merge()
+    best = waiting[0]
     assert best is not None
     return GlobalTopK(*best, len(sizes))
 
