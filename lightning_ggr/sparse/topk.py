@@ -164,11 +164,6 @@ def device_ints(values: Sequence[int], device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True)
 
 
-#: :func:`global_topk_packed` merges its buffers' winners once more than this many times ``k``
-#: of them wait.
-MERGE_AFTER = 4
-
-
 def global_topk_packed(
     sizes: Sequence[int], write: Callable[[int, Tensor], None], k: int, *,
     device: torch.device, dtype: torch.dtype = torch.float32,
@@ -176,8 +171,8 @@ def global_topk_packed(
     """:func:`global_topk` over ``len(sizes)`` score vectors that ``write(i, out)`` fills into
     a 1-D ``out`` of ``sizes[i]`` elements, several small ones per selection.
 
-    The vectors are packed (first-fit decreasing) into buffers as large as the largest of
-    them, filled one after the other in one allocation, and one ``topk`` serves each
+    The vectors are packed (first-fit decreasing) into buffers no larger than the largest of
+    them, filled one after the other, and one ``topk`` serves each
     buffer-full instead of one per vector: on a GPU a ``topk`` is some twenty kernel launches
     whatever its size, and launches, not bytes, bound the rewiring of a network with many
     small layers (ResNet-18: 5 selections instead of 21). The peak extra memory stays one
@@ -194,7 +189,6 @@ def global_topk_packed(
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         return GlobalTopK(empty.to(dtype), empty, empty, len(sizes))
     capacity = max(sizes)
-    buffer = torch.empty(capacity, dtype=dtype, device=device)
     # First-fit decreasing: ResNet-18's 21 layers fill 5 buffers (next-fit in layer order: 7).
     bins: list[list[int]] = []
     room: list[int] = []
@@ -207,37 +201,34 @@ def global_topk_packed(
         else:
             bins.append([position])
             room.append(capacity - sizes[position])
-    # Each buffer's winners wait; they are merged (one topk) when more than MERGE_AFTER * k
-    # wait, and at the end: fewer merges than one per buffer, still O(k) memory.
-    waiting: list[tuple[Tensor, Tensor, Tensor]] = []
-
-    def merge() -> None:
-        values, owner, index = (torch.cat(part) for part in zip(*waiting, strict=True))
-        if values.numel() > k:
-            values, keep = values.topk(k, sorted=False)
-            owner, index = owner[keep], index[keep]
-        waiting[:] = [(values, owner, index)]
-
+    best: tuple[Tensor, Tensor, Tensor] | None = None
     for members in bins:
         members.sort()
         offsets = [0]
         for position in members:
-            write(position, buffer[offsets[-1]:offsets[-1] + sizes[position]])
             offsets.append(offsets[-1] + sizes[position])
         filled = offsets.pop()
-        values, flat = topk(buffer[:filled], min(k, filled))
+        # One buffer per bin, freed before the merge so that the merge does not share the
+        # peak with the scores (the caching allocator hands the same block back next time).
+        buffer = torch.empty(filled, dtype=dtype, device=device)
+        for position, offset in zip(members, offsets, strict=True):
+            write(position, buffer[offset:offset + sizes[position]])
+        values, flat = topk(buffer, min(k, filled))
+        del buffer
         if len(members) == 1:
             owner, index = torch.full_like(flat, members[0]), flat
         else:  # which member each winner came from: one small asynchronous copy
             table = device_ints(offsets + members, device)
             local = torch.searchsorted(table[:len(members)], flat, right=True).sub_(1)
             owner, index = table[len(members):][local], flat - table[local]
-        waiting.append((values, owner, index))
-        if sum(part[0].numel() for part in waiting) > MERGE_AFTER * k:
-            merge()
-    if len(waiting) > 1:
-        merge()
-    best = waiting[0]
+        if best is not None:  # merged at once: 2k winners at most wait (O(k) memory)
+            values = torch.cat([best[0], values])
+            owner = torch.cat([best[1], owner])
+            index = torch.cat([best[2], index])
+            if values.numel() > k:
+                values, keep = values.topk(k, sorted=False)
+                owner, index = owner[keep], index[keep]
+        best = (values, owner, index)
     assert best is not None
     return GlobalTopK(*best, len(sizes))
 

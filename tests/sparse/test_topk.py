@@ -116,9 +116,10 @@ def test_packed_selection_is_the_global_top_k_with_owner_and_index(sizes, data):
     assert sorted(top.values.tolist()) == sorted(values.topk(k).values.tolist())
 
 
-def test_packing_never_holds_more_than_the_largest_layer_and_5k(monkeypatch):
-    """The paper's memory claim: one buffer as large as the largest layer, O(k) besides (at
-    most MERGE_AFTER + 1 = 5 times k winners wait for a merge)."""
+def test_packing_never_holds_more_than_the_largest_layer_and_2k(monkeypatch):
+    """The paper's memory claim: one buffer as large as the largest layer, O(k) besides (2k
+    winners wait for a merge: merging only after several buffers raised ResNet-18's peak on
+    an H100 from 22 to 37 MB)."""
     seen = []
     real_empty, real_cat = torch.empty, torch.cat
 
@@ -136,10 +137,10 @@ def test_packing_never_holds_more_than_the_largest_layer_and_5k(monkeypatch):
     sizes = [50, 3000, 20, 20, 2000, 999, 3000]
     top, _ = packed([torch.rand(n) for n in sizes], 7)
     assert sum(top.counts()) == 7
-    assert [n for kind, n in seen if kind == "buffer"] == [3000]
-    # first-fit decreasing: 3000 | 3000 | 2000+999 | 50+20+20: 4 selections for 7 layers,
-    # whose 4 x 7 winners are merged once (values, owners, indices: 3 concatenations)
-    assert [n for kind, n in seen if kind == "cat"] == [28, 28, 28]
+    # one buffer per bin, each freed before the next: 3000 | 3000 | 2000+999 | 50+20+20
+    assert [n for kind, n in seen if kind == "buffer"] == [3000, 3000, 2999, 90]
+    assert max(n for kind, n in seen if kind == "cat") <= 14
+    assert len([n for kind, n in seen if kind == "cat"]) == 3 * 3  # 4 selections, 3 merges
 
 
 def test_packed_float64_scores_keep_their_precision():
