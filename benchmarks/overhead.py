@@ -15,7 +15,9 @@ Sections (``--sections``):
   pass       the per-step masking pass alone: time, operations (CUDA: kernels), allocations
              and host synchronisations per pass, counted with ``torch.profiler``
   rewiring   one rewiring per method (and rigl-torch's) on ResNet-18 and VGG16: time, time in
-             dense training steps, peak extra memory, host synchronisations
+             dense training steps, peak extra memory, host synchronisations, and what does
+             not move with the host's speed: kernel launches and kernel time (CUDA; on a
+             CPU the operations), topk calls
   build      ``SparseEngine`` construction time (ResNet-18, VGG16)
 
 ``--suite gpu`` runs loop, trainer, pass, rewiring and build on CUDA (ResNet-18 CIFAR, batch
@@ -569,6 +571,30 @@ def cuda_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
     return count_cuda_syncs(fn)
 
 
+def rewiring_work(fn: Callable[[], object], device: torch.device) -> dict:
+    """What one call of ``fn`` asks of the machine, from one profile: kernel launches and
+    kernel time on CUDA (top-level non-metadata aten operations on a CPU), and ``topk``
+    calls. These do not move with the host's speed, as the timings do: a rewiring with many
+    small layers is bound by the host launching kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+    events = prof.events()
+    topk = sum(1 for e in events if e.name == "aten::topk")
+    if device.type == "cuda":
+        return {"launches": sum(1 for e in events if e.name == "cudaLaunchKernel"),
+                "kernel_ms": sum(e.device_time for e in events
+                                 if e.device_type.name == "CUDA") / 1e3,
+                "topk": topk}
+    ops = [e for e in events if e.name.startswith("aten::") and _top_level(e)
+           and e.name not in METADATA_OPS]
+    return {"launches": len(ops), "kernel_ms": None, "topk": topk}
+
+
 def dense_step_time(s: Settings, model: nn.Module) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     x = torch.randn(s.batch_size, 3, s.input_size, s.input_size, device=s.device)
@@ -613,6 +639,7 @@ def run_rewiring(s: Settings) -> list[dict]:
                 # last on this model: its hooks stay on the weights afterwards
                 pruner = attach_rigl_torch(model, optimizer, s)
                 syncs = reads = None
+                work = {"launches": None, "kernel_ms": None, "topk": None}
                 times, peaks = [], []
                 for _ in range(s.rewiring_reps + 1):
                     pruner.step = pruner.delta_T - 1  # the next backward accumulates dense_grad
@@ -639,6 +666,7 @@ def run_rewiring(s: Settings) -> list[dict]:
 
                 syncs = cuda_syncs(rewire, s.device)
                 reads = host_reads(rewire)
+                work = rewiring_work(rewire, s.device)
                 times = [timed(rewire, s.device)[0] for _ in range(s.rewiring_reps)]
                 peaks = [peak_extra(rewire, s.device)]
                 del engine
@@ -647,7 +675,7 @@ def run_rewiring(s: Settings) -> list[dict]:
                          "steps": statistics.median(times) / step_s,
                          "dense_step_ms": step_s * 1e3,
                          "peak_extra_mb": max(peaks) / 2**20, "cuda_syncs": syncs,
-                         "host_reads": reads,
+                         "host_reads": reads, **work,
                          "moved": moved, "largest_scores_mb": largest * 4 / 2**20})
             optimizer.zero_grad(set_to_none=True)
             _free(s.device)
@@ -743,15 +771,20 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
         out.append("")
     if results.get("rewiring"):
         out += ["| model | method | one rewiring (ms) | in dense steps | peak extra memory (MB) "
-                "| largest layer's scores (MB) | weights moved | host reads | CUDA syncs |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| largest layer's scores (MB) | weights moved | host reads | CUDA syncs "
+                "| kernel launches (CPU: operations) | kernel time (ms) | topk calls |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["rewiring"]:
             syncs = "-" if r["cuda_syncs"] is None else str(r["cuda_syncs"])
             moved = "-" if r["moved"] is None else str(r["moved"])
             reads = "-" if r["host_reads"] is None else str(r["host_reads"])
+            launches = "-" if r.get("launches") is None else str(r["launches"])
+            kernel = "-" if r.get("kernel_ms") is None else f"{r['kernel_ms']:.2f}"
+            topk = "-" if r.get("topk") is None else str(r["topk"])
             out.append(f"| {r['model']} | {r['method']} | {_range(r['ms'], 1, '{:.1f}')} | "
                        f"{r['steps']:.2f} | {r['peak_extra_mb']:.1f} | "
-                       f"{r['largest_scores_mb']:.1f} | {moved} | {reads} | {syncs} |")
+                       f"{r['largest_scores_mb']:.1f} | {moved} | {reads} | {syncs} | "
+                       f"{launches} | {kernel} | {topk} |")
         out.append("")
     if results.get("build"):
         out += ["| model | sparse weights | SparseEngine construction (s) | CPU time (s) |",
