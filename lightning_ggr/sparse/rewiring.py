@@ -16,9 +16,13 @@ active weights exactly: ``sum(grown) == sum(removed)``.
 How it runs on an accelerator: positions are flat index tensors (row-major over the layer's
 shape), counts are host integers known without reading the device wherever they can be
 (every selection is a ``topk`` of exactly ``k``), and the data-dependent ones are read in
-one transfer (GGR's per-layer allocation, DSR's per-layer removals). The scores of one layer
-at a time are alive (the peak extra memory is the largest layer's scores plus O(K) for the
-``K`` moved weights); random draws happen on the layer's device.
+one transfer (GGR's per-layer allocation, DSR's per-layer removals). Selections are shared
+between layers, because on a GPU a ``topk`` is dozens of kernel launches whatever its size:
+layers of similar sizes are the rows of one padded buffer for removal and insertion
+(:func:`~lightning_ggr.sparse.topk.topk_rows`), small layers are packed into one buffer for
+GGR's global top-k (:func:`~lightning_ggr.sparse.topk.global_topk_packed`). No buffer is
+larger than the largest layer's scores, so the peak extra memory stays that plus O(K) for
+the ``K`` moved weights; random draws happen on the layer's device.
 
 Non-finite weights: a NaN or inf *active* weight scores below every finite magnitude, so
 removal drops it first (DSR's threshold counts it as below ``H``); inactive positions are
@@ -450,7 +454,8 @@ def rank_by_gradient(
     gradients: Mapping[str, Tensor | None], masks: Mapping[str, Tensor], total: int
 ) -> Allocated:
     """GGR: the global top-``total`` inactive ``abs`` gradients; layer ``l`` gets as many as
-    it holds, and its winners, best first. One layer's scores at a time; one host read."""
+    it holds, and its winners, best first. Small layers share a selection (one buffer no
+    larger than the largest layer at a time); one host read."""
     names = list(masks)
     devices = {masks[n].device for n in names}
     if len(devices) == 1:  # one selection per buffer-full of small layers
