@@ -77,6 +77,20 @@ def _topk_by_threshold(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, T
     return values, candidates[keep]
 
 
+Winners = tuple[Tensor, Tensor, Tensor]  # values, owner, flat index
+
+
+def _merge(best: Winners | None, new: Winners, k: int) -> Winners:
+    """The ``k`` largest of two sets of winners (O(k) memory: at most 2k wait)."""
+    if best is None:
+        return new
+    values, owner, index = (torch.cat([old, more]) for old, more in zip(best, new, strict=True))
+    if values.numel() > k:
+        values, keep = values.topk(k, sorted=False)
+        owner, index = owner[keep], index[keep]
+    return values, owner, index
+
+
 class GlobalTopK(NamedTuple):
     """The ``k`` largest values over many tensors: each one's value, tensor and flat index."""
 
@@ -119,7 +133,7 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
         raise TypeError(f"k must be an int, got {k!r}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    best: tuple[Tensor, Tensor, Tensor] | None = None
+    best: Winners | None = None
     layers = 0
     device = None
     # Not enumerate(): it keeps its last (index, tensor) pair alive until the next tensor
@@ -137,14 +151,7 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
         values, index = topk(flat, take)
         del score, flat  # the merge below and the next tensor need not share memory with it
         owner = torch.full((take,), position, dtype=torch.int64, device=device)
-        if best is not None:
-            values = torch.cat([best[0], values])
-            owner = torch.cat([best[1], owner])
-            index = torch.cat([best[2], index])
-            if values.numel() > k:
-                values, keep = values.topk(k, sorted=False)
-                owner, index = owner[keep], index[keep]
-        best = (values, owner, index)
+        best = _merge(best, (values, owner, index), k)
     selected = 0 if best is None else best[0].numel()
     if selected < k:
         raise ValueError(f"k={k} exceeds the {selected} values in all scores together")
@@ -201,7 +208,7 @@ def global_topk_packed(
         else:
             bins.append([position])
             room.append(capacity - sizes[position])
-    best: tuple[Tensor, Tensor, Tensor] | None = None
+    best: Winners | None = None
     for members in bins:
         members.sort()
         offsets = [0]
@@ -221,14 +228,7 @@ def global_topk_packed(
             table = device_ints(offsets + members, device)
             local = torch.searchsorted(table[:len(members)], flat, right=True).sub_(1)
             owner, index = table[len(members):][local], flat - table[local]
-        if best is not None:  # merged at once: 2k winners at most wait (O(k) memory)
-            values = torch.cat([best[0], values])
-            owner = torch.cat([best[1], owner])
-            index = torch.cat([best[2], index])
-            if values.numel() > k:
-                values, keep = values.topk(k, sorted=False)
-                owner, index = owner[keep], index[keep]
-        best = (values, owner, index)
+        best = _merge(best, (values, owner, index), k)  # 2k winners at most wait
     assert best is not None
     return GlobalTopK(*best, len(sizes))
 
