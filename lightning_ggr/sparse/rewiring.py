@@ -829,19 +829,19 @@ class Rewiring:
         counted = dict(zip(names, counts, strict=True))
         select = getattr(self.insertion, "select", None)
         if select is not None:  # every layer at once: shared selections
-            positions = select(masks, gradients, counted, generators, ranked)
+            selected = select(masks, gradients, counted, generators, ranked)
         else:
-            positions = {}
+            selected = {}
             random = getattr(self.insertion, "needs_random", True)
             for name, count in counted.items():
                 source = generators(masks[name].device) if random and count > 0 else generator
-                positions[name] = self.insertion(
+                selected[name] = self.insertion(
                     masks[name], None if gradients is None else gradients.get(name), count,
                     source, ranked=None if ranked is None else ranked.get(name))
         grown = {}
         for name, count in counted.items():
             mask = masks[name]
-            new = _as_index(positions[name])
+            new = _as_index(selected[name])
             _write_(mask, new, True)
             index = dropped[name]
             regrown = _gather(mask, index) if index.numel() else None

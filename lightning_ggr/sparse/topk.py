@@ -277,15 +277,21 @@ def topk_rows(
     buffer is as large as the longest vector (the peak of one layer's scores, as before). A
     vector with ``ks[i] == 0`` is not written; its result is empty. Ties are broken
     arbitrarily, as by :func:`torch.topk`.
+
+    Precondition (not checked: it would read the device): each vector holds at least
+    ``ks[i]`` values that rank strictly before ``pad`` (``topk`` ranks NaN above everything),
+    or a padded row may return positions past its end. The engine's scores always do: a
+    layer never selects more than its finite candidates.
     """
+    for i, (size, k) in enumerate(zip(sizes, ks, strict=True)):
+        if not 0 <= k <= size:
+            raise ValueError(f"k must be in [0, {size}] for score vector {i} of {size} "
+                             f"values, got {k}")
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     results = [empty] * len(sizes)
     wanted = [size if k > 0 else 0 for size, k in zip(sizes, ks, strict=True)]
     if not any(wanted):
         return results
-    for i, (size, k) in enumerate(zip(sizes, ks, strict=True)):
-        if k > size:
-            raise ValueError(f"k={k} exceeds the {size} values of score vector {i}")
     capacity = max(wanted)
     buffer = torch.empty(capacity, dtype=dtype, device=device)
     for group in row_groups(wanted, capacity):

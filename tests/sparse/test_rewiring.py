@@ -171,3 +171,32 @@ def test_dsr_threshold_state_lives_in_its_removal_and_round_trips():
     other = ThresholdRemoval()
     other.load_state_dict(saved)
     assert other.threshold == removal.threshold
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("reinit_regrown", [False, True])
+def test_on_grow_reports_every_layers_new_positions(method, reinit_regrown):
+    """``Rewiring(on_grow=...)`` with several layers (a helper session found it crashing
+    from the second layer on: the callback's tensor replaced the selections)."""
+    from lightning_ggr.sparse.masks import random_mask
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(6, 5), "b": torch.randn(4, 4), "c": torch.randn(3, 2, 2)}
+    masks = {n: random_mask(w.shape, w.numel() // 2, generator) for n, w in weights.items()}
+    before = {n: m.clone() for n, m in masks.items()}
+    for name, weight in weights.items():
+        weight.mul_(masks[name])
+    gradients = {n: torch.randn_like(w) for n, w in weights.items()}
+    rewiring = METHODS[method].build(reinit_regrown=reinit_regrown)
+    seen = {}
+    report = rewiring(weights, masks, gradients, 0.5, generator=generator,
+                      on_grow=lambda name, positions: seen.__setitem__(name, positions.clone()))
+    assert list(seen) == list(weights)
+    for name, positions in seen.items():
+        assert positions.dtype == torch.bool and positions.shape == masks[name].shape
+        assert not (positions & ~masks[name]).any()  # only active positions are new
+        fresh = masks[name] & ~before[name]
+        assert (positions & fresh).sum() == fresh.sum()  # every fresh one is reported
+        if not reinit_regrown:
+            assert torch.equal(positions, fresh)
+    assert sum(report.grown.values()) == sum(report.removed.values())

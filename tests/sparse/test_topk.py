@@ -196,3 +196,13 @@ def test_similar_layers_share_one_selection(monkeypatch):
                       largest=True, pad=-float("inf"), device=torch.device("cpu"))
     assert [index.numel() for index in found] == [5, 4, 3, 2, 1, 7, 1]
     assert calls == [(1000,), (1000,), (900,), (3, 300), (20,)]
+
+
+@pytest.mark.parametrize(("sizes", "ks"), [([0], [2]), ([0, 0], [1, 1]), ([3, 2], [1, 5]),
+                                           ([4], [-1])])
+def test_rows_refuse_a_k_outside_the_vector_even_when_nothing_is_selected(sizes, ks):
+    from lightning_ggr.sparse.topk import topk_rows
+
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_rows(sizes, ks, lambda i, out: out.zero_(), largest=True, pad=-float("inf"),
+                  device=torch.device("cpu"))
