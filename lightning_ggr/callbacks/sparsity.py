@@ -14,15 +14,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ggr.callbacks.clock import ClockSettings, RewiringClock
 from lightning_ggr.callbacks.compatibility import (
-    check_weight_averaging,
     refuse_closure_optimizers,
     refuse_lottery_ticket_pruning,
     warn_if_learning_rate_finder,
 )
-from lightning_ggr.callbacks.ranks import distributed, gather_ints, rank_zero_int
 from lightning_ggr.callbacks.reporting import SparsityReporter
-from lightning_ggr.callbacks.training_length import steps_before_epoch, total_optimizer_steps
 from lightning_ggr.sparse.checks import (
     check_bool,
     check_choice,
@@ -38,7 +36,7 @@ from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.masks import preserves_zeros
 from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
-from lightning_ggr.sparse.schedules import INTERVALS, RewiringSchedule
+from lightning_ggr.sparse.schedules import INTERVALS
 from lightning_ggr.sparse.selection import (
     Selection,
     check_selection_patterns,
@@ -170,15 +168,12 @@ class DynamicSparsityCallback(Callback):
         self._loaded_state: dict | None = None
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
-        # The schedule's clock: steps of the optimizer holding the sparse weights (checkpointed).
-        self._steps: int | None = None
-        self._saved_schedule: dict[str, Any] | None = None  # the checkpoint's, when resuming
-        self._max_epochs: int | None = None  # trainer.max_epochs at setup
-        self._hook_global_step: int | None = None  # closure guard
-        self._agree_epochs = False  # DDP ranks with different epochs: take rank 0's
-        self._epoch_batches: int | None = None  # batches in the epoch so far (the epoch's length)
-        self._epoch_start_step = 0
         self._warned: set[str] = set()
+        #: The schedule's clock: steps of the optimizer holding the sparse weights
+        #: (checkpointed), the stop point, whose epochs count under DDP.
+        self.clock = RewiringClock(
+            ClockSettings(self.sparsity, self.interval, self.update_interval, self.stop_step,
+                          self.stop_fraction, self.drop_fraction), self._warn_once)
         # Names one run across its resumes (checkpointed): the report counts it once.
         self._run_id: str | None = None
 
@@ -238,7 +233,7 @@ class DynamicSparsityCallback(Callback):
         warn_if_learning_rate_finder(trainer)
         # Read before on_fit_start, where StochasticWeightAveraging adds an epoch of its own
         # (a BatchNorm pass) that is not training.
-        self._max_epochs = trainer.max_epochs
+        self.clock.max_epochs = trainer.max_epochs
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Masks and the optimizer hook only: the training length (and so the schedule) is
@@ -276,7 +271,8 @@ class DynamicSparsityCallback(Callback):
         else:
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
             self._loaded_state = None
-        self._restore_clock(loaded)
+        self.clock.restore(loaded)
+        self._warned = set()
         self._run_id = str((loaded or {}).get("run_id") or uuid.uuid4().hex)
         self._attach_step_hook(trainer, params)
         refuse_closure_optimizers(self._optimizer)
@@ -290,20 +286,12 @@ class DynamicSparsityCallback(Callback):
         self.engine.enforce_masks([self._optimizer])
         # FitLoop.run has just set up the train dataloader (restoring a resumable one's
         # position) and Lightning restored global_step: the length and the clock are known.
-        if self._steps is None:  # a new schedule, or a checkpoint saved without the clock
-            self._steps = (trainer.global_step if pl_module.automatic_optimization
-                           else max(trainer.fit_loop.total_batch_idx + 1, 0))
-        self._hook_global_step = None
-        self.engine.schedule = self._schedule(trainer)
-        self._epoch_batches, self._epoch_start_step = 0, self._steps
+        self.engine.schedule = self.clock.start(trainer, pl_module.automatic_optimization,
+                                                self.engine)
         self.reporter.training_started(trainer, self.engine)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_batches, self._epoch_start_step = 0, self._steps or 0
-        if trainer.reload_dataloaders_every_n_epochs > 0 and self._may_rewire():
-            # A reloaded dataloader may change length on one rank only. Ranks that agreed
-            # so far start this epoch together, so this collective pairs up.
-            self._agree_on_epochs(trainer)
+        self.clock.epoch_started(trainer, self.engine)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -313,16 +301,12 @@ class DynamicSparsityCallback(Callback):
             return
         if optimizer is not self._optimizer and not self._follow_optimizer(trainer, optimizer):
             return
-        if self._steps is None:  # no schedule yet (a step outside the fit loop): mask only
+        if self.clock.steps is None:  # no schedule yet (a step outside the fit loop): mask only
             self.engine.mask_gradients()
             return
-        self._refuse_repeated_evaluation(trainer)
-        step = self._steps
-        epoch = trainer.current_epoch
-        if self._agree_epochs and self._may_rewire():
-            epoch = rank_zero_int(trainer, epoch)  # ranks' epochs differ: rank 0's decide
+        step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
         report = self.engine.before_optimizer_step(step, epoch, [optimizer])
-        self._steps = step + 1
+        self.clock.advance()
         if report is not None:
             self.last_report = report
             self._warn_if_nothing_removed(report)
@@ -330,13 +314,12 @@ class DynamicSparsityCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._epoch_batches is not None:
-            self._epoch_batches += 1
+        self.clock.batch_ended()
         self.reporter.batch_ended(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
-            self._check_one_step_per_batch(trainer)
+            self.clock.check_one_step_per_batch(trainer)
         self.reporter.epoch_ended(trainer, self.engine)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -350,8 +333,8 @@ class DynamicSparsityCallback(Callback):
         elif (engine.rewirings == 0 and engine.schedule is not None
               and engine.schedule.stop_step > 0 and "no rewiring" not in self._warned):
             rank_zero_warn(
-                f"no rewiring ran: training ended at step {self._steps} and none was due before "
-                f"(interval={self.interval!r}, update_interval={self.update_interval}, "
+                f"no rewiring ran: training ended at step {self.clock.steps} and none was due "
+                f"before (interval={self.interval!r}, update_interval={self.update_interval}, "
                 f"stop_step={engine.schedule.stop_step}); the masks are the initial random "
                 "ones. Train longer, or lower update_interval"
             )
@@ -380,10 +363,10 @@ class DynamicSparsityCallback(Callback):
             # A checkpoint written between restore and on_fit_start keeps the loaded state.
             return dict(self._loaded_state) if self._loaded_state else {}
         state = self.engine.state_dict()
-        if state["schedule"] is None and self._saved_schedule is not None:
-            state["schedule"] = dict(self._saved_schedule)  # restored, training never started
-        if self._steps is not None:
-            state["optimizer_steps"] = int(self._steps)
+        if state["schedule"] is None and self.clock.saved_schedule is not None:
+            # restored, training never started
+            state["schedule"] = dict(self.clock.saved_schedule)
+        state.update(self.clock.state())
         if self._run_id is not None:
             state["run_id"] = self._run_id
         return state
@@ -420,7 +403,7 @@ class DynamicSparsityCallback(Callback):
         """The callback's settings, as stored in the run summary."""
         schedule = None if self.engine is None else self.engine.schedule
         stop_step = (schedule.stop_step if schedule is not None
-                     else (self._saved_schedule or {}).get("stop_step"))
+                     else self.clock.saved_stop_step())
         return {
             "method": self.method if self.sparsity > 0 else "dense",
             "sparsity": self.sparsity,
@@ -506,180 +489,6 @@ class DynamicSparsityCallback(Callback):
                     f"exclude={other.exclude!r}): give each parameter one owner with "
                     "include/exclude"
                 )
-
-    def _restore_clock(self, loaded: Mapping[str, Any] | None) -> None:
-        """The clock and the schedule a checkpoint saved (none for a new run)."""
-        steps = None if loaded is None else loaded.get("optimizer_steps")
-        self._steps = None if steps is None else int(steps)
-        saved = None if loaded is None else loaded.get("schedule")
-        self._saved_schedule = None if saved is None else dict(saved)
-        self._agree_epochs = False
-        self._epoch_batches = None
-        self._warned = set()
-
-    def _may_rewire(self) -> bool:
-        """Whether a rewiring can still be due (identical on every rank)."""
-        engine = self.engine
-        if engine is None or engine.schedule is None or self._steps is None:
-            return False
-        return self._steps < engine.schedule.stop_step or engine.pending_step is not None
-
-    def _refuse_repeated_evaluation(self, trainer: pl.Trainer) -> None:
-        # Lightning runs on_before_optimizer_step in every closure evaluation; global_step
-        # moves between two steps of any optimizer (and when GradScaler skips a step).
-        if trainer.global_step == self._hook_global_step:
-            raise RuntimeError(
-                f"on_before_optimizer_step ran twice in one step of "
-                f"{type(self._optimizer).__name__} (global step {trainer.global_step}): the "
-                "optimizer holding the sparse weights evaluates its closure several times per "
-                "step (LBFGS-like). DynamicSparsityCallback rewires and masks gradients once per "
-                "step; use an optimizer that evaluates its closure once"
-            )
-        self._hook_global_step = trainer.global_step
-
-    def _schedule(self, trainer: pl.Trainer) -> RewiringSchedule:
-        """The schedule of this fit, agreed by every rank: needs the train dataloader set up."""
-        stop_step, source = self._local_stop_step(trainer)
-        stop_step, batches = self._agree_on_length(trainer, stop_step)
-        self._check_first_rewiring(trainer, stop_step, source, batches)
-        schedule = RewiringSchedule(self.interval, self.update_interval, stop_step,
-                                    self.drop_fraction)
-        self._warn_if_schedule_changed(schedule)
-        check_weight_averaging(trainer, stop_step, batches)
-        return schedule
-
-    def _local_stop_step(self, trainer: pl.Trainer) -> tuple[int | None, str]:
-        """This rank's stop step (``None``: the training length is unknown) and its source."""
-        if self.sparsity == 0.0:
-            return 0, "dense baseline"  # nothing to rewire
-        if self.stop_step is not None:
-            return self.stop_step, f"stop_step={self.stop_step}"
-        max_epochs = trainer.max_epochs if self._max_epochs is None else self._max_epochs
-        total = total_optimizer_steps(trainer, max_epochs)
-        known = math.isfinite(total) and total >= 1
-        fresh = int(self.stop_fraction * total) if known else None
-        saved = (self._saved_schedule or {}).get("stop_step")
-        if saved is not None:
-            if fresh is not None and fresh != saved:
-                rank_zero_warn(
-                    f"resuming: the checkpoint's stop point, step {saved}, is kept (stop_fraction="
-                    f"{self.stop_fraction} of this fit's {int(total)} steps would be step "
-                    f"{fresh}); pass stop_step={fresh} to move the stop point instead"
-                )
-            return int(saved), f"the checkpoint's stop point, step {saved}"
-        if fresh is None:
-            return None, "an unknown training length"
-        return fresh, f"stop_fraction={self.stop_fraction} of {int(total)} steps = step {fresh}"
-
-    def _agree_on_length(self, trainer: pl.Trainer, stop_step: int | None) -> tuple[int, float]:
-        """One collective at train start: every rank takes the same stop step and knows
-        whether its epochs match the others' (else rank 0's decide, see on_before_optimizer_step).
-
-        Returns the stop step and the training batches per epoch all ranks share (the
-        fewest; ``inf`` when a rank's are unknown).
-        """
-        batches = trainer.num_training_batches
-        local = [-1 if not math.isfinite(batches) else int(batches),
-                 -1 if stop_step is None else stop_step]
-        ranks = gather_ints(trainer, local)
-        lengths, stops = [r[0] for r in ranks], [r[1] for r in ranks]
-        if -1 in stops:
-            unknown = ("no max_epochs and no max_steps" if self._max_epochs in (None, -1)
-                       else "the train dataloader has no length (an IterableDataset without "
-                            "__len__) and max_steps is not set")
-            raise ValueError(
-                f"stop_fraction={self.stop_fraction} needs the training length, which is "
-                f"unknown: {unknown}; set stop_step (the step at which rewiring stops) or "
-                "max_steps"
-            )
-        if min(stops) != max(stops):
-            rank_zero_warn(
-                f"the ranks derived different stop points {stops} from stop_fraction (their "
-                f"epochs have {lengths} batches): all stop at step {min(stops)}; set stop_step "
-                "to choose"
-            )
-        self._agree_epochs = self.interval == "epoch" and (-1 in lengths
-                                                           or len(set(lengths)) > 1)
-        if self._agree_epochs:
-            rank_zero_info(
-                f"DynamicSparsityCallback: the ranks' epochs differ ({lengths} batches; -1: "
-                "unknown): rank 0's epochs decide when an interval='epoch' rewiring is due "
-                "(one broadcast per step until the stop)"
-            )
-        shared = math.inf if -1 in lengths else float(min(lengths))
-        return min(stops), shared
-
-    def _agree_on_epochs(self, trainer: pl.Trainer) -> None:
-        if self.interval != "epoch" or self._agree_epochs or not distributed(trainer):
-            return
-        batches = trainer.num_training_batches
-        lengths = [r[0] for r in gather_ints(
-            trainer, [-1 if not math.isfinite(batches) else int(batches)])]
-        self._agree_epochs = -1 in lengths or len(set(lengths)) > 1
-
-    def _check_first_rewiring(self, trainer: pl.Trainer, stop_step: int, source: str,
-                              batches: float) -> None:
-        if self.sparsity == 0.0:
-            return
-        if self.interval == "step" and stop_step <= self.update_interval:
-            message = (
-                f"the stop point ({source}) comes at or before the first rewiring at step "
-                f"{self.update_interval}: no rewiring would ever run; lower update_interval "
-                "or raise stop_step/stop_fraction"
-            )
-            if not trainer.fast_dev_run:
-                raise ValueError(message)
-            # A smoke run (fast_dev_run) is legitimate; it just never reaches a rewiring.
-            self._warn_once("no rewiring", f"fast_dev_run: {message}")
-        elif self.interval == "epoch" and math.isfinite(batches):
-            first = int(steps_before_epoch(trainer, self.update_interval, batches))
-            if stop_step <= first:
-                # A warning, not an error: short smoke runs (one epoch) are legitimate.
-                self._warn_once(
-                    "no rewiring",
-                    f"the stop point ({source}) comes at or before the first rewiring (the "
-                    f"start of epoch {self.update_interval}, step {first}): no rewiring will run "
-                    "in this fit",
-                )
-        elif self.interval == "epoch":
-            rank_zero_info(
-                "DynamicSparsityCallback: interval='epoch' with a train dataloader of unknown "
-                f"length: rewiring runs at the first step of every {self.update_interval}-th "
-                f"epoch before step {stop_step}"
-            )
-
-    def _warn_if_schedule_changed(self, schedule: RewiringSchedule) -> None:
-        saved = self._saved_schedule
-        if saved is None:
-            return
-        current = {"interval": schedule.interval, "update_interval": schedule.update_interval,
-                   "stop_step": schedule.stop_step, "drop_fraction": schedule.drop_fraction}
-        if all(saved.get(key) == value for key, value in current.items()):
-            return
-        engine = self.engine
-        last = ("no rewiring yet" if engine.last_rewiring_step is None
-                else f"the last rewiring, step {engine.last_rewiring_step}")
-        rank_zero_warn(
-            "resuming with another schedule than the checkpoint's ("
-            + ", ".join(f"{key}={saved.get(key)!r}" for key in current)
-            + " -> " + ", ".join(f"{key}={value!r}" for key, value in current.items())
-            + f"): rewiring continues under the new interval, counted from {last}"
-        )
-
-    def _check_one_step_per_batch(self, trainer: pl.Trainer) -> None:
-        """Manual optimization: stop_fraction assumes one sparse-optimizer step per batch."""
-        if self.stop_step is not None or not self._epoch_batches or self._steps is None:
-            return
-        steps = self._steps - self._epoch_start_step
-        if steps != self._epoch_batches:
-            self._warn_once(
-                "steps per batch",
-                f"the optimizer holding the sparse weights stepped {steps} times in "
-                f"{self._epoch_batches} batches (epoch {trainer.current_epoch}): under manual "
-                "optimization stop_fraction counts one step per batch (Lightning's training "
-                "length is in batches), so the stop point is not that fraction of this "
-                "optimizer's steps; set stop_step",
-            )
 
     def _remask_kept_model(self, trainer: pl.Trainer) -> None:
         """The model the user keeps respects the final masks, whatever wrote into it last."""

@@ -248,15 +248,15 @@ def test_the_ranks_agree_once_at_train_start(monkeypatch, ranks, agree_epochs, s
     """The decision logic of the one collective at train start, without spawning."""
     from types import SimpleNamespace
 
-    import lightning_ggr.callbacks.sparsity as sparsity
+    import lightning_ggr.callbacks.clock as clock
 
-    monkeypatch.setattr(sparsity, "gather_ints", lambda trainer, values: ranks)
+    monkeypatch.setattr(clock, "gather_ints", lambda trainer, values: ranks)
     callback = DynamicSparsityCallback(log_figures=False)
     warned = []
-    monkeypatch.setattr(sparsity, "rank_zero_warn", warned.append)
+    monkeypatch.setattr(clock, "rank_zero_warn", warned.append)
     rank_0 = SimpleNamespace(num_training_batches=float(ranks[0][0]))
-    agreed, batches = callback._agree_on_length(rank_0, ranks[0][1])
-    assert (agreed, callback._agree_epochs) == (stop, agree_epochs)
+    agreed, batches = callback.clock.agree_on_length(rank_0, ranks[0][1])
+    assert (agreed, callback.clock.agree_epochs) == (stop, agree_epochs)
     assert bool(warned) == (len({r[1] for r in ranks}) > 1)
     assert batches == (float("inf") if -1 in [r[0] for r in ranks]
                        else min(r[0] for r in ranks))
