@@ -730,9 +730,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     cross1 = ("\n## Cross-check: `lightning_ggr.zoo.report.table1` on the same runs\n\n"
               "The package's own report (as `lightning-ggr report runs/study` prints it), "
               "which applies the paper's rule: a setting whose mean accuracy is below 5% "
-              "counts as failed and is printed `-`. (`model` reads `ImageClassifier`: the "
-              "summary names the LightningModule when the network is passed as an "
-              "`nn.Module`.)\n\n" + package_report.to_markdown(package_report.table1(summaries)))
+              "counts as failed and is printed `-`. (`model` reads `Sequential`: "
+              "`ImageClassifier` names a network passed as an `nn.Module` by its class, "
+              "its `model_name`.)\n\n" + package_report.to_markdown(package_report.table1(summaries)))
     (args.results / "table1.md").write_text(
         "# Table 1 / Table 3 style: accuracy by method, sparsity and initial distribution\n\n"
         + intro1 + table1(results) + footer + (cross1 if summaries else ""))
