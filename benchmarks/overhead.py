@@ -16,8 +16,8 @@ Sections (``--sections``):
              and host synchronisations per pass, counted with ``torch.profiler``
   rewiring   one rewiring per method (and rigl-torch's) on ResNet-18 and VGG16: time, time in
              dense training steps, peak extra memory, host synchronisations, and what does
-             not move with the host's speed: kernel launches and kernel time (CUDA; on a
-             CPU the operations), topk calls
+             not move with the host's speed: cudaLaunchKernel calls and device time
+             (CUDA; on a CPU the operations), topk calls
   build      ``SparseEngine`` construction time (ResNet-18, VGG16)
 
 ``--suite gpu`` runs loop, trainer, pass, rewiring and build on CUDA (ResNet-18 CIFAR, batch
@@ -572,10 +572,11 @@ def cuda_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def rewiring_work(fn: Callable[[], object], device: torch.device) -> dict:
-    """What one call of ``fn`` asks of the machine, from one profile: kernel launches and
-    kernel time on CUDA (top-level non-metadata aten operations on a CPU), and ``topk``
-    calls. These do not move with the host's speed, as the timings do: a rewiring with many
-    small layers is bound by the host launching kernels."""
+    """What one call of ``fn`` asks of the machine, from one profile: ``cudaLaunchKernel``
+    calls and the summed time of every device activity (kernels, memcpy, memset) on CUDA
+    (top-level non-metadata aten operations on a CPU), and ``topk`` calls. These do not
+    move with the host's speed, as the timings do: a rewiring with many small layers is
+    bound by the host launching kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -772,7 +773,7 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
     if results.get("rewiring"):
         out += ["| model | method | one rewiring (ms) | in dense steps | peak extra memory (MB) "
                 "| largest layer's scores (MB) | weights moved | host reads | CUDA syncs "
-                "| kernel launches (CPU: operations) | kernel time (ms) | topk calls |",
+                "| cudaLaunchKernel calls (CPU: operations) | device time (ms) | topk calls |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in results["rewiring"]:
             syncs = "-" if r["cuda_syncs"] is None else str(r["cuda_syncs"])

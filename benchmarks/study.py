@@ -732,7 +732,8 @@ def cmd_report(args: argparse.Namespace) -> None:
               "which applies the paper's rule: a setting whose mean accuracy is below 5% "
               "counts as failed and is printed `-`. (`model` reads `Sequential`: "
               "`ImageClassifier` names a network passed as an `nn.Module` by its class, "
-              "its `model_name`.)\n\n" + package_report.to_markdown(package_report.table1(summaries)))
+              "its `model_name`.)\n\n"
+              + package_report.to_markdown(package_report.table1(summaries)))
     (args.results / "table1.md").write_text(
         "# Table 1 / Table 3 style: accuracy by method, sparsity and initial distribution\n\n"
         + intro1 + table1(results) + footer + (cross1 if summaries else ""))

@@ -37,7 +37,7 @@ def test_overhead_suite_runs_tiny_on_cpu():
                   "Lightning Trainer, bf16"):
         assert f"| {setup}" in out
     assert "| small_cnn | ggr |" in out and "| small_cnn | set |" in out
-    assert "| kernel launches (CPU: operations) | kernel time (ms) | topk calls |" in out
+    assert "| cudaLaunchKernel calls (CPU: operations) | device time (ms) | topk calls |" in out
     # the per-step pass: one operation, nothing allocated, no host synchronisation
     assert "| aten::_foreach_mul_ x1 | - | 0 | 0 |" in out
     assert "rigl-torch 0.5.2" in out or "rigl-torch: not installed" in out

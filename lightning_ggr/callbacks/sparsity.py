@@ -171,9 +171,7 @@ class DynamicSparsityCallback(Callback):
         self._warned: set[str] = set()
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
-        self.clock = RewiringClock(
-            ClockSettings(self.sparsity, self.interval, self.update_interval, self.stop_step,
-                          self.stop_fraction, self.drop_fraction), self._warn_once)
+        self.clock = RewiringClock(self._clock_settings(), self._warn_once)
         # Names one run across its resumes (checkpointed): the report counts it once.
         self._run_id: str | None = None
 
@@ -234,6 +232,9 @@ class DynamicSparsityCallback(Callback):
         # Read before on_fit_start, where StochasticWeightAveraging adds an epoch of its own
         # (a BatchNorm pass) that is not training.
         self.clock.max_epochs = trainer.max_epochs
+        # The schedule's arguments as they are now (an attribute set after construction
+        # counts, as it did when the callback read them at train start).
+        self.clock.settings = self._clock_settings()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Masks and the optimizer hook only: the training length (and so the schedule) is
@@ -453,6 +454,10 @@ class DynamicSparsityCallback(Callback):
         params = self.selection.params
         self.reporter.check(params)
         return params
+
+    def _clock_settings(self) -> ClockSettings:
+        return ClockSettings(self.sparsity, self.interval, self.update_interval, self.stop_step,
+                             self.stop_fraction, self.drop_fraction)
 
     def _title(self) -> str:
         method = self.method if self.sparsity > 0 else "dense"

@@ -101,14 +101,14 @@ def count_active(masks: Iterable[Tensor]) -> list[int]:
     return counts
 
 
-_SCALARS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+_SCALARS: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
 
 def device_scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A cached 0-dim tensor holding ``value`` on ``device``, for ``torch.where`` operands:
     built once (a CPU scalar next to CUDA tensors costs host time at every call, and a new one
     is a kernel launch each time). Never modify it in place."""
-    key = (float(value), dtype, torch.device(device))
+    key = (repr(float(value)), dtype, torch.device(device))  # repr: NaN equals NaN here
     scalar = _SCALARS.get(key)
     if scalar is None:
         scalar = _SCALARS.setdefault(key, torch.full((), value, dtype=dtype, device=device))

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from lightning_ggr.sparse.checks import check_fraction, check_positive_or_none
+from lightning_ggr.sparse.checks import check_finite, check_fraction, check_positive_or_none
 from lightning_ggr.sparse.masks import count_active, device_scalar
 from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk, topk_rows
 
@@ -718,6 +718,20 @@ class MixedInsertion:
                 for name in masks}
 
 
+def _batched_select(insertion: Insertion) -> Callable[..., dict[str, Tensor]] | None:
+    """The insertion's ``select`` for all layers at once, unless a subclass overrides
+    ``__call__`` below the class that defines ``select`` (its own per-layer rule must win)."""
+    mro = type(insertion).__mro__
+    call_owner = next((c for c in mro if "__call__" in vars(c)), None)
+    select_owner = next((c for c in mro if "select" in vars(c)), None)
+    if select_owner is None:
+        return None
+    if call_owner is not None and call_owner is not select_owner and issubclass(
+            call_owner, select_owner):
+        return None
+    return insertion.select
+
+
 class DeviceGenerators:
     """The rewiring's random source on each device: ``root`` itself on its own device,
     elsewhere a generator seeded from one draw of ``root`` (a host-side draw: no device
@@ -764,7 +778,7 @@ class Rewiring:
         self.removal = removal
         self.allocation = allocation
         self.insertion = insertion
-        self.init_value = float(init_value)
+        self.init_value = check_finite("init_value", init_value)
         self.reinit_regrown = bool(reinit_regrown)
 
     @property
@@ -827,7 +841,7 @@ class Rewiring:
 
         generators = DeviceGenerators(generator)
         counted = dict(zip(names, counts, strict=True))
-        select = getattr(self.insertion, "select", None)
+        select = _batched_select(self.insertion)
         if select is not None:  # every layer at once: shared selections
             selected = select(masks, gradients, counted, generators, ranked)
         else:

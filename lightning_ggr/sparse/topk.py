@@ -80,11 +80,19 @@ def _topk_by_threshold(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, T
 Winners = tuple[Tensor, Tensor, Tensor]  # values, owner, flat index
 
 
-def _merge(best: Winners | None, new: Winners, k: int) -> Winners:
-    """The ``k`` largest of two sets of winners (O(k) memory: at most 2k wait)."""
+def _merge(best: Winners | None, new: list[Tensor], k: int) -> Winners:
+    """The ``k`` largest of two sets of winners (O(k) memory: at most 2k wait). ``new`` is
+    emptied as it is consumed, so that its tensors are freed as soon as they are copied: the
+    caller hands over its only references."""
     if best is None:
-        return new
-    values, owner, index = (torch.cat([old, more]) for old, more in zip(best, new, strict=True))
+        values, owner, index = new
+        new.clear()
+        return values, owner, index
+    merged = []
+    for old in best:
+        merged.append(torch.cat([old, new.pop(0)]))
+    values, owner, index = merged
+    del merged
     if values.numel() > k:
         values, keep = values.topk(k, sorted=False)
         owner, index = owner[keep], index[keep]
@@ -151,7 +159,9 @@ def global_topk(scores: Iterable[Tensor], k: int) -> GlobalTopK:
         values, index = topk(flat, take)
         del score, flat  # the merge below and the next tensor need not share memory with it
         owner = torch.full((take,), position, dtype=torch.int64, device=device)
-        best = _merge(best, (values, owner, index), k)
+        winners = [values, owner, index]
+        del values, owner, index
+        best = _merge(best, winners, k)
     selected = 0 if best is None else best[0].numel()
     if selected < k:
         raise ValueError(f"k={k} exceeds the {selected} values in all scores together")
@@ -228,7 +238,9 @@ def global_topk_packed(
             table = device_ints(offsets + members, device)
             local = torch.searchsorted(table[:len(members)], flat, right=True).sub_(1)
             owner, index = table[len(members):][local], flat - table[local]
-        best = _merge(best, (values, owner, index), k)  # 2k winners at most wait
+        winners = [values, owner, index]
+        del values, owner, index, flat
+        best = _merge(best, winners, k)  # 2k winners at most wait
     assert best is not None
     return GlobalTopK(*best, len(sizes))
 

@@ -69,6 +69,17 @@ def test_a_stream_with_max_steps_or_stop_step_rewires(tmp_path):
     assert log.steps == [8, 16]
 
 
+def test_schedule_arguments_set_after_construction_count(tmp_path):
+    """The clock reads the schedule's arguments when the fit is set up, not at construction
+    (as the callback did before its clock was extracted; review finding)."""
+    cb = sparse(interval="step", update_interval=5)
+    cb.update_interval, cb.stop_step = 2, 7
+    make_trainer(tmp_path, [cb], max_steps=12).fit(MLP(), DataLoader(Stream(), batch_size=BATCH))
+    assert cb.engine.schedule.stop_step == 7 and cb.engine.schedule.update_interval == 2
+    assert cb.engine.rewirings == 3  # steps 2, 4, 6
+    assert cb.run_config()["stop_step"] == 7
+
+
 def test_no_epoch_limit_with_stop_fraction_is_refused(tmp_path):
     cb = sparse()
     trainer = make_trainer(tmp_path, [cb], max_epochs=-1, max_time="00:00:00:05")

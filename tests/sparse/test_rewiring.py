@@ -200,3 +200,34 @@ def test_on_grow_reports_every_layers_new_positions(method, reinit_regrown):
         if not reinit_regrown:
             assert torch.equal(positions, fresh)
     assert sum(report.grown.values()) == sum(report.removed.values())
+
+
+def test_a_subclass_that_overrides_only_the_per_layer_rule_is_called_per_layer():
+    """``Rewiring`` uses an insertion's ``select`` for all layers at once, but not when a
+    subclass overrode ``__call__`` and inherited ``select``: its own rule must run (review
+    finding)."""
+    from lightning_ggr.sparse.rewiring import (
+        KeepAllocation,
+        MagnitudeRemoval,
+        RandomInsertion,
+        Rewiring,
+        random_positions,
+    )
+
+    calls = []
+
+    class FirstFree(RandomInsertion):
+        def __call__(self, mask, gradient, count, generator, ranked=None):
+            calls.append(count)
+            return random_positions(mask, count, generator)
+
+    weights, masks, grads = make_layers()
+    Rewiring(MagnitudeRemoval(), KeepAllocation(), FirstFree())(
+        weights, masks, grads, 0.3, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == len(masks)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_init_value_is_refused(value):
+    with pytest.raises(ValueError, match="init_value"):
+        METHODS["set"].build(init_value=value)
