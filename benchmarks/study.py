@@ -538,8 +538,10 @@ def final_density_table(results: dict[str, dict], sparsity: float, distribution:
 RECORD_FIELDS = ("key", "method", "sparsity", "distribution", "seed", "status", "test_acc",
                  "val_acc", "wall_s", "fit_s", "rewirings", "workers", "torch_threads",
                  "device", "versions", "recipe", "error", "layer_densities")
-#: Top-level fields of the run summary copied into each record (the package report's keys).
-SUMMARY_FIELDS = ("dataset", "model", "flops")
+#: Top-level fields of the run summary copied into each record: the package report's keys,
+#: and what says which engine ran (its version and the defaults that changed results).
+SUMMARY_FIELDS = ("dataset", "model", "flops", "lightning_ggr_version", "update_grown_weights",
+                  "reinit_regrown", "dsr_initial_threshold")
 #: The raw-records file each grid's ``report`` writes into ``--results``, and reads the
 #: tables back from when there are no run directories (or with ``--records``).
 RECORDS_FILES = {"tiny": "runs.json", "wide": "runs_wide.json",
