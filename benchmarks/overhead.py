@@ -50,7 +50,12 @@ from torch import nn
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse import METHODS
 from lightning_ggr.sparse.masks import preserves_zeros
-from lightning_ggr.sparse.syncs import count_cuda_syncs, profile_sync_events, profiler_own_syncs
+from lightning_ggr.sparse.syncs import (
+    count_cuda_syncs,
+    profile_sync_events,
+    profiler_own_syncs,
+    top_level_operations,
+)
 from lightning_ggr.zoo import build_model
 
 try:  # the optional peer
@@ -450,15 +455,6 @@ def run_isolated(s: Settings) -> list[dict]:
 
 
 # ------------------------------------------------------------------------ isolated pass
-def _top_level(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
-
-
 def run_pass(s: Settings) -> list[dict]:
     """``engine.mask_gradients()`` alone on a real backward's gradients: time per call (median
     of ``pass_repeats`` blocks of ``pass_calls`` calls), and from one profiled call the
@@ -489,7 +485,7 @@ def run_pass(s: Settings) -> list[dict]:
         with profile(activities=activities, profile_memory=True) as prof:
             engine.mask_gradients()  # the profiler waits for the device when it stops
         events = prof.events()
-        ops = [e.name for e in events if e.name.startswith("aten::") and _top_level(e)]
+        ops = top_level_operations(events)
         kernels = [e for e in events if e.device_type.name == "CUDA"]
         host_syncs = sum(1 for e in events if e.name in HOST_READ_OPS)
         # the profiler's own wait at its stop is not the pass's
@@ -591,8 +587,7 @@ def rewiring_work(fn: Callable[[], object], device: torch.device) -> dict:
                 "kernel_ms": sum(e.device_time for e in events
                                  if e.device_type.name == "CUDA") / 1e3,
                 "topk": topk}
-    ops = [e for e in events if e.name.startswith("aten::") and _top_level(e)
-           and e.name not in METADATA_OPS]
+    ops = [name for name in top_level_operations(events) if name not in METADATA_OPS]
     return {"launches": len(ops), "kernel_ms": None, "topk": topk}
 
 

@@ -1,4 +1,4 @@
-"""Counting host-device synchronisations, for the benchmarks and the GPU tests.
+"""Counting host-device synchronisations and operations, for the benchmarks and the tests.
 
 Under ``torch.cuda.set_sync_debug_mode("warn")`` every synchronising CUDA call made by
 PyTorch raises a warning ``"called a synchronizing CUDA operation"``. The first time the mode
@@ -50,6 +50,21 @@ def count_cuda_syncs(fn: Callable[[], object]) -> int:
 def profile_sync_events(events) -> int:
     """Synchronising CUDA runtime calls among ``torch.profiler`` events."""
     return sum(1 for event in events if event.name in CUDA_SYNC_EVENTS)
+
+
+def top_level_operations(events) -> list[str]:
+    """Names of the aten operations among ``torch.profiler`` events that no other aten
+    operation called: what the code asked for, not how aten carried it out."""
+    names = []
+    for event in events:
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            names.append(event.name)
+    return names
 
 
 def profiler_own_syncs(device: torch.device) -> int:

@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_ggr.sparse import METHODS, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.masks import MaskPass
+from lightning_ggr.sparse.syncs import top_level_operations
 
 HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
 METADATA = {"aten::view", "aten::as_strided", "aten::alias", "aten::detach", "aten::empty"}
@@ -50,15 +51,7 @@ def profiled(fn) -> dict:
         fn()
     events = prof.events()
 
-    def top_level(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    names = [e.name for e in events if e.name.startswith("aten::") and top_level(e)]
+    names = top_level_operations(events)
     return {
         "operations": [n for n in names if n not in METADATA],
         "host_reads": [e.name for e in events if e.name in HOST_READS],
