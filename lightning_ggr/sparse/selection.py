@@ -54,6 +54,22 @@ CONV_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose3d,
 )
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear map whose ``weight`` is stored ``(in, out)``: Hugging Face
+    transformers' ``Conv1D`` (GPT-2's attention and MLP), ``y = x @ weight + bias``.
+
+    Recognised by type name and module without importing transformers (it may not be
+    installed); the one home of this rule for selection, analysis, export and inference.
+    """
+    kind = type(module)
+    return (
+        kind.__name__ == "Conv1D"
+        and kind.__module__.split(".")[0] == "transformers"
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.dim() == 2
+    )
+
+
 #: Module types whose ``weight`` is sparse by default.
 DEFAULT_SPARSE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_MODULES)
 

@@ -331,3 +331,22 @@ def test_hook_based_reparametrizations_stay_dense_with_the_reason():
     assert dense["1.weight_orig"].startswith("reparametrized by a hook (weight_orig)")
     assert list(select_sparse_parameters(model, include=["1.weight_orig", "2.weight"])) == [
         "1.weight_orig", "2.weight"]
+
+
+def test_is_transposed_linear_recognises_transformers_conv1d_without_importing_it():
+    from lightning_ggr.sparse.selection import is_transposed_linear
+
+    def conv1d_class(module_name):
+        class Conv1D(nn.Module):
+            def __init__(self, nf, nx):
+                super().__init__()
+                self.nf, self.nx = nf, nx
+                self.weight = nn.Parameter(torch.empty(nx, nf))
+
+        Conv1D.__module__ = module_name
+        return Conv1D
+
+    assert is_transposed_linear(conv1d_class("transformers.pytorch_utils")(4, 3))
+    assert not is_transposed_linear(conv1d_class("my_project.layers")(4, 3))
+    assert not is_transposed_linear(nn.Conv1d(3, 4, 1))
+    assert not is_transposed_linear(nn.Linear(3, 4))
