@@ -14,7 +14,14 @@ from lightning_ggr.sparse.densities import (
     layer_budget,
 )
 from lightning_ggr.sparse.engine import SparseEngine
-from lightning_ggr.sparse.export import compact_sequential, load_sparse_model, save_sparse_model
+from lightning_ggr.sparse.export import (
+    SparseModelFile,
+    compact_sequential,
+    load_sparse_model,
+    module_masks,
+    read_sparse_model,
+    save_sparse_model,
+)
 from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, random_mask
 from lightning_ggr.sparse.methods import METHODS, MethodName, MethodSpec, get_method
 from lightning_ggr.sparse.rewiring import Rewiring, RewiringReport
@@ -38,6 +45,7 @@ __all__ = [
     "RewiringSchedule",
     "Selection",
     "SparseEngine",
+    "SparseModelFile",
     "SparsityAnalysis",
     "active_counts",
     "analyze_masks",
@@ -52,8 +60,10 @@ __all__ = [
     "layer_budget",
     "load_sparse_model",
     "mask_optimizer_state_",
+    "module_masks",
     "plan_selection",
     "random_mask",
+    "read_sparse_model",
     "save_sparse_model",
     "select_sparse_parameters",
     "sparse_flops",
