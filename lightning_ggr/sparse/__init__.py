@@ -22,6 +22,13 @@ from lightning_ggr.sparse.export import (
     read_sparse_model,
     save_sparse_model,
 )
+from lightning_ggr.sparse.inference import (
+    InferenceReport,
+    LayerChoice,
+    SparseConv2d,
+    SparseLinear,
+    to_inference,
+)
 from lightning_ggr.sparse.masks import apply_masks_, mask_optimizer_state_, random_mask
 from lightning_ggr.sparse.methods import METHODS, MethodName, MethodSpec, get_method
 from lightning_ggr.sparse.rewiring import Rewiring, RewiringReport
@@ -36,7 +43,9 @@ from lightning_ggr.sparse.topk import global_topk_counts
 
 __all__ = [
     "METHODS",
+    "InferenceReport",
     "LayerAnalysis",
+    "LayerChoice",
     "MethodName",
     "MethodSpec",
     "ParameterEntry",
@@ -44,7 +53,9 @@ __all__ = [
     "RewiringReport",
     "RewiringSchedule",
     "Selection",
+    "SparseConv2d",
     "SparseEngine",
+    "SparseLinear",
     "SparseModelFile",
     "SparsityAnalysis",
     "active_counts",
@@ -67,4 +78,5 @@ __all__ = [
     "save_sparse_model",
     "select_sparse_parameters",
     "sparse_flops",
+    "to_inference",
 ]
