@@ -63,6 +63,18 @@ def _checked_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=True)
 
 
+@torch.jit.unused
+def _unchecked_csr(crow: Tensor, col: Tensor, values: Tensor, size: list[int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: list[int]) -> Tensor:
+    """The CSR tensor of a layer's buffers, at each call (checked once, at construction)."""
+    if torch.jit.is_scripting():  # TorchScript knows no check_invariants argument
+        return torch.sparse_csr_tensor(crow, col, values, size)
+    return _unchecked_csr(crow, col, values, size)
+
+
 def csr_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """``dtype`` if a CSR ``torch.addmm`` runs in it on ``device``, else ``torch.float32``.
 
@@ -99,12 +111,10 @@ def _csr_parts(matrix: Tensor, active: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 
 class _CSRLayer(nn.Module):
-    """The CSR buffers and their description, shared by the sparse layers."""
+    """The CSR buffers and their description, shared by the sparse layers.
 
-    crow_indices: Tensor
-    col_indices: Tensor
-    values: Tensor
-    bias: Tensor | None
+    (No class-level annotations of the buffers: ``torch.jit.script`` would read them.)
+    """
 
     def _register_csr(self, crow: Tensor, col: Tensor, values: Tensor,
                       bias: Tensor | None) -> None:
@@ -184,9 +194,8 @@ class SparseLinear(_CSRLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         flat = input.reshape(-1, self.in_features).to(self.values.dtype)
-        weight = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                         (self.out_features, self.in_features),
-                                         check_invariants=False)
+        weight = _csr(self.crow_indices, self.col_indices, self.values,
+                      [self.out_features, self.in_features])
         if self.bias is None:
             out = torch.mm(weight, flat.t())
         else:
@@ -290,9 +299,8 @@ class SparseConv2d(_CSRLayer):
                            self.padding, self.stride)  # (N, C * kH * kW, L)
         count = images.shape[0]
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)
-        weight = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                         (self.out_channels, self._columns()),
-                                         check_invariants=False)
+        weight = _csr(self.crow_indices, self.col_indices, self.values,
+                      [self.out_channels, self._columns()])
         if self.bias is None:
             out = torch.mm(weight, columns)
         else:
