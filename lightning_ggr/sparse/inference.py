@@ -46,8 +46,10 @@ from lightning_ggr.sparse.selection import is_transposed_linear
 #: its median dense time at the example input's shape (so timing noise does not swap in a
 #: layer that is not faster).
 SPEEDUP_MARGIN = 0.10
-#: Seconds spent timing one layer (both variants together), within the repetition bounds.
+#: Seconds spent timing one layer (both variants together), within the repetition bounds;
+#: the whole model gets :data:`MODEL_BUDGET_FACTOR` times as much.
 TIMING_BUDGET_S = 0.25
+MODEL_BUDGET_FACTOR = 4
 MIN_REPETITIONS = 5
 MAX_REPETITIONS = 200
 
@@ -378,6 +380,15 @@ class InferenceReport:
     threads: int = 1
     device: str = "cpu"
     margin: float = SPEEDUP_MARGIN
+    #: The whole model at the example input, dense and with the faster layers sparse
+    #: (medians and (min, max) in ms; ``None`` when no layer was faster).
+    model_dense_ms: float | None = None
+    model_sparse_ms: float | None = None
+    model_dense_spread_ms: tuple[float, float] | None = None
+    model_sparse_spread_ms: tuple[float, float] | None = None
+    #: ``False`` when the layers measured faster alone did not make the model faster, so
+    #: every layer was kept dense.
+    kept_sparse: bool = False
 
     @property
     def converted(self) -> list[str]:
@@ -400,6 +411,12 @@ class InferenceReport:
             choice = "CSR" if layer.sparse else f"dense: {layer.reason}"
             lines.append(f"{layer.module:<{width}}  {layer.kind:<12} {layer.density:7.4f}  "
                          f"{shape:<16} {dense} {sparse} {speedup}  {choice}")
+        if self.model_dense_ms is not None and self.model_sparse_ms is not None:
+            verdict = ("kept" if self.kept_sparse
+                       else "not faster: every layer kept dense")
+            lines.append(f"whole model: dense {self.model_dense_ms:.3f} ms, with the CSR layers "
+                         f"{self.model_sparse_ms:.3f} ms "
+                         f"({self.model_dense_ms / self.model_sparse_ms:.2f}x): {verdict}")
         return "\n".join(lines)
 
 
@@ -430,13 +447,16 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
 
 
 def time_interleaved(first: Callable[[], Any], second: Callable[[], Any],
-                     device: torch.device | str = "cpu") -> tuple[list[float], list[float]]:
+                     device: torch.device | str = "cpu", budget_s: float | None = None
+                     ) -> tuple[list[float], list[float]]:
     """Times in milliseconds of ``first`` and ``second``, called alternately.
 
-    Two warm-up calls each, then as many repetitions as fit in :data:`TIMING_BUDGET_S`
-    (at least :data:`MIN_REPETITIONS`, at most :data:`MAX_REPETITIONS`); the order within a
-    pair alternates, so drifting load affects both alike. On CUDA each call is synchronized.
+    Two warm-up calls each, then as many repetitions as fit in ``budget_s`` (default
+    :data:`TIMING_BUDGET_S`; at least :data:`MIN_REPETITIONS`, at most
+    :data:`MAX_REPETITIONS`); the order within a pair alternates, so drifting load affects
+    both alike. On CUDA each call is synchronized.
     """
+    budget_s = TIMING_BUDGET_S if budget_s is None else budget_s
     synchronize = _synchronize(torch.device(device))
 
     def timed(function: Callable[[], Any]) -> float:
@@ -451,7 +471,7 @@ def time_interleaved(first: Callable[[], Any], second: Callable[[], Any],
         timed(second)
     estimate = (timed(first) + timed(second)) / 1e3
     repetitions = int(min(MAX_REPETITIONS, max(MIN_REPETITIONS,
-                                                TIMING_BUDGET_S / max(estimate, 1e-6))))
+                                                budget_s / max(estimate, 1e-6))))
     times: tuple[list[float], list[float]] = ([], [])
     for repetition in range(repetitions):
         order = (0, 1) if repetition % 2 == 0 else (1, 0)
@@ -525,7 +545,10 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     real input; each ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv2d`` (``groups=1``,
     zero padding) is then timed dense and as :class:`SparseLinear` / :class:`SparseConv2d`
     on that input (interleaved, :func:`time_interleaved`) and replaced only when the sparse
-    median is at least :data:`SPEEDUP_MARGIN` below the dense one. Give the input the
+    median is at least :data:`SPEEDUP_MARGIN` below the dense one. Then the whole model is
+    timed, dense against with those layers sparse: if it is not faster (the time between
+    layers, or a fused path given up, can cost more than the layers gained), every layer
+    stays dense and the report says so. Give the input the
     deployed model will see: the choice depends on the batch size, the sequence length, the
     threads and the machine, which is why this runs where the model is deployed (rebuild
     it there from the sparse file: :func:`~lightning_ggr.sparse.export.load_sparse_model`,
@@ -533,7 +556,8 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
 
     ``nn.TransformerEncoderLayer`` computes its feed-forward layers itself in its fused
     inference path; one with a converted ``linear1`` / ``linear2`` is switched to its
-    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads).
+    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads), and the
+    whole-model check weighs what that costs.
 
     Args:
         model: the trained model (not changed).
@@ -622,17 +646,40 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
                 choice.reason = f"CSR not {SPEEDUP_MARGIN:.0%} faster"
             if calls[name] > 1:
                 choice.reason += f" (called {calls[name]} times, timed at the first input)"
+        if chosen:
+            dense = copy.deepcopy(converted)
+            _replace(converted, chosen)
+            with torch.inference_mode():
+                dense_times, sparse_times = time_interleaved(
+                    lambda: _run(dense, example_input), lambda: _run(converted, example_input),
+                    report.device, TIMING_BUDGET_S * MODEL_BUDGET_FACTOR)
+            report.model_dense_ms, report.model_dense_spread_ms = _median_and_spread(dense_times)
+            report.model_sparse_ms, report.model_sparse_spread_ms = _median_and_spread(
+                sparse_times)
+            report.kept_sparse = report.model_sparse_ms < report.model_dense_ms
+            if not report.kept_sparse:
+                converted = dense
+                for choice in report.layers:
+                    if choice.sparse:
+                        choice.sparse = False
+                        choice.reason = "faster alone, but the whole model was not"
     finally:
         torch.set_num_threads(previous_threads)
+    report.layers.extend(kept)
+    converted.inference_report = report
+    return converted.eval()
+
+
+def _replace(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
+    """Swap the chosen sparse modules in. ``nn.TransformerEncoderLayer``'s fused inference
+    path reads ``linear1.weight`` and ``linear2.weight`` itself: a layer with a converted one
+    takes its ordinary path (``activation_relu_or_gelu = 0``, which only that check reads)."""
     for name, sparse in chosen:
-        _set_submodule(converted, name, sparse)
+        _set_submodule(model, name, sparse)
     replaced = {name for name, _ in chosen}
-    for name, module in converted.named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer) and any(
             (f"{name}.{child}" if name else child) in replaced
             for child in ("linear1", "linear2")
         ):
-            module.activation_relu_or_gelu = 0  # its fused path reads linear1/2.weight
-    report.layers.extend(kept)
-    converted.inference_report = report
-    return converted.eval()
+            module.activation_relu_or_gelu = 0

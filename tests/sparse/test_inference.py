@@ -31,13 +31,21 @@ TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
              torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
 
+def fake_times(layer: tuple[list[float], list[float]],
+               model: tuple[list[float], list[float]] | None = None):
+    """A stand-in for ``time_interleaved``: fixed (dense, sparse) times for every layer, and
+    for the whole model (told apart by its larger budget)."""
+    def timing(first, second, device="cpu", budget_s=None):
+        whole_model = budget_s is not None and budget_s > inference.TIMING_BUDGET_S
+        return (model or layer) if whole_model else layer
+    return timing
+
+
 @pytest.fixture
 def always_sparse(monkeypatch):
-    """Every convertible layer becomes sparse (the margin makes any time 'faster'), timed
-    briefly: for tests of what the sparse model computes, not of speed."""
-    monkeypatch.setattr(inference, "SPEEDUP_MARGIN", -1e9)
-    monkeypatch.setattr(inference, "TIMING_BUDGET_S", 0.0)
-    monkeypatch.setattr(inference, "MIN_REPETITIONS", 1)
+    """Every convertible layer is 'measured' twice as fast, and so is the model: for tests
+    of what the sparse model computes, not of speed (no timing runs)."""
+    monkeypatch.setattr(inference, "time_interleaved", fake_times(([1.0], [0.5])))
 
 
 def random_masks(model: nn.Module, density: float, seed: int = 0,
@@ -173,7 +181,7 @@ def test_a_layer_is_sparse_only_where_measured_faster_by_the_margin(monkeypatch,
                                                                      chosen):
     """The decision: CSR when its median is at least SPEEDUP_MARGIN (10%) below dense's."""
     monkeypatch.setattr(inference, "time_interleaved",
-                        lambda first, second, device: ([1.0, 1.0, 1.3], [sparse_ms] * 3))
+                        fake_times(([1.0, 1.0, 1.3], [sparse_ms] * 3)))
     model = nn.Sequential(nn.Linear(6, 5))
     converted = to_inference(model, random_masks(model, 0.5), torch.randn(2, 6))
     assert isinstance(converted[0], SparseLinear) is chosen
@@ -181,6 +189,23 @@ def test_a_layer_is_sparse_only_where_measured_faster_by_the_margin(monkeypatch,
     assert layer.sparse is chosen and layer.dense_ms == 1.0 and layer.sparse_ms == sparse_ms
     assert layer.dense_spread_ms == (1.0, 1.3)
     assert layer.reason == ("faster" if chosen else "CSR not 10% faster")
+    assert converted.inference_report.kept_sparse is chosen
+
+
+def test_layers_faster_alone_stay_dense_when_the_whole_model_is_not_faster(monkeypatch):
+    monkeypatch.setattr(inference, "time_interleaved",
+                        fake_times(layer=([1.0], [0.5]), model=([2.0, 2.2], [2.1, 2.3])))
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    converted = to_inference(layer, random_masks(layer, 0.5), torch.randn(1, 3, 16))
+    report = converted.inference_report
+    assert not report.kept_sparse and report.converted == []
+    assert (report.model_dense_ms, report.model_sparse_ms) == (2.1, 2.2)
+    assert report.model_dense_spread_ms == (2.0, 2.2)
+    assert isinstance(converted.linear1, nn.Linear) and isinstance(converted.linear2, nn.Linear)
+    assert converted.activation_relu_or_gelu == 1  # the fused path stays
+    linear1 = next(c for c in report.layers if c.module == "linear1")
+    assert linear1.reason == "faster alone, but the whole model was not"
+    assert "not faster: every layer kept dense" in str(report)
 
 
 def test_time_interleaved_alternates_and_repeats_within_the_bounds(monkeypatch):
@@ -225,7 +250,7 @@ def test_to_inference_reports_every_masked_module(always_sparse):
 def test_threads_are_used_for_timing_and_restored_also_on_an_exception(monkeypatch):
     seen = []
 
-    def fake_timing(first, second, device):
+    def fake_timing(first, second, device, budget_s=None):
         seen.append(torch.get_num_threads())
         return [1.0], [0.5]
 
@@ -234,7 +259,7 @@ def test_threads_are_used_for_timing_and_restored_also_on_an_exception(monkeypat
     masks = random_masks(model, 0.5)
     before = torch.get_num_threads()
     converted = to_inference(model, masks, torch.randn(2, 6), threads=2)
-    assert seen == [2] and torch.get_num_threads() == before
+    assert seen == [2, 2] and torch.get_num_threads() == before  # the layer, the model
     assert converted.inference_report.threads == 2
     with pytest.raises(RuntimeError):  # the example input does not fit the model
         to_inference(model, masks, torch.randn(2, 7), threads=2)
@@ -411,6 +436,8 @@ def test_the_converted_model_pickles_and_rebuilds_from_the_sparse_file(tmp_path,
             assert torch.equal(other(x), expected)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_torch_jit_script_and_trace_work_on_the_converted_model(always_sparse):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -420,8 +447,7 @@ def test_torch_jit_script_and_trace_work_on_the_converted_model(always_sparse):
     converted = to_inference(model, masks, x)
     with torch.inference_mode():
         expected = converted(x)
-    with pytest.warns(FutureWarning, match="deprecated"):  # torch 2.14 deprecates TorchScript
-        scripted = torch.jit.script(converted)
+    scripted = torch.jit.script(converted)  # deprecated since torch 2.14, still works
     traced = torch.jit.trace(converted, (x,))
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
@@ -440,10 +466,14 @@ def test_real_timing_whatever_it_picks_computes_the_masked_model():
     masks = random_masks(model, 0.01)
     x = torch.randn(1, 512)
     converted = assert_converts_exactly(model, masks, x)
-    for choice in converted.inference_report.layers:
+    report = converted.inference_report
+    for choice in report.layers:
         assert choice.dense_ms > 0 and choice.sparse_ms > 0
         assert inference.MIN_REPETITIONS <= choice.repetitions <= inference.MAX_REPETITIONS
-        assert choice.sparse == (choice.sparse_ms <= 0.9 * choice.dense_ms)
+        faster = choice.sparse_ms <= 0.9 * choice.dense_ms
+        assert choice.sparse == (faster and report.kept_sparse)
+    if report.model_dense_ms is not None:
+        assert report.kept_sparse == (report.model_sparse_ms < report.model_dense_ms)
 
 
 def test_to_inference_is_public():
