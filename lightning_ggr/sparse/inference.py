@@ -447,16 +447,18 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
 
 
 def time_interleaved(first: Callable[[], Any], second: Callable[[], Any],
-                     device: torch.device | str = "cpu", budget_s: float | None = None
-                     ) -> tuple[list[float], list[float]]:
+                     device: torch.device | str = "cpu", budget_s: float | None = None,
+                     min_repetitions: int | None = None) -> tuple[list[float], list[float]]:
     """Times in milliseconds of ``first`` and ``second``, called alternately.
 
     Two warm-up calls each, then as many repetitions as fit in ``budget_s`` (default
-    :data:`TIMING_BUDGET_S`; at least :data:`MIN_REPETITIONS`, at most
-    :data:`MAX_REPETITIONS`); the order within a pair alternates, so drifting load affects
-    both alike. On CUDA each call is synchronized.
+    :data:`TIMING_BUDGET_S`; at least ``min_repetitions``, default :data:`MIN_REPETITIONS`,
+    at most :data:`MAX_REPETITIONS`); the order within a pair alternates, so drifting load
+    affects both alike. On CUDA each call is synchronized. The benchmark
+    (``benchmarks/inference.py``) times whole models with it too.
     """
     budget_s = TIMING_BUDGET_S if budget_s is None else budget_s
+    least = MIN_REPETITIONS if min_repetitions is None else min_repetitions
     synchronize = _synchronize(torch.device(device))
 
     def timed(function: Callable[[], Any]) -> float:
@@ -470,8 +472,7 @@ def time_interleaved(first: Callable[[], Any], second: Callable[[], Any],
         timed(first)
         timed(second)
     estimate = (timed(first) + timed(second)) / 1e3
-    repetitions = int(min(MAX_REPETITIONS, max(MIN_REPETITIONS,
-                                                budget_s / max(estimate, 1e-6))))
+    repetitions = int(min(MAX_REPETITIONS, max(least, budget_s / max(estimate, 1e-6))))
     times: tuple[list[float], list[float]] = ([], [])
     for repetition in range(repetitions):
         order = (0, 1) if repetition % 2 == 0 else (1, 0)
