@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     print_sizes(size_rows)
     print_speed(speed_rows, args.tolerance)
     print_goals(speed_rows, args.tolerance)
-    print(f"\nTotal time {time.perf_counter() - started:.0f} s.")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"\nTotal time {time.perf_counter() - started:.0f} s; load average at the end {load}.")
     return 0
 
 

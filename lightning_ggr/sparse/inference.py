@@ -44,7 +44,7 @@ from lightning_ggr.sparse.selection import is_transposed_linear
 
 #: A layer is made sparse only when its median sparse time is at least this fraction below
 #: its median dense time at the example input's shape (so timing noise does not swap in a
-#: layer that is not faster).
+#: layer that is not faster); the same margin applies to the whole model afterwards.
 SPEEDUP_MARGIN = 0.10
 #: Seconds spent timing one layer (both variants together), within the repetition bounds;
 #: the whole model gets :data:`MODEL_BUDGET_FACTOR` times as much.
@@ -386,8 +386,8 @@ class InferenceReport:
     model_sparse_ms: float | None = None
     model_dense_spread_ms: tuple[float, float] | None = None
     model_sparse_spread_ms: tuple[float, float] | None = None
-    #: ``False`` when the layers measured faster alone did not make the model faster, so
-    #: every layer was kept dense.
+    #: ``False`` when the layers measured faster alone did not make the model faster by
+    #: :data:`SPEEDUP_MARGIN`, so every layer was kept dense.
     kept_sparse: bool = False
 
     @property
@@ -413,7 +413,7 @@ class InferenceReport:
                          f"{shape:<16} {dense} {sparse} {speedup}  {choice}")
         if self.model_dense_ms is not None and self.model_sparse_ms is not None:
             verdict = ("kept" if self.kept_sparse
-                       else "not faster: every layer kept dense")
+                       else f"not {self.margin:.0%} faster: every layer kept dense")
             lines.append(f"whole model: dense {self.model_dense_ms:.3f} ms, with the CSR layers "
                          f"{self.model_sparse_ms:.3f} ms "
                          f"({self.model_dense_ms / self.model_sparse_ms:.2f}x): {verdict}")
@@ -547,9 +547,9 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     zero padding) is then timed dense and as :class:`SparseLinear` / :class:`SparseConv2d`
     on that input (interleaved, :func:`time_interleaved`) and replaced only when the sparse
     median is at least :data:`SPEEDUP_MARGIN` below the dense one. Then the whole model is
-    timed, dense against with those layers sparse: if it is not faster (the time between
-    layers, or a fused path given up, can cost more than the layers gained), every layer
-    stays dense and the report says so. Give the input the
+    timed, dense against with those layers sparse: if it is not faster by the same margin
+    (the time between layers, or a fused path given up, can cost more than the layers
+    gained), every layer stays dense and the report says so. Give the input the
     deployed model will see: the choice depends on the batch size, the sequence length, the
     threads and the machine, which is why this runs where the model is deployed (rebuild
     it there from the sparse file: :func:`~lightning_ggr.sparse.export.load_sparse_model`,
@@ -657,7 +657,8 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
             report.model_dense_ms, report.model_dense_spread_ms = _median_and_spread(dense_times)
             report.model_sparse_ms, report.model_sparse_spread_ms = _median_and_spread(
                 sparse_times)
-            report.kept_sparse = report.model_sparse_ms < report.model_dense_ms
+            report.kept_sparse = (report.model_sparse_ms
+                                  <= (1 - SPEEDUP_MARGIN) * report.model_dense_ms)
             if not report.kept_sparse:
                 converted = dense
                 for choice in report.layers:

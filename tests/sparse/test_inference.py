@@ -192,20 +192,23 @@ def test_a_layer_is_sparse_only_where_measured_faster_by_the_margin(monkeypatch,
     assert converted.inference_report.kept_sparse is chosen
 
 
-def test_layers_faster_alone_stay_dense_when_the_whole_model_is_not_faster(monkeypatch):
+@pytest.mark.parametrize("model_sparse", [[2.1, 2.3], [1.95, 2.0]])  # slower; < 10% faster
+def test_layers_faster_alone_stay_dense_when_the_whole_model_is_not_faster(monkeypatch,
+                                                                          model_sparse):
     monkeypatch.setattr(inference, "time_interleaved",
-                        fake_times(layer=([1.0], [0.5]), model=([2.0, 2.2], [2.1, 2.3])))
+                        fake_times(layer=([1.0], [0.5]), model=([2.0, 2.2], model_sparse)))
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
     converted = to_inference(layer, random_masks(layer, 0.5), torch.randn(1, 3, 16))
     report = converted.inference_report
     assert not report.kept_sparse and report.converted == []
-    assert (report.model_dense_ms, report.model_sparse_ms) == (2.1, 2.2)
+    assert report.model_dense_ms == 2.1
+    assert report.model_sparse_ms == pytest.approx(sum(model_sparse) / 2)
     assert report.model_dense_spread_ms == (2.0, 2.2)
     assert isinstance(converted.linear1, nn.Linear) and isinstance(converted.linear2, nn.Linear)
     assert converted.activation_relu_or_gelu == 1  # the fused path stays
     linear1 = next(c for c in report.layers if c.module == "linear1")
     assert linear1.reason == "faster alone, but the whole model was not"
-    assert "not faster: every layer kept dense" in str(report)
+    assert "not 10% faster: every layer kept dense" in str(report)
 
 
 def test_time_interleaved_alternates_and_repeats_within_the_bounds(monkeypatch):
@@ -473,7 +476,7 @@ def test_real_timing_whatever_it_picks_computes_the_masked_model():
         faster = choice.sparse_ms <= 0.9 * choice.dense_ms
         assert choice.sparse == (faster and report.kept_sparse)
     if report.model_dense_ms is not None:
-        assert report.kept_sparse == (report.model_sparse_ms < report.model_dense_ms)
+        assert report.kept_sparse == (report.model_sparse_ms <= 0.9 * report.model_dense_ms)
 
 
 def test_to_inference_is_public():
