@@ -4,8 +4,9 @@
 once to see every masked layer's real input (its batch, and for a transformer its sequence
 length), and times each such layer dense and sparse at that shape, interleaved. A layer
 becomes sparse only where the median of its sparse times is at least :data:`SPEEDUP_MARGIN`
-below the median of its dense times; everywhere else it stays the dense module it was. The
-trained model is not changed.
+below the median of its dense times, and only if the whole model with those layers is then
+faster by the same margin; everywhere else it stays the dense module it was. The trained
+model is not changed.
 
 - ``nn.Linear`` and transformers' ``Conv1D`` (a linear map stored ``(in, out)``,
   :func:`~lightning_ggr.sparse.selection.is_transposed_linear`) -> :class:`SparseLinear`:
