@@ -49,6 +49,7 @@ def test_the_gpu_suite_needs_a_gpu():
     assert done.returncode == 2 and "--suite gpu needs a CUDA device" in done.stderr
 
 
+@pytest.mark.slow
 def test_inference_benchmark_runs_quick_on_cpu():
     """benchmarks/inference.py --quick: every model, both mask sources, every table."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

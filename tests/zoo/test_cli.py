@@ -318,6 +318,7 @@ def _fit_quickstart_with_a_checkpoint(tmp_path, monkeypatch, *extra: str) -> Lig
         "--trainer.enable_progress_bar", "false", *extra])
 
 
+@pytest.mark.slow
 def test_export_writes_the_runs_sparse_network_and_prints_its_size(tmp_path, monkeypatch,
                                                                     capsys):
     from lightning_ggr import load_sparse_model
