@@ -398,10 +398,11 @@ class InferenceReport:
 
     def __str__(self) -> str:
         width = max([len(layer.module) for layer in self.layers] + [len("module")])
+        kinds = max([len(layer.kind) for layer in self.layers] + [len("type")])
         lines = [
             f"to_inference on {self.device}, {self.threads} thread(s): a layer is CSR only "
             f"where its median time is at least {self.margin:.0%} below dense's",
-            f"{'module':<{width}}  {'type':<12} {'density':>7}  {'input':<16} "
+            f"{'module':<{width}}  {'type':<{kinds}} {'density':>7}  {'input':<16} "
             f"{'dense ms':>9} {'CSR ms':>9} {'speed-up':>8}  choice",
         ]
         for layer in self.layers:
@@ -410,7 +411,7 @@ class InferenceReport:
             sparse = f"{layer.sparse_ms:9.3f}" if layer.sparse_ms is not None else f"{'-':>9}"
             speedup = f"{layer.speedup:7.2f}x" if layer.speedup is not None else f"{'-':>8}"
             choice = "CSR" if layer.sparse else f"dense: {layer.reason}"
-            lines.append(f"{layer.module:<{width}}  {layer.kind:<12} {layer.density:7.4f}  "
+            lines.append(f"{layer.module:<{width}}  {layer.kind:<{kinds}} {layer.density:7.4f}  "
                          f"{shape:<16} {dense} {sparse} {speedup}  {choice}")
         if self.model_dense_ms is not None and self.model_sparse_ms is not None:
             verdict = ("kept" if self.kept_sparse
