@@ -17,12 +17,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+from tests.helpers.ddp import SpawnedDDPStrategy, spawned_ddp
 from tests.helpers.setups import UnevenRanks
 
 WORLD = 2
@@ -124,8 +126,7 @@ def test_ddp_masks_agree_despite_diverging_rng_and_fp16_inf_on_one_rank(tmp_path
     model = TinyModule(nonfinite_steps=(6,), nonfinite_rank=1, extra_draws_rank=1)
     trainer = make_trainer(
         tmp_path, [sparse, RankAgreement(str(record))], max_epochs=2, devices=WORLD,
-        # strategy="ddp_spawn", with a short collective timeout
-        strategy=DDPStrategy(start_method="spawn", timeout=COLLECTIVE_TIMEOUT),
+        strategy=spawned_ddp(COLLECTIVE_TIMEOUT),
         plugins=[MixedPrecision("16-mixed", "cpu")],
     )
     trainer.fit(model, tiny_dataloader(samples=64))  # 8 steps per epoch and rank
@@ -230,7 +231,7 @@ def test_ddp_ranks_with_different_epochs_agree_on_epoch_rewirings(tmp_path):
         tmp_path, [sparse], devices=WORLD, max_epochs=None, max_steps=12,
         use_distributed_sampler=False,
         # A short collective timeout: a regression fails in seconds instead of hanging.
-        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=20)),
+        strategy=spawned_ddp(timedelta(seconds=20)),
     )
     trainer.fit(UnevenRanks(str(record)))
     result = json.loads(record.read_text())
@@ -260,3 +261,24 @@ def test_the_ranks_agree_once_at_train_start(monkeypatch, ranks, agree_epochs, s
     assert bool(warned) == (len({r[1] for r in ranks}) > 1)
     assert batches == (float("inf") if -1 in [r[0] for r in ranks]
                        else min(r[0] for r in ranks))
+
+
+def test_spawned_ranks_destroy_their_process_group_at_fit_end(tmp_path):
+    """The flaky SIGABRT of spawned ranks: a gloo group left alive into interpreter
+    finalization (Lightning destroys only NCCL groups) can abort the rank when its worker
+    thread drops the last collective's tensors (see ``tests/helpers/ddp.py``). The tests'
+    strategy destroys it at teardown, which joins the group's threads."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        out = [torch.empty(2)]
+        dist.all_gather(out, torch.ones(2))  # a collective whose tensors Python saw
+        strategy = spawned_ddp(COLLECTIVE_TIMEOUT)
+        strategy.accelerator = CPUAccelerator()  # what the Trainer gives it
+        strategy.cluster_environment = LightningEnvironment()
+        strategy.teardown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert issubclass(SpawnedDDPStrategy, pl.strategies.DDPStrategy)
