@@ -99,7 +99,7 @@ class DynamicSparsityCallback(Callback):
             start the next step at ``init_value`` (RigL's reference applies no gradient on
             mask-update steps; weight decay, if any, still applies).
         reinit_regrown: restart a weight dropped and regrown in the same rewiring at
-            ``init_value`` with zero optimizer state. Default ``False``: it keeps its value
+            ``init_value`` with fresh optimizer state. Default ``False``: it keeps its value
             and state (RigL's reference, ``reinit_when_same=False``).
         dsr_initial_threshold: DSR's first threshold ``H``, finite and > 0 (default
             ``1e-3``, DSR's reference), or ``None`` to start at the ``K``-th smallest active
@@ -277,13 +277,16 @@ class DynamicSparsityCallback(Callback):
         self._run_id = str((loaded or {}).get("run_id") or uuid.uuid4().hex)
         self._attach_step_hook(trainer, params)
         refuse_closure_optimizers(self._optimizer)
+        self._check_optimizer()
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
-        # without our masks (or an optimizer reused across fits) must be masked once here.
+        # without our masks (or an optimizer reused across fits) must be masked once here,
+        # and a restored state's layout checked.
+        self._check_optimizer()
         self.engine.enforce_masks([self._optimizer])
         # FitLoop.run has just set up the train dataloader (restoring a resumable one's
         # position) and Lightning restored global_step: the length and the clock are known.
@@ -572,6 +575,12 @@ class DynamicSparsityCallback(Callback):
             # keep masked weights at 0 on their own, which saves one pass per step.
             self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
 
+    def _check_optimizer(self) -> None:
+        """Refuse an optimizer whose state cannot follow each weight; say once when where
+        it starts a fresh parameter could not be found (grown weights then start at 0)."""
+        for warning in self.engine.check_optimizers([self._optimizer]):
+            self._warn_once(f"fresh state {type(self._optimizer).__name__}", warning)
+
     def _follow_optimizer(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` is now the one holding the sparse weights: the trainer's
         optimizers were replaced mid-fit (``strategy.setup_optimizers``, e.g. a switch from
@@ -581,6 +590,7 @@ class DynamicSparsityCallback(Callback):
             return False
         self._attach_step_hook(trainer, self.engine.params)  # raises if no single owner
         refuse_closure_optimizers(self._optimizer)
+        self._check_optimizer()
         self.engine.enforce_masks([self._optimizer])
         rank_zero_info(
             f"DynamicSparsityCallback: the optimizers were replaced; now following "

@@ -33,11 +33,14 @@ from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
     mask_optimizer_state_,
-    optimizer_state_tensors,
     random_mask,
-    reset_optimizer_state_,
 )
 from lightning_ggr.sparse.methods import get_method
+from lightning_ggr.sparse.optimizer_state import (
+    FreshState,
+    check_optimizer_state,
+    reset_optimizer_state_,
+)
 from lightning_ggr.sparse.rewiring import (
     DSR_REFERENCE_THRESHOLD,
     DeviceGenerators,
@@ -84,7 +87,7 @@ class SparseEngine:
             they start the next step at ``init_value`` (weight decay aside: the step still
             applies it, e.g. SGD leaves ``init_value * (1 - lr * weight_decay)``).
         reinit_regrown: restart a weight dropped and regrown in the same rewiring at
-            ``init_value`` with zero optimizer state. ``False`` (default, RigL's reference
+            ``init_value`` with fresh optimizer state. ``False`` (default, RigL's reference
             ``reinit_when_same=False``): it keeps its value and state, as if never dropped.
         dsr_initial_threshold: DSR's first threshold ``H`` (default 1e-3, DSR's reference);
             ``None`` starts it at the ``K``-th smallest active magnitude.
@@ -159,6 +162,8 @@ class SparseEngine:
         self._warned_no_optimizer = False
         self._warned_no_signal = False
         self.skipped_rewirings = 0
+        #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
+        self.fresh_state = FreshState()
         self._refresh_lists()
         self.broadcast_topology()
         self.apply_masks()
@@ -330,6 +335,22 @@ class SparseEngine:
         self.mask_gradients()
         return report
 
+    def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
+        """Check, before training, that each optimizer's state can follow each weight.
+
+        Raises ``ValueError`` for per-weight state laid out otherwise than the parameter
+        (see :func:`~lightning_ggr.sparse.optimizer_state.check_optimizer_state`); returns
+        the warnings to give (an optimizer whose fresh state could not be probed: grown
+        weights then start its per-weight state at 0). Probes each optimizer once, which
+        the rewirings then reuse.
+        """
+        found = []
+        for optimizer in optimizers:
+            warning = check_optimizer_state(optimizer, self.params, self.fresh_state)
+            if warning is not None:
+                found.append(warning)
+        return found
+
     def enforce_masks(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero masked weights and the optimizers' state there, whatever happened before.
 
@@ -356,13 +377,17 @@ class SparseEngine:
     ) -> RewiringReport:
         """One rewiring now, with the gradients currently in ``.grad``.
 
-        Masks and weights change in place; the optimizer state is zeroed at every masked
-        position and at every new one (a weight dropped and regrown keeps its value and state
-        unless ``reinit_regrown``); unless ``update_grown_weights``, the gradient of every new
-        weight is zeroed too, so the optimizer step that follows leaves it at
-        ``init_value``. Under ``torch.distributed`` the new topology is broadcast from
-        rank 0. Host reads: one for GGR's allocation or DSR's removal counts, none for SET
-        and RigL (and one more for a data-driven DSR start).
+        Masks and weights change in place; the optimizers' per-weight state is zeroed at
+        every masked position and set, at every new one, to where that optimizer starts a
+        fresh parameter (Rprop's step size ``lr``, Adagrad's ``initial_accumulator_value``,
+        0 for momentum and Adam's moments; per-tensor state such as Adam's ``step`` stays
+        shared; see :mod:`~lightning_ggr.sparse.optimizer_state`). A weight dropped and
+        regrown keeps its value and state unless ``reinit_regrown``. Unless
+        ``update_grown_weights``, the gradient of every new weight is zeroed too, so the
+        optimizer step that follows leaves it at ``init_value``. Under ``torch.distributed``
+        the new topology is broadcast from rank 0. Host reads: one for GGR's allocation or
+        DSR's removal counts, none for SET and RigL (and one more for a data-driven DSR
+        start).
         """
         optimizers = list(optimizers)
         if not optimizers and not self._warned_no_optimizer:
@@ -377,13 +402,15 @@ class SparseEngine:
             # A layer unused in this step (aux head, conditional branch) has no gradient:
             # it scores 0 everywhere, so it gets weights only where nothing scores higher.
             gradients = {name: param.grad for name, param in self.params.items()}
-        # Tensors that follow each weight: zero at dropped and new positions.
+        # Tensors that follow each weight: zero at dropped positions; at new ones, the
+        # optimizer's per-weight state starts where it starts a fresh parameter.
         states = {}
         for name, param in self.params.items():
-            follow = [value for optimizer in optimizers
-                      for value in optimizer_state_tensors(optimizer, param)]
+            follow: list[tuple[Tensor, Tensor | float]] = [
+                pair for optimizer in optimizers
+                for pair in self.fresh_state.starts(optimizer, param)]
             if not self.update_grown_weights and param.grad is not None:
-                follow.append(param.grad)
+                follow.append((param.grad, 0.0))
             states[name] = follow
         report = self.rewiring(
             {name: p.data for name, p in self.params.items()},
@@ -400,7 +427,8 @@ class SparseEngine:
             self.broadcast_topology()
             # Had this rank grown differently, rank 0's new positions start afresh here too.
             for name, mask in self.masks.items():
-                reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name])
+                reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name],
+                                       self.fresh_state)
         else:
             self._refresh_lists()
         # Every masked position's state is zero already (the rewiring zeroed the dropped
