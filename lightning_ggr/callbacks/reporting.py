@@ -216,9 +216,8 @@ class SparsityReporter:
         if report.skipped:
             due = engine.pending_step if engine.pending_step is not None else step
             rank_zero_warn(
-                f"step {step}: non-finite sparse gradients (or none, for a method that grows "
-                f"by gradient): the rewiring due at step {due} is postponed to the next step "
-                "with usable gradients"
+                f"step {step}: {report.skip_reason or 'unusable gradients'}: the rewiring due "
+                f"at step {due} is postponed to the next step with usable gradients"
             )
             metrics = {self.key("rewiring", "skipped"): float(engine.skipped_rewirings)}
         else:

@@ -331,7 +331,7 @@ class DynamicSparsityCallback(Callback):
         if engine.pending_step is not None:
             rank_zero_warn(
                 f"the rewiring due at step {engine.pending_step} was postponed (non-finite or "
-                "missing sparse gradients) and training ended before a step with usable "
+                "missing gradients) and training ended before a step with usable "
                 "gradients: it did not run"
             )
         elif (engine.rewirings == 0 and engine.schedule is not None

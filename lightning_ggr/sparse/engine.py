@@ -48,6 +48,12 @@ from lightning_ggr.sparse.rewiring import (
 )
 from lightning_ggr.sparse.schedules import RewiringSchedule
 
+#: Why a due rewiring is postponed (``RewiringReport.skip_reason``).
+SKIP_NO_GRADIENTS = "no gradients"
+SKIP_NONFINITE = "non-finite gradients"
+SKIP_OPTIMIZER_NONFINITE = ("non-finite gradients of other parameters of the optimizer "
+                            "(a grad scaler skips this step)")
+
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -162,6 +168,8 @@ class SparseEngine:
         self._warned_no_optimizer = False
         self._warned_no_signal = False
         self.skipped_rewirings = 0
+        #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
+        self.skip_reasons: dict[str, int] = {}
         #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
         self.fresh_state = FreshState()
         self._refresh_lists()
@@ -217,52 +225,77 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.gradients_()
 
-    def _gradient_checks(self) -> list[Tensor]:
-        """Per device, ``[every gradient there is finite, one of them has a nonzero entry]``
-        as a 2-element tensor: an infinity norm per gradient (one multi-tensor operation; NaN
-        propagates through it), nothing read."""
-        by_device: dict[torch.device, list[Tensor]] = {}
+    def _gradient_checks(self, optimizers: Iterable[torch.optim.Optimizer] = ()
+                         ) -> list[Tensor]:
+        """Per device, ``[the sparse gradients there are finite, the optimizers' other
+        gradients there are finite, a sparse gradient has a nonzero entry]`` as a 3-element
+        tensor: an infinity norm per gradient (one multi-tensor operation over all of them;
+        NaN propagates through it), nothing read."""
+        sparse = {id(param) for param in self._param_list}
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
         for param in self._param_list:
             if param.grad is not None:
-                by_device.setdefault(param.grad.device, []).append(param.grad)
+                by_device.setdefault(param.grad.device, ([], []))[0].append(param.grad)
+        seen = set(sparse)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    grad = param.grad
+                    if id(param) in seen or grad is None or grad.is_sparse:
+                        continue
+                    seen.add(id(param))
+                    by_device.setdefault(grad.device, ([], []))[1].append(grad)
         checks = []
-        for grads in by_device.values():
-            norms = torch.stack(torch._foreach_norm(grads, math.inf))
-            checks.append(torch.stack([torch.isfinite(norms).all(), (norms > 0).any()]))
+        for ours, others in by_device.values():
+            norms = torch.stack(torch._foreach_norm(ours + others, math.inf))
+            finite = torch.isfinite(norms)
+            checks.append(torch.stack([finite[:len(ours)].all(), finite[len(ours):].all(),
+                                       (norms[:len(ours)] > 0).any()]))
         return checks
 
-    def _agreed(self, checks: list[Tensor], local: bool = True) -> tuple[bool, bool]:
-        """(``local`` and every gradient finite, some gradient nonzero), read back once (per
-        device), and under ``torch.distributed`` agreed over all processes by one all-reduce
-        (finite everywhere, nonzero somewhere)."""
+    def _agreed(self, checks: list[Tensor], present: bool = True
+                ) -> tuple[str | None, bool]:
+        """Why this step's gradients cannot drive a rewiring (``None``: they can), and
+        whether some sparse gradient is nonzero; read back once (per device) and, under
+        ``torch.distributed``, agreed over all processes by one all-reduce (gradients
+        present, and finite, everywhere; signal somewhere)."""
         if _distributed():
             device = self._distributed_device()
-            # MIN over [usable, 1 - signal]: usable everywhere, signal somewhere.
-            flags = torch.ones(2, dtype=torch.int32, device=device)
-            flags[0].fill_(int(local))
+            # MIN over [present, sparse finite, others finite, 1 - signal].
+            flags = torch.ones(4, dtype=torch.int32, device=device)
+            flags[0].fill_(int(present))
             for check in checks:
                 check = check.to(device, torch.int32)
-                flags[0].bitwise_and_(check[0])
-                flags[1].bitwise_and_(1 - check[1])
+                flags[1:3].bitwise_and_(check[:2])
+                flags[3].bitwise_and_(1 - check[2])
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-            usable, silent = flags.tolist()
-            return bool(usable), not silent
-        values = [check.tolist() for check in checks]
-        finite = all(value[0] for value in values)
-        return local and finite, any(value[1] for value in values)
+            present, finite, others, silent = (bool(v) for v in flags.tolist())
+            signal = not silent
+        else:
+            values = [check.tolist() for check in checks]
+            finite = all(value[0] for value in values)
+            others = all(value[1] for value in values)
+            signal = any(value[2] for value in values)
+        if not present:
+            return SKIP_NO_GRADIENTS, signal
+        if not finite:
+            return SKIP_NONFINITE, signal
+        if not others:
+            return SKIP_OPTIMIZER_NONFINITE, signal
+        return None, signal
 
-    def gradients_finite(self) -> bool:
-        """Whether every sparse parameter's gradient is finite, agreed over all processes
-        (one read of the device)."""
-        return self._agreed(self._gradient_checks())[0]
+    def gradients_finite(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
+        """Whether every sparse parameter's gradient is finite, and every other gradient of
+        ``optimizers`` too, agreed over all processes (one read of the device)."""
+        return self._agreed(self._gradient_checks(optimizers))[0] is None
 
-    def _check_gradients(self) -> bool:
-        """:meth:`gradients_usable`, warning once when a method that grows by gradient is
-        about to rewire with gradients that are zero everywhere."""
+    def _unusable_because(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> str | None:
+        """:meth:`gradients_usable`'s reason, warning once when a method that grows by
+        gradient is about to rewire with sparse gradients that are zero everywhere."""
         needs = self.rewiring.needs_gradients
         present = any(param.grad is not None for param in self._param_list)
-        usable, signal = self._agreed(self._gradient_checks(), present or not needs)
-        if usable and needs and not signal and not self._warned_no_signal:
+        reason, signal = self._agreed(self._gradient_checks(optimizers), present or not needs)
+        if reason is None and needs and not signal and not self._warned_no_signal:
             self._warned_no_signal = True
             warnings.warn(
                 "every sparse gradient is zero at this rewiring: growth by gradient has no "
@@ -270,22 +303,24 @@ class SparseEngine:
                 "ran since the gradients were zeroed (zero_grad(set_to_none=False) without a "
                 "backward, a skipped step) or the network is dead (no signal reaches its "
                 "sparse layers)", UserWarning, stacklevel=3)
-        return usable
+        return reason
 
-    def gradients_usable(self) -> bool:
+    def gradients_usable(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
 
         Every sparse gradient present must be finite, and a method that grows by gradient
         (RigL, GGR) needs at least one: a step without any (``training_step`` returned
-        ``None``) would score every position 0 and grow arbitrarily. Gradients that are all
-        zero (no backward since ``zero_grad(set_to_none=False)``, or a dead network) cannot be
-        told apart from a real step: they are usable, with a warning at the rewiring. One
-        read of the device (not one per layer) and one all-reduce, only on a step where a
-        rewiring is due.
+        ``None``) would score every position 0 and grow arbitrarily. Every other gradient of
+        ``optimizers`` (a dense bias's) must be finite too: a grad scaler skips such a step
+        (``precision="16-mixed"``), and without one the step writes non-finite values.
+        Gradients that are all zero (no backward since ``zero_grad(set_to_none=False)``, or a
+        dead network) cannot be told apart from a real step: they are usable, with a warning
+        at the rewiring. One read of the device (not one per layer) and one all-reduce, only
+        on a step where a rewiring is due.
         """
         needs = self.rewiring.needs_gradients
         present = any(param.grad is not None for param in self._param_list)
-        return self._agreed(self._gradient_checks(), present or not needs)[0]
+        return self._agreed(self._gradient_checks(optimizers), present or not needs)[0] is None
 
     @property
     def last_slot(self) -> int:
@@ -311,23 +346,28 @@ class SparseEngine:
     ) -> RewiringReport | None:
         """Rewire if the schedule says so (on this step's dense gradient), then mask gradients.
 
-        A due rewiring whose gradients are unusable (non-finite, or missing for a method that
-        grows by gradient) is postponed: ``pending_step`` keeps the step it was due at, and
-        the next step with usable gradients runs it, with that step's drop fraction, even at
-        or after ``stop_step`` (the stop bounds when rewirings are scheduled, not when a
-        postponed one completes).
+        A due rewiring whose gradients are unusable (see :meth:`gradients_usable`: a sparse
+        gradient non-finite, or none for a method that grows by gradient, or a non-finite
+        gradient of another parameter of ``optimizers``) is postponed: ``pending_step``
+        keeps the step it was due at, and the next step with usable gradients runs it, with
+        that step's drop fraction, even at or after ``stop_step`` (the stop bounds when
+        rewirings are scheduled, not when a postponed one completes).
 
-        Returns the rewiring's report, a report with ``skipped=True`` when a due rewiring was
-        postponed, or ``None`` when none was due.
+        Returns the rewiring's report, a report with ``skipped=True`` and its
+        ``skip_reason`` when a due rewiring was postponed, or ``None`` when none was due.
         """
         report = None
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            if not self._check_gradients():
+            optimizers = list(optimizers)
+            reason = self._unusable_because(optimizers)
+            if reason is not None:
                 self.skipped_rewirings += 1
+                self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
                 self.pending_step = int(due_step)
-                report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True)
+                report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True,
+                                        skip_reason=reason)
             else:
                 report = self.rewire(drop_fraction, optimizers)
                 self.last_rewiring_step, self.last_rewiring_epoch = int(step), int(epoch)
@@ -489,6 +529,7 @@ class SparseEngine:
             },
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
+            "skip_reasons": {reason: int(n) for reason, n in self.skip_reasons.items()},
             "threshold": self.threshold,
             "generator_state": self.generator.get_state(),
             "initial_counts": dict(self.initial_counts),
@@ -546,6 +587,8 @@ class SparseEngine:
         self.pending_step = None if pending is None else int(pending)
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
+        self.skip_reasons = {str(reason): int(n)
+                             for reason, n in (state.get("skip_reasons") or {}).items()}
         self.rewiring.load_state_dict({"threshold": state.get("threshold")})
         self.generator.set_state(state["generator_state"])
         self.apply_masks()

@@ -57,6 +57,9 @@ class RewiringReport:
     active: dict[str, int]
     threshold: float | None = None
     skipped: bool = False
+    #: Why a due rewiring was postponed (``skipped``), e.g. ``"non-finite gradients"``,
+    #: ``"no gradients"`` (the engine's ``SKIP_*``); ``None`` for one that ran.
+    skip_reason: str | None = None
 
     @property
     def total_removed(self) -> int:

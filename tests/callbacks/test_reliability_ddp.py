@@ -22,6 +22,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
+from lightning_ggr.sparse.engine import SKIP_NONFINITE, SKIP_OPTIMIZER_NONFINITE
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
 from tests.helpers.ddp import SpawnedDDPStrategy, spawned_ddp
@@ -180,9 +181,19 @@ def _engine_worker(rank: int, store: str, record: str) -> None:
             next(iter(params.values())).grad[0] = float("nan")
         report = engine.before_optimizer_step(3, 0)
         assert report is not None and report.skipped, f"rank {rank} did not postpone"
+        assert report.skip_reason == SKIP_NONFINITE
+        # A non-finite dense gradient of the optimizer, on rank 1 only: every rank postpones.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        if rank == 1:
+            model.net[0].bias.grad[0] = float("inf")
+        report = engine.before_optimizer_step(4, 0, [optimizer])
+        assert report is not None and report.skip_reason == SKIP_OPTIMIZER_NONFINITE, rank
         assert_same_on_all_ranks({"slot": torch.tensor(engine.last_slot)}, "last slot")
         if rank == 0:
-            Path(record).write_text(json.dumps({"moved": moved, "last_slot": engine.last_slot}))
+            Path(record).write_text(json.dumps({"moved": moved, "last_slot": engine.last_slot,
+                                                "skip_reasons": engine.skip_reasons}))
     finally:
         dist.destroy_process_group()
 
@@ -194,7 +205,8 @@ def test_engine_broadcasts_rank_0_topology_and_agrees_on_skips(tmp_path):
     mp.spawn(_engine_worker, args=(str(tmp_path / "store"), str(record)), nprocs=WORLD,
              join=True)
     result = json.loads(record.read_text())
-    assert result == {"moved": [True, True], "last_slot": 2}
+    assert result == {"moved": [True, True], "last_slot": 2,
+                      "skip_reasons": {SKIP_NONFINITE: 1, SKIP_OPTIMIZER_NONFINITE: 1}}
 
 
 def test_masks_and_growth_do_not_depend_on_the_global_rng():

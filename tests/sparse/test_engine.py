@@ -14,6 +14,11 @@ from lightning_ggr.sparse import (
     SparseEngine,
     select_sparse_parameters,
 )
+from lightning_ggr.sparse.engine import (
+    SKIP_NO_GRADIENTS,
+    SKIP_NONFINITE,
+    SKIP_OPTIMIZER_NONFINITE,
+)
 
 
 def tiny_net():
@@ -246,6 +251,46 @@ def test_gradients_zeroed_and_not_recomputed_make_growth_by_gradient_warn(method
     assert report is not None and not report.skipped and engine.rewirings == 3
     silent = [w for w in caught if "every sparse gradient is zero" in str(w.message)]
     assert len(silent) == (1 if warns else 0)  # once per engine
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["sparse weight", "dense bias"])
+def test_a_nonfinite_gradient_anywhere_in_the_optimizer_postpones_a_due_rewiring(bad, where):
+    """Each non-finite kind, in a sparse gradient or in a dense one of the same optimizer (a
+    grad scaler skips that step): postponed, with its reason, masks untouched, masked
+    gradients still zeroed; the next usable step runs it."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = SparseEngine(params, sparsity=0.8, method="ggr",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    _backward(model)
+    target = params["0.weight"] if where == "sparse weight" else model[0].bias
+    target.grad.view(-1)[1] = bad
+    masks = {n: m.clone() for n, m in engine.masks.items()}
+    report = engine.before_optimizer_step(2, 0, [optimizer])
+    reason = SKIP_NONFINITE if where == "sparse weight" else SKIP_OPTIMIZER_NONFINITE
+    assert report.skipped and report.skip_reason == reason and report.total_grown == 0
+    assert engine.pending_step == 2 and engine.skip_reasons == {reason: 1}
+    assert all(torch.equal(engine.masks[n], m) for n, m in masks.items())
+    assert all((p.grad[~engine.masks[n]] == 0).all() for n, p in params.items())
+    # Without the optimizer the engine sees only the sparse gradients.
+    assert engine.gradients_finite() is (where == "dense bias")
+    assert engine.gradients_finite([optimizer]) is False
+    target.grad.nan_to_num_(0.0, 0.0, 0.0)
+    report = engine.before_optimizer_step(3, 0, [optimizer])
+    assert not report.skipped and report.skip_reason is None and engine.rewirings == 1
+    assert engine.pending_step is None
+    restored = SparseEngine.from_state_dict(params, engine.state_dict(), sparsity=0.8)
+    assert restored.skip_reasons == {reason: 1} and restored.skipped_rewirings == 1
+
+
+def test_a_step_without_gradients_says_so():
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="rigl",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    report = engine.before_optimizer_step(2, 0)
+    assert report.skipped and report.skip_reason == SKIP_NO_GRADIENTS
 
 
 def test_one_zero_gradient_layer_among_others_is_usable():
