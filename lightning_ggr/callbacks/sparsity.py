@@ -38,6 +38,8 @@ from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS
 from lightning_ggr.sparse.selection import (
+    FROZEN,
+    NOT_IN_OPTIMIZER,
     Selection,
     check_selection_patterns,
     plan_selection,
@@ -169,6 +171,11 @@ class DynamicSparsityCallback(Callback):
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._warned: set[str] = set()
+        #: Sparse tensors left out of the last rewiring (frozen), and dense layer weights
+        #: that were frozen or held by no optimizer at fit start.
+        self._frozen_now: set[str] = set()
+        self._untrained_at_start: dict[str, str] = {}
+        self._look_for_unfrozen = False
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
         self.clock = RewiringClock(self._clock_settings(), self._warn_once)
@@ -278,6 +285,8 @@ class DynamicSparsityCallback(Callback):
         self._attach_step_hook(trainer, params)
         refuse_closure_optimizers(self._optimizer)
         self._check_optimizer()
+        self._frozen_now = set()
+        self._untrained_at_start = self._dense_untrained_weights()
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
@@ -296,6 +305,9 @@ class DynamicSparsityCallback(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clock.epoch_started(trainer, self.engine)
+        # BaseFinetuning unfreezes layers in its own on_train_epoch_start (maybe after this
+        # one): look at the epoch's first step.
+        self._look_for_unfrozen = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -308,11 +320,16 @@ class DynamicSparsityCallback(Callback):
         if self.clock.steps is None:  # no schedule yet (a step outside the fit loop): mask only
             self.engine.mask_gradients()
             return
+        if self._look_for_unfrozen:
+            self._look_for_unfrozen = False
+            self._warn_if_dense_tensors_unfrozen()
         step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
         report = self.engine.before_optimizer_step(step, epoch, [optimizer])
         self.clock.advance()
         if report is not None:
             self.last_report = report
+            if not report.skipped:
+                self._say_frozen(report)
             self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
 
@@ -574,6 +591,46 @@ class DynamicSparsityCallback(Callback):
             # Fires only when a step really ran (GradScaler may skip it). Standard optimizers
             # keep masked weights at 0 on their own, which saves one pass per step.
             self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
+
+    def _dense_untrained_weights(self) -> dict[str, str]:
+        """Dense layer weights (a Linear's, a Conv's) that no optimizer step would update
+        now, name -> why: frozen, or held by no optimizer."""
+        held = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        return {entry.name: FROZEN if not entry.tensor.requires_grad else NOT_IN_OPTIMIZER
+                for entry in self.selection.entries
+                if not entry.sparse and entry.role is not None
+                and (not entry.tensor.requires_grad or id(entry.tensor) not in held)}
+
+    def _warn_if_dense_tensors_unfrozen(self) -> None:
+        """A layer weight dense because frozen at fit start and trained now (BaseFinetuning
+        unfroze it and added it to the optimizer) stays dense: say so once."""
+        if not self._untrained_at_start:
+            return
+        now = self._dense_untrained_weights()
+        for name, why in self._untrained_at_start.items():
+            if name not in now:
+                self._warn_once(
+                    f"unfrozen {name}",
+                    f"{name} was {why} at fit start, so it was left dense; it is trained now "
+                    "(unfrozen, e.g. by BaseFinetuning) and stays dense: the masks cover the "
+                    "tensors chosen at fit start. To train it sparse, have it trainable and in "
+                    "the optimizer when fit starts (freeze it by zeroing its learning rate)")
+
+    def _say_frozen(self, report: RewiringReport) -> None:
+        """Say once per tensor that a sparse tensor frozen mid-fit is left out of rewiring,
+        and when it takes part again."""
+        frozen = set(report.frozen)
+        for name in report.frozen:
+            self._warn_once(
+                f"frozen {name}",
+                f"{name} is frozen (requires_grad=False) or held by no optimizer since the "
+                "fit started: its mask and weights are kept as they are and it takes no part "
+                "in rewiring (nor in GGR's global budget) while it stays so")
+        back = sorted(self._frozen_now - frozen)
+        if back:
+            rank_zero_info(f"DynamicSparsityCallback: {', '.join(back)} trained again: "
+                           "rewired again from this rewiring on")
+        self._frozen_now = frozen
 
     def _check_optimizer(self) -> None:
         """Refuse an optimizer whose state cannot follow each weight; say once when where

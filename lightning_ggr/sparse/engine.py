@@ -231,12 +231,14 @@ class SparseEngine:
         gradients there are finite, a sparse gradient has a nonzero entry]`` as a 3-element
         tensor: an infinity norm per gradient (one multi-tensor operation over all of them;
         NaN propagates through it), nothing read."""
-        sparse = {id(param) for param in self._param_list}
+        optimizers = list(optimizers)
+        frozen = set(self.frozen(optimizers))
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for param in self._param_list:
-            if param.grad is not None:
+        for name, param in self.params.items():
+            if param.grad is not None and name not in frozen:
                 by_device.setdefault(param.grad.device, ([], []))[0].append(param.grad)
-        seen = set(sparse)
+        # A frozen sparse layer's stale gradient (taken out of the optimizer) counts nowhere.
+        seen = {id(param) for param in self._param_list}
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -292,8 +294,9 @@ class SparseEngine:
     def _unusable_because(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> str | None:
         """:meth:`gradients_usable`'s reason, warning once when a method that grows by
         gradient is about to rewire with sparse gradients that are zero everywhere."""
+        optimizers = list(optimizers)
         needs = self.rewiring.needs_gradients
-        present = any(param.grad is not None for param in self._param_list)
+        present = self._gradients_present(optimizers)
         reason, signal = self._agreed(self._gradient_checks(optimizers), present or not needs)
         if reason is None and needs and not signal and not self._warned_no_signal:
             self._warned_no_signal = True
@@ -318,9 +321,17 @@ class SparseEngine:
         at the rewiring. One read of the device (not one per layer) and one all-reduce, only
         on a step where a rewiring is due.
         """
+        optimizers = list(optimizers)
         needs = self.rewiring.needs_gradients
-        present = any(param.grad is not None for param in self._param_list)
+        present = self._gradients_present(optimizers)
         return self._agreed(self._gradient_checks(optimizers), present or not needs)[0] is None
+
+    def _gradients_present(self, optimizers: list[torch.optim.Optimizer]) -> bool:
+        """Whether a sparse layer that takes part has a gradient (every layer frozen: there
+        is nothing to grow, and the rewiring passes its slot moving nothing)."""
+        frozen = set(self.frozen(optimizers))
+        trained = [p for name, p in self.params.items() if name not in frozen]
+        return not trained or any(param.grad is not None for param in trained)
 
     @property
     def last_slot(self) -> int:
@@ -437,30 +448,44 @@ class SparseEngine:
                 "moments) at dropped positions is not zeroed, so it can move masked weights "
                 "off 0 at the next step. Pass them: engine.before_optimizer_step(step, epoch, "
                 "[optimizer])", UserWarning, stacklevel=3)
+        # A layer frozen (or taken out of the optimizer) mid-fit keeps its mask and weights
+        # and takes no part: neither removal nor allocation (GGR's global budget) sees it.
+        frozen = set(self.frozen(optimizers))
+        names = [name for name in self.params if name not in frozen]
         gradients = None
         if self.rewiring.needs_gradients:
             # A layer unused in this step (aux head, conditional branch) has no gradient:
             # it scores 0 everywhere, so it gets weights only where nothing scores higher.
-            gradients = {name: param.grad for name, param in self.params.items()}
+            gradients = {name: self.params[name].grad for name in names}
         # Tensors that follow each weight: zero at dropped positions; at new ones, the
         # optimizer's per-weight state starts where it starts a fresh parameter.
         states = {}
-        for name, param in self.params.items():
+        for name in names:
+            param = self.params[name]
             follow: list[tuple[Tensor, Tensor | float]] = [
                 pair for optimizer in optimizers
                 for pair in self.fresh_state.starts(optimizer, param)]
             if not self.update_grown_weights and param.grad is not None:
                 follow.append((param.grad, 0.0))
             states[name] = follow
-        report = self.rewiring(
-            {name: p.data for name, p in self.params.items()},
-            self.masks,
-            gradients,
-            drop_fraction,
-            generator=self.generator,
-            active=self._active,
-            states=states,
-        )
+        if names:
+            report = self.rewiring(
+                {name: self.params[name].data for name in names},
+                {name: self.masks[name] for name in names},
+                gradients,
+                drop_fraction,
+                generator=self.generator,
+                active={name: self._active[name] for name in names},
+                states=states,
+            )
+        else:  # everything frozen: the slot passes, nothing moves
+            report = RewiringReport(drop_fraction, {}, {}, {},
+                                    threshold=getattr(self.rewiring.removal, "threshold", None))
+        report.removed = {name: report.removed.get(name, 0) for name in self.params}
+        report.grown = {name: report.grown.get(name, 0) for name in self.params}
+        report.active = {name: report.active.get(name, self._active[name])
+                         for name in self.params}
+        report.frozen = tuple(name for name in self.params if name in frozen)
         self._active = dict(report.active)
         if _distributed():
             local = {name: mask.clone() for name, mask in self.masks.items()}
@@ -476,6 +501,19 @@ class SparseEngine:
         mask_optimizer_state_(optimizers, self._param_list, self._mask_list, self._pass)
         self.rewirings += 1
         return report
+
+    def frozen(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[str]:
+        """Sparse parameters no rewiring touches now: frozen (``requires_grad=False``) or,
+        when ``optimizers`` are given, held by none of them (progressive freezing,
+        ``BaseFinetuning``). Their masks and weights stay as they are and they take no part in
+        removal or allocation (GGR's global budget) until they are trained again."""
+        optimizers = list(optimizers)
+        held = None
+        if optimizers:
+            held = {id(p) for optimizer in optimizers for group in optimizer.param_groups
+                    for p in group["params"]}
+        return [name for name, param in self.params.items()
+                if not param.requires_grad or (held is not None and id(param) not in held)]
 
     def _distributed_device(self) -> torch.device:
         backend = torch.distributed.get_backend()

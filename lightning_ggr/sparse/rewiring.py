@@ -60,6 +60,9 @@ class RewiringReport:
     #: Why a due rewiring was postponed (``skipped``), e.g. ``"non-finite gradients"``,
     #: ``"no gradients"`` (the engine's ``SKIP_*``); ``None`` for one that ran.
     skip_reason: str | None = None
+    #: Sparse parameters left out because frozen or held by no optimizer (they keep their
+    #: masks and weights and take no part in removal or allocation).
+    frozen: tuple[str, ...] = ()
 
     @property
     def total_removed(self) -> int:

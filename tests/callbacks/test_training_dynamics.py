@@ -4,9 +4,12 @@ optimization that clips."""
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -120,3 +123,113 @@ def test_optimizer_state_in_another_layout_is_refused_before_training(tmp_path):
     # Refused before any optimizer step: only the masks touched the weights.
     assert all(torch.equal(p.detach()[p.detach() != 0], b[p.detach() != 0])
                for p, b in zip(model.parameters(), before, strict=True))
+
+
+# ----------------------------------------------------------- 2. layers frozen mid-fit
+class MLP3(MLP):
+    """Three sparse Linear layers, so that GGR's global budget has something to share."""
+
+    def __init__(self, only_trainable: bool = False) -> None:
+        super().__init__()
+        self.only_trainable = only_trainable
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                 nn.Linear(16, 4))
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad or not self.only_trainable]
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+class FreezeFirstLayer(BaseFinetuning):
+    """Progressive freezing with Lightning's own callback: the first layer is frozen at
+    ``freeze_at`` and trained again at ``unfreeze_at``."""
+
+    def __init__(self, freeze_at: int, unfreeze_at: int) -> None:
+        super().__init__()
+        self.freeze_at, self.unfreeze_at = freeze_at, unfreeze_at
+
+    def freeze_before_training(self, pl_module):
+        pass
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == self.freeze_at:
+            self.freeze(pl_module.net[0])
+        elif epoch == self.unfreeze_at:
+            self.make_trainable(pl_module.net[0])
+
+
+class FirstLayerLog(pl.Callback):
+    """Per optimizer step (after the sparse callback): the rewiring count, the first
+    layer's mask and weight, every layer's active count."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        sparse = trainer.callbacks[0]
+        self.steps.append({
+            "epoch": trainer.current_epoch, "rewirings": sparse.engine.rewirings,
+            "mask": sparse.masks["net.0.weight"].clone(),
+            "weight": pl_module.net[0].weight.detach().clone(),
+            "active": sparse.engine.active_counts(),
+        })
+
+
+def test_a_sparse_layer_frozen_mid_fit_keeps_its_mask_and_weights_and_is_rewired_again(
+        tmp_path):
+    """GGR with the first layer frozen in epochs 1-2 (Lightning's BaseFinetuning): its mask,
+    weights and active count stay as they were, the other layers share the budget among
+    themselves; trained again in epoch 3, it is rewired again. It used to be rewired with no
+    gradient: weights dropped, none grown back."""
+    log = FirstLayerLog()
+    sparse = DynamicSparsityCallback(method="ggr", sparsity=0.75, interval="step",
+                                     update_interval=2, stop_step=32, drop_fraction=0.5,
+                                     log_figures=False, selection_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [sparse, FreezeFirstLayer(1, 3), log], max_epochs=4).fit(
+            MLP3(), loader())
+    frozen = [s for s in log.steps if s["epoch"] in (1, 2)]
+    start = log.steps[7]  # the last step of epoch 0 (after the rewiring of step 6)
+    assert frozen[-1]["rewirings"] - start["rewirings"] == 8  # steps 8, 10, ..., 22
+    for state in frozen:
+        assert torch.equal(state["mask"], start["mask"])
+        assert torch.equal(state["weight"], frozen[0]["weight"])  # step 7's update included
+        assert state["active"]["net.0.weight"] == start["active"]["net.0.weight"]
+    # The others moved weights between themselves (GGR), their total unchanged.
+    others = [sum(v for k, v in s["active"].items() if k != "net.0.weight") for s in frozen]
+    assert len(set(others)) == 1
+    assert len({s["active"]["net.2.weight"] for s in frozen}) > 1
+    # Trained again: rewired again.
+    assert not torch.equal(log.steps[-1]["mask"], start["mask"])
+    said = [str(w.message) for w in caught if "is frozen" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("net.0.weight is frozen")
+
+
+class UnfreezeLater(BaseFinetuning):
+    """Lightning's documented use: the first layer frozen before training, unfrozen and
+    added to the optimizer at epoch 1."""
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module, epoch, optimizer):
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.01)
+
+
+def test_a_layer_dense_because_frozen_at_fit_start_says_it_stays_dense_when_unfrozen(
+        tmp_path):
+    sparse = DynamicSparsityCallback(method="set", sparsity=0.75, interval="step",
+                                     update_interval=2, stop_step=24, log_figures=False,
+                                     selection_summary=False)
+    model = MLP3(only_trainable=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [sparse, UnfreezeLater()], max_epochs=3).fit(model, loader())
+    assert sparse.selection.dense["net.0.weight"] == "frozen (requires_grad=False)"
+    assert set(sparse.masks) == {"net.2.weight", "net.4.weight"}
+    said = [str(w.message) for w in caught if "stays dense" in str(w.message)]
+    assert len(said) == 1
+    assert said[0].startswith("net.0.weight was frozen (requires_grad=False) at fit start")
+    assert (model.net[0].weight.detach() != 0).all()  # trained dense, as said

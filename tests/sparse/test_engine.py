@@ -335,3 +335,46 @@ def test_rewiring_without_the_optimizers_warns_once():
         engine.rewire(0.2)  # said once
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         engine.rewire(0.2, [optimizer])
+
+
+@pytest.mark.parametrize("how", ["requires_grad_(False)", "not in the optimizer"])
+@pytest.mark.parametrize("method", ["ggr", "dsr", "set", "rigl"])
+def test_a_frozen_sparse_layer_takes_no_part_in_rewiring(how, method):
+    """Its mask and weights stay as they are, it is in no removal or allocation (GGR's and
+    DSR's budgets are shared by the other layers alone), and its stale gradient does not
+    decide anything."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    frozen = params["2.weight"]
+    engine = SparseEngine(params, sparsity=0.5, method=method, seed=3)
+    _backward(model)
+    frozen.grad.fill_(float("nan"))  # stale and unusable: must not postpone anything
+    if how == "requires_grad_(False)":
+        frozen.requires_grad_(False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p is not frozen], lr=0.1)
+    assert engine.frozen([optimizer]) == ["2.weight"]
+    assert engine.gradients_usable([optimizer])
+    mask, weight = engine.masks["2.weight"].clone(), frozen.detach().clone()
+    active = engine.active_counts()
+    report = engine.rewire(0.5, [optimizer])
+    assert report.frozen == ("2.weight",)
+    assert report.removed["2.weight"] == report.grown["2.weight"] == 0
+    assert report.active["2.weight"] == active["2.weight"]
+    assert torch.equal(engine.masks["2.weight"], mask) and torch.equal(frozen.detach(), weight)
+    others = [n for n in params if n != "2.weight"]
+    assert sum(report.removed[n] for n in others) == sum(report.grown[n] for n in others) > 0
+    assert sum(engine.active_counts()[n] for n in others) == sum(active[n] for n in others)
+
+
+def test_every_sparse_layer_frozen_passes_the_slot_moving_nothing():
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.5, method="rigl",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    masks = {n: m.clone() for n, m in engine.masks.items()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    report = engine.before_optimizer_step(2, 0)
+    assert not report.skipped and report.total_grown == 0 and engine.rewirings == 1
+    assert all(torch.equal(engine.masks[n], m) for n, m in masks.items())
