@@ -103,6 +103,13 @@ class DynamicSparsityCallback(Callback):
         reinit_regrown: restart a weight dropped and regrown in the same rewiring at
             ``init_value`` with fresh optimizer state. Default ``False``: it keeps its value
             and state (RigL's reference, ``reinit_when_same=False``).
+        enforce_masks_every_step: keep masked weights at exactly 0 at every step, whatever
+            writes into them (weight noise, a re-initialisation, an EMA copy written back):
+            the masks are applied to the weights right before the training forward pass
+            (a forward pre-hook on the sparse layers, armed in ``on_train_batch_start``) and
+            to weights and optimizer state after every optimizer step. Default ``False``:
+            such writes are found and zeroed again, with a warning, at each rewiring and each
+            epoch end (the per-step cost is measured in docs/benchmarks.md).
         dsr_initial_threshold: DSR's first threshold ``H``, finite and > 0 (default
             ``1e-3``, DSR's reference), or ``None`` to start at the ``K``-th smallest active
             magnitude of the first rewiring.
@@ -133,6 +140,7 @@ class DynamicSparsityCallback(Callback):
         update_grown_weights: bool = False,
         reinit_regrown: bool = False,
         dsr_initial_threshold: float | None = 1e-3,
+        enforce_masks_every_step: bool = False,
     ) -> None:
         super().__init__()
         # The same checks the engine and the schedule run, here so that a bad argument fails
@@ -160,6 +168,8 @@ class DynamicSparsityCallback(Callback):
         self.dsr_initial_threshold = check_positive_or_none("dsr_initial_threshold",
                                                             dsr_initial_threshold)
         self.selection_summary = check_bool("selection_summary", selection_summary)
+        self.enforce_masks_every_step = check_bool("enforce_masks_every_step",
+                                                   enforce_masks_every_step)
         self.reporter = SparsityReporter(self.log_figures, self.mask_layers,
                                          self.selection_summary)
         #: Every parameter tensor, sparse or dense with its reason (from ``on_fit_start``).
@@ -176,6 +186,10 @@ class DynamicSparsityCallback(Callback):
         self._frozen_now: set[str] = set()
         self._untrained_at_start: dict[str, str] = {}
         self._look_for_unfrozen = False
+        #: enforce_masks_every_step: forward pre-hooks on the sparse layers, and whether
+        #: they still have to apply the masks before this batch's forward pass.
+        self._forward_hooks: list[Any] = []
+        self._mask_before_forward = False
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
         self.clock = RewiringClock(self._clock_settings(), self._warn_once)
@@ -287,6 +301,7 @@ class DynamicSparsityCallback(Callback):
         self._check_optimizer()
         self._frozen_now = set()
         self._untrained_at_start = self._dense_untrained_weights()
+        self._attach_forward_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
@@ -328,10 +343,17 @@ class DynamicSparsityCallback(Callback):
         self.clock.advance()
         if report is not None:
             self.last_report = report
+            self._warn_stray(report.stray_weights, f"at step {step}")
             if not report.skipped:
                 self._say_frozen(report)
             self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        # Armed here, applied by the first sparse layer's forward: after every other
+        # on_train_batch_start (the module's runs after the callbacks').
+        self._mask_before_forward = self.enforce_masks_every_step and self.engine is not None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -339,6 +361,9 @@ class DynamicSparsityCallback(Callback):
         self.reporter.batch_ended(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None:  # after the stop point too: nothing else would look
+            self._warn_stray(self.engine.zero_stray_weights([self._optimizer]),
+                             f"at the end of epoch {trainer.current_epoch}")
         if not pl_module.automatic_optimization:
             self.clock.check_one_step_per_batch(trainer)
         self.reporter.epoch_ended(trainer, self.engine)
@@ -373,6 +398,8 @@ class DynamicSparsityCallback(Callback):
         if stage == "fit" and self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        if stage == "fit":
+            self._remove_forward_hooks()
         # A state loaded but not adopted is not a run to resume and must not leak into a later
         # fit: one restored for test/validate/predict, or one a learning-rate search restored
         # in the middle of a fit (LearningRateFinder reloads its own checkpoint).
@@ -439,6 +466,7 @@ class DynamicSparsityCallback(Callback):
             "update_grown_weights": self.update_grown_weights,
             "reinit_regrown": self.reinit_regrown,
             "dsr_initial_threshold": self.dsr_initial_threshold,
+            "enforce_masks_every_step": self.enforce_masks_every_step,
             "run_id": self._run_id,
         }
 
@@ -517,19 +545,60 @@ class DynamicSparsityCallback(Callback):
 
     def _remask_kept_model(self, trainer: pl.Trainer) -> None:
         """The model the user keeps respects the final masks, whatever wrote into it last."""
-        engine = self.engine
-        stray = sum(int((p.detach()[~engine.masks[name].to(p.device)] != 0).sum())
-                    for name, p in engine.params.items())
+        stray = self.engine.zero_stray_weights()
         if not stray:
             return
-        engine.apply_masks()
         writers = [type(cb).__name__ for cb in trainer.callbacks
                    if "Averag" in type(cb).__name__] or ["another callback or the module"]
         rank_zero_warn(
-            f"{stray} weights at masked positions were non-zero at the end of fit (written by "
-            f"{', '.join(writers)}): they are zeroed again, so the model respects the final "
-            "masks. With weight averaging, start averaging at or after the stop point"
+            f"{sum(stray.values())} weights at masked positions were non-zero at the end of fit "
+            f"({_per_layer(stray)}; written by {', '.join(writers)}): they are zeroed again, so "
+            "the model respects the final masks. With weight averaging, start averaging at or "
+            "after the stop point"
         )
+
+    def _warn_stray(self, stray: Mapping[str, int], when: str) -> None:
+        """Masked weights something else wrote into (found and zeroed by the engine): say
+        so once per layer, with the counts."""
+        new = {name: count for name, count in stray.items()
+               if f"stray {name}" not in self._warned}
+        if not new:
+            return
+        self._warned.update(f"stray {name}" for name in new)
+        rank_zero_warn(
+            f"{sum(new.values())} masked weights were not 0 {when} ({_per_layer(new)}): "
+            "something else writes into them (weight noise, a re-initialisation, an EMA copy "
+            "written back), so they took part in the forward pass since they were last "
+            "zeroed; zeroed again now (and at each rewiring and epoch end). To keep them 0 at "
+            "every step, pass enforce_masks_every_step=True"
+        )
+
+    def _attach_forward_hooks(self, pl_module: pl.LightningModule) -> None:
+        """enforce_masks_every_step: a forward pre-hook on the module and on every module
+        holding a sparse parameter (directly or through a parametrization): the first to run
+        after ``on_train_batch_start`` applies the masks, right before the forward pass."""
+        self._remove_forward_hooks()
+        if not self.enforce_masks_every_step or self.engine is None:
+            return
+        sparse = {id(p) for p in self.engine.params.values()}
+        owners = [pl_module] + [
+            module for module in pl_module.modules()
+            if any(id(p) in sparse for p in module.parameters(recurse=False))
+            or any(id(p) in sparse for p in getattr(module, "parametrizations", {}) and
+                   module.parametrizations.parameters())]
+        self._forward_hooks = [module.register_forward_pre_hook(self._before_forward)
+                               for module in dict.fromkeys(owners)]
+
+    def _remove_forward_hooks(self) -> None:
+        for handle in self._forward_hooks:
+            handle.remove()
+        self._forward_hooks = []
+        self._mask_before_forward = False
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._mask_before_forward:
+            self._mask_before_forward = False
+            self.engine.apply_masks()
 
     def _warn_if_already_sparse(self, params: Mapping[str, Tensor]) -> None:
         """New masks over a model that already is sparse (a trained sparse run, fine-tuned
@@ -587,9 +656,10 @@ class DynamicSparsityCallback(Callback):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        if not preserves_zeros(self._optimizer):
+        if self.enforce_masks_every_step or not preserves_zeros(self._optimizer):
             # Fires only when a step really ran (GradScaler may skip it). Standard optimizers
-            # keep masked weights at 0 on their own, which saves one pass per step.
+            # keep masked weights at 0 on their own, which saves one pass per step, unless
+            # something else writes into them (enforce_masks_every_step).
             self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
 
     def _dense_untrained_weights(self) -> dict[str, str]:
@@ -672,6 +742,10 @@ class DynamicSparsityCallback(Callback):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
             self.engine.after_optimizer_step([optimizer])
+
+
+def _per_layer(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in counts.items())
 
 
 def _normalized(include: Sequence[str] | None,

@@ -32,6 +32,7 @@ from lightning_ggr.sparse.densities import (
 from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
+    device_scalar,
     mask_optimizer_state_,
     random_mask,
 )
@@ -170,6 +171,9 @@ class SparseEngine:
         self.skipped_rewirings = 0
         #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
         self.skip_reasons: dict[str, int] = {}
+        #: Masked weights found non-zero (written by something else) and zeroed again, per
+        #: layer, over the run: checkpointed.
+        self.stray_weights_zeroed: dict[str, int] = {}
         #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
         self.fresh_state = FreshState()
         self._refresh_lists()
@@ -225,18 +229,29 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.gradients_()
 
-    def _gradient_checks(self, optimizers: Iterable[torch.optim.Optimizer] = ()
-                         ) -> list[Tensor]:
+    def _stray_count(self, name: str) -> Tensor:
+        """How many masked weights of ``name`` are not 0 (something wrote into them), as a
+        0-dim device tensor: nothing read."""
+        weight = self.params[name].detach()
+        zero = device_scalar(0.0, weight.dtype, weight.device)
+        return torch.count_nonzero(torch.where(self.masks[name], zero, weight))
+
+    def _gradient_checks(self, optimizers: Iterable[torch.optim.Optimizer] = (),
+                         strays: bool = False) -> list[tuple[list[str], Tensor]]:
         """Per device, ``[the sparse gradients there are finite, the optimizers' other
-        gradients there are finite, a sparse gradient has a nonzero entry]`` as a 3-element
-        tensor: an infinity norm per gradient (one multi-tensor operation over all of them;
-        NaN propagates through it), nothing read."""
+        gradients there are finite, a sparse gradient has a nonzero entry]`` as an int64
+        tensor, followed (``strays``) by the number of non-zero masked weights of each sparse
+        layer there, whose names come with it: an infinity norm per gradient (one
+        multi-tensor operation over all of them; NaN propagates through it), nothing read."""
         optimizers = list(optimizers)
         frozen = set(self.frozen(optimizers))
-        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor], list[str]]] = {}
         for name, param in self.params.items():
+            lists = by_device.setdefault(param.device, ([], [], []))
+            if strays:
+                lists[2].append(name)
             if param.grad is not None and name not in frozen:
-                by_device.setdefault(param.grad.device, ([], []))[0].append(param.grad)
+                lists[0].append(param.grad)
         # A frozen sparse layer's stale gradient (taken out of the optimizer) counts nowhere.
         seen = {id(param) for param in self._param_list}
         for optimizer in optimizers:
@@ -246,58 +261,80 @@ class SparseEngine:
                     if id(param) in seen or grad is None or grad.is_sparse:
                         continue
                     seen.add(id(param))
-                    by_device.setdefault(grad.device, ([], []))[1].append(grad)
+                    by_device.setdefault(grad.device, ([], [], []))[1].append(grad)
         checks = []
-        for ours, others in by_device.values():
-            norms = torch.stack(torch._foreach_norm(ours + others, math.inf))
-            finite = torch.isfinite(norms)
-            checks.append(torch.stack([finite[:len(ours)].all(), finite[len(ours):].all(),
-                                       (norms[:len(ours)] > 0).any()]))
+        for device, (ours, others, names) in by_device.items():
+            if ours or others:
+                norms = torch.stack(torch._foreach_norm(ours + others, math.inf))
+                finite = torch.isfinite(norms)
+                flags = [finite[:len(ours)].all(), finite[len(ours):].all(),
+                         (norms[:len(ours)] > 0).any()]
+            else:
+                flags = [torch.ones((), dtype=torch.bool, device=device)] * 2 + [
+                    torch.zeros((), dtype=torch.bool, device=device)]
+            values = [flag.to(torch.int64) for flag in flags]
+            values += [self._stray_count(name) for name in names]
+            checks.append((names, torch.stack(values)))
         return checks
 
-    def _agreed(self, checks: list[Tensor], present: bool = True
-                ) -> tuple[str | None, bool]:
-        """Why this step's gradients cannot drive a rewiring (``None``: they can), and
-        whether some sparse gradient is nonzero; read back once (per device) and, under
-        ``torch.distributed``, agreed over all processes by one all-reduce (gradients
-        present, and finite, everywhere; signal somewhere)."""
+    def _agreed(self, checks: list[tuple[list[str], Tensor]], present: bool = True
+                ) -> tuple[str | None, bool, dict[str, int]]:
+        """Why this step's gradients cannot drive a rewiring (``None``: they can), whether
+        some sparse gradient is nonzero, and the non-zero masked weights of each layer that
+        has any; read back once (per device) and, under ``torch.distributed``, agreed over
+        all processes by one all-reduce (gradients present, and finite, everywhere; signal
+        somewhere; the most strays of any process)."""
+        names = list(self.params)
         if _distributed():
             device = self._distributed_device()
-            # MIN over [present, sparse finite, others finite, 1 - signal].
-            flags = torch.ones(4, dtype=torch.int32, device=device)
+            # MIN over [present, sparse finite, others finite, 1 - signal, -strays...].
+            flags = torch.zeros(4 + len(names), dtype=torch.int64, device=device)
+            flags[:3].fill_(1)
             flags[0].fill_(int(present))
-            for check in checks:
-                check = check.to(device, torch.int32)
+            for layers, check in checks:
+                check = check.to(device)
                 flags[1:3].bitwise_and_(check[:2])
-                flags[3].bitwise_and_(1 - check[2])
+                flags[3].bitwise_or_(check[2])
+                for position, name in enumerate(layers):
+                    flags[4 + names.index(name)].sub_(check[3 + position])
+            flags[3].neg_().add_(1)  # 1 - signal
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-            present, finite, others, silent = (bool(v) for v in flags.tolist())
-            signal = not silent
+            values = flags.tolist()
+            present, finite, others = (bool(v) for v in values[:3])
+            signal = not values[3]
+            stray = {name: -count for name, count in zip(names, values[4:], strict=True)
+                     if count}
         else:
-            values = [check.tolist() for check in checks]
-            finite = all(value[0] for value in values)
-            others = all(value[1] for value in values)
-            signal = any(value[2] for value in values)
+            read = [(layers, check.tolist()) for layers, check in checks]
+            finite = all(value[0] for _, value in read)
+            others = all(value[1] for _, value in read)
+            signal = any(value[2] for _, value in read)
+            stray = {name: count for layers, value in read
+                     for name, count in zip(layers, value[3:], strict=True) if count}
         if not present:
-            return SKIP_NO_GRADIENTS, signal
-        if not finite:
-            return SKIP_NONFINITE, signal
-        if not others:
-            return SKIP_OPTIMIZER_NONFINITE, signal
-        return None, signal
+            reason = SKIP_NO_GRADIENTS
+        elif not finite:
+            reason = SKIP_NONFINITE
+        elif not others:
+            reason = SKIP_OPTIMIZER_NONFINITE
+        else:
+            reason = None
+        return reason, signal, stray
 
     def gradients_finite(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
         """Whether every sparse parameter's gradient is finite, and every other gradient of
         ``optimizers`` too, agreed over all processes (one read of the device)."""
         return self._agreed(self._gradient_checks(optimizers))[0] is None
 
-    def _unusable_because(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> str | None:
-        """:meth:`gradients_usable`'s reason, warning once when a method that grows by
+    def _due_step_checks(self, optimizers: list[torch.optim.Optimizer]
+                         ) -> tuple[str | None, dict[str, int]]:
+        """:meth:`gradients_usable`'s reason, and the layers whose masked weights something
+        wrote into (counts), in the same read; warns once when a method that grows by
         gradient is about to rewire with sparse gradients that are zero everywhere."""
-        optimizers = list(optimizers)
         needs = self.rewiring.needs_gradients
         present = self._gradients_present(optimizers)
-        reason, signal = self._agreed(self._gradient_checks(optimizers), present or not needs)
+        reason, signal, stray = self._agreed(self._gradient_checks(optimizers, strays=True),
+                                             present or not needs)
         if reason is None and needs and not signal and not self._warned_no_signal:
             self._warned_no_signal = True
             warnings.warn(
@@ -306,7 +343,7 @@ class SparseEngine:
                 "ran since the gradients were zeroed (zero_grad(set_to_none=False) without a "
                 "backward, a skipped step) or the network is dead (no signal reaches its "
                 "sparse layers)", UserWarning, stacklevel=3)
-        return reason
+        return reason, stray
 
     def gradients_usable(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
@@ -372,7 +409,10 @@ class SparseEngine:
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
             optimizers = list(optimizers)
-            reason = self._unusable_because(optimizers)
+            reason, stray = self._due_step_checks(optimizers)
+            if stray:  # written into by something else: zeroed before the rewiring reads them
+                self._count_strays(stray)
+                self.enforce_masks(optimizers)
             if reason is not None:
                 self.skipped_rewirings += 1
                 self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
@@ -383,8 +423,40 @@ class SparseEngine:
                 report = self.rewire(drop_fraction, optimizers)
                 self.last_rewiring_step, self.last_rewiring_epoch = int(step), int(epoch)
                 self.pending_step = None
+            report.stray_weights = stray
         self.mask_gradients()
         return report
+
+    def zero_stray_weights(self, optimizers: Iterable[torch.optim.Optimizer] = ()
+                           ) -> dict[str, int]:
+        """Find the masked weights something else wrote into (weight noise, a
+        re-initialisation, an EMA copy written back), and zero them again with the
+        optimizers' state there.
+
+        Returns name -> how many were not 0, for the layers that had any (counted in
+        :attr:`stray_weights_zeroed`). One read of the device (per device); a due rewiring
+        does the same within its gradient check, at no extra read.
+        """
+        counts: dict[str, int] = {}
+        for layers, values in self._stray_tensors():
+            for name, count in zip(layers, values.tolist(), strict=True):
+                if count:
+                    counts[name] = int(count)
+        if counts:
+            self._count_strays(counts)
+            self.enforce_masks(optimizers)
+        return counts
+
+    def _stray_tensors(self) -> list[tuple[list[str], Tensor]]:
+        by_device: dict[torch.device, list[str]] = {}
+        for name, param in self.params.items():
+            by_device.setdefault(param.device, []).append(name)
+        return [(names, torch.stack([self._stray_count(name) for name in names]))
+                for names in by_device.values()]
+
+    def _count_strays(self, counts: Mapping[str, int]) -> None:
+        for name, count in counts.items():
+            self.stray_weights_zeroed[name] = self.stray_weights_zeroed.get(name, 0) + count
 
     def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
         """Check, before training, that each optimizer's state can follow each weight.
@@ -568,6 +640,8 @@ class SparseEngine:
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
             "skip_reasons": {reason: int(n) for reason, n in self.skip_reasons.items()},
+            "stray_weights_zeroed": {name: int(n)
+                                     for name, n in self.stray_weights_zeroed.items()},
             "threshold": self.threshold,
             "generator_state": self.generator.get_state(),
             "initial_counts": dict(self.initial_counts),
@@ -627,6 +701,8 @@ class SparseEngine:
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
         self.skip_reasons = {str(reason): int(n)
                              for reason, n in (state.get("skip_reasons") or {}).items()}
+        self.stray_weights_zeroed = {
+            str(name): int(n) for name, n in (state.get("stray_weights_zeroed") or {}).items()}
         self.rewiring.load_state_dict({"threshold": state.get("threshold")})
         self.generator.set_state(state["generator_state"])
         self.apply_masks()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -63,6 +63,9 @@ class RewiringReport:
     #: Sparse parameters left out because frozen or held by no optimizer (they keep their
     #: masks and weights and take no part in removal or allocation).
     frozen: tuple[str, ...] = ()
+    #: Masked weights found non-zero at this due step (written by something else), per
+    #: layer that had any: the engine zeroed them again before rewiring.
+    stray_weights: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_removed(self) -> int:

@@ -233,3 +233,88 @@ def test_a_layer_dense_because_frozen_at_fit_start_says_it_stays_dense_when_unfr
     assert len(said) == 1
     assert said[0].startswith("net.0.weight was frozen (requires_grad=False) at fit start")
     assert (model.net[0].weight.detach() != 0).all()  # trained dense, as said
+
+
+# -------------------------------------------------- 3. code that writes into the weights
+class NoisyMLP(MLP):
+    """A weight-noise regulariser in the module's own ``on_train_batch_start`` (it runs after
+    every callback's): noise everywhere, masked positions included."""
+
+    def __init__(self, noise_until_epoch: int = 99) -> None:
+        super().__init__()
+        self.noise_until_epoch = noise_until_epoch
+        self.nonzero_in_forward: list[int] = []  # masked weights not 0 when forward ran
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.current_epoch < self.noise_until_epoch:
+            with torch.no_grad():
+                for module in (self.net[0], self.net[2]):
+                    module.weight.add_(torch.randn_like(module.weight) * 1e-3)
+
+    def forward(self, x):
+        masks = self.trainer.callbacks[0].masks
+        if self.training:
+            self.nonzero_in_forward.append(sum(
+                int((self.net[i].weight.detach()[~masks[f"net.{i}.weight"]] != 0).sum())
+                for i in (0, 2)))
+        return self.net(x)
+
+
+def test_writes_into_masked_weights_are_found_at_rewirings_and_epoch_ends(tmp_path):
+    """With SGD (it keeps masked weights at 0 by itself, so nothing re-zeroes them per step)
+    the noise used to keep every masked weight non-zero for the whole fit, zeroed only at
+    fit end: the model trained dense. Now each rewiring and each epoch end (after the stop
+    too) finds them, says which layers and how many, and zeroes them."""
+    model = NoisyMLP(noise_until_epoch=3)
+    sparse_cb = sparse(stop_step=10)  # epochs 2 and 3 are after the stop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [sparse_cb], max_epochs=4).fit(model, loader())
+    masked = {n: int((~m).sum()) for n, m in sparse_cb.masks.items()}
+    said = [str(w.message) for w in caught if "masked weights were not 0" in str(w.message)]
+    # Found at the first due step (3): every masked weight of both layers had noise.
+    assert said == [f"{sum(masked.values())} masked weights were not 0 at step 3 "
+                    f"(net.0.weight: {masked['net.0.weight']}, net.2.weight: "
+                    f"{masked['net.2.weight']}): something else writes into them (weight "
+                    "noise, a re-initialisation, an EMA copy written back), so they took part "
+                    "in the forward pass since they were last zeroed; zeroed again now (and at "
+                    "each rewiring and epoch end). To keep them 0 at every step, pass "
+                    "enforce_masks_every_step=True"]
+    # Zeroed at steps 3, 6, 9 (rewirings) and at the ends of epochs 0-2 (the last after the
+    # stop); epoch 3 has no noise, so it ends with nothing to zero.
+    counts = sparse_cb.engine.stray_weights_zeroed
+    assert set(counts) == {"net.0.weight", "net.2.weight"}
+    assert counts["net.0.weight"] >= 6 * masked["net.0.weight"] * 0.9
+    assert model.net[0].weight.detach()[~sparse_cb.masks["net.0.weight"]].eq(0).all()
+    # Epoch 3 starts from zeroed masked weights and nothing writes: 0 in every forward.
+    assert model.nonzero_in_forward[-8:] == [0] * 8
+
+
+def test_enforce_masks_every_step_keeps_masked_weights_zero_in_every_forward(tmp_path):
+    model = NoisyMLP()
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [sparse_cb]).fit(model, loader())
+    assert len(model.nonzero_in_forward) == 16
+    assert model.nonzero_in_forward == [0] * 16  # the noise came right before each forward
+    assert not [w for w in caught if "masked weights were not 0" in str(w.message)]
+    assert sparse_cb.engine.stray_weights_zeroed == {}
+    assert sparse_cb.run_config()["enforce_masks_every_step"] is True
+
+
+class WritesAfterTheStep(pl.Callback):
+    """An EMA-like copy written back after the optimizer step (on_train_batch_end)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with torch.no_grad():
+            pl_module.net[2].weight.add_(1e-3)
+
+
+def test_enforce_masks_every_step_also_catches_writes_after_the_step(tmp_path):
+    model = NoisyMLP(noise_until_epoch=0)  # only the callback writes
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    trainer(tmp_path, [sparse_cb, WritesAfterTheStep()]).fit(model, loader())
+    assert model.nonzero_in_forward == [0] * 16
+    # Written at each batch end, zeroed before the next forward: the epoch ends see them.
+    assert set(sparse_cb.engine.stray_weights_zeroed) == {"net.2.weight"}

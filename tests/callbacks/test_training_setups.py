@@ -279,7 +279,8 @@ def test_a_step_without_gradients_postpones_a_rewiring_that_grows_by_gradient(tm
     at all; growth by gradient then scored every position 0 and grew arbitrarily."""
     cb = sparse(method=method)  # interval="epoch": due at step 8 (stop 16)
     log = RewiringLog(cb)
-    with pytest.warns(UserWarning, match=r"or none.*due at step 8 is postponed"):
+    with pytest.warns(UserWarning,
+                      match=r"step 8: no gradients: the rewiring due at step 8 is postponed"):
         make_trainer(tmp_path, [cb, log], max_epochs=4).fit(MLP(none_at_step=8), loader())
     assert log.steps == [9]
     # Magnitude-only methods need no gradient: SET rewires on time.

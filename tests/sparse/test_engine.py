@@ -378,3 +378,38 @@ def test_every_sparse_layer_frozen_passes_the_slot_moving_nothing():
     report = engine.before_optimizer_step(2, 0)
     assert not report.skipped and report.total_grown == 0 and engine.rewirings == 1
     assert all(torch.equal(engine.masks[n], m) for n, m in masks.items())
+
+
+def test_masked_weights_written_by_something_else_are_found_counted_and_zeroed():
+    """At a due step, within the gradient check's one read: per layer, exactly how many;
+    zeroed with the optimizer's state there before the rewiring; ``zero_stray_weights`` does
+    the same on demand; the totals are checkpointed."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    engine = SparseEngine(params, sparsity=0.8, method="set",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+
+    def write(name: str, count: int) -> None:
+        positions = (~engine.masks[name]).reshape(-1).nonzero().squeeze(1)[:count]
+        with torch.no_grad():
+            params[name].view(-1)[positions] = 0.5
+
+    write("0.weight", 5)
+    write("5.weight", 2)
+    _backward(model)
+    assert engine.before_optimizer_step(1, 0, [optimizer]) is None  # not due: not looked at
+    optimizer.step()  # weight decay carries the strays into the momentum
+    write("0.weight", 5)
+    report = engine.before_optimizer_step(2, 0, [optimizer])
+    assert report.stray_weights == {"0.weight": 5, "5.weight": 2}
+    for name, param in params.items():
+        masked = ~engine.masks[name]
+        assert (param.detach()[masked] == 0).all()
+        assert (optimizer.state[param]["momentum_buffer"][masked] == 0).all()
+    assert engine.zero_stray_weights([optimizer]) == {}
+    write("2.weight", 3)
+    assert engine.zero_stray_weights([optimizer]) == {"2.weight": 3}
+    assert engine.stray_weights_zeroed == {"0.weight": 5, "5.weight": 2, "2.weight": 3}
+    restored = SparseEngine.from_state_dict(params, engine.state_dict(), sparsity=0.8)
+    assert restored.stray_weights_zeroed == engine.stray_weights_zeroed
