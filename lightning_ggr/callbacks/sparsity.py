@@ -190,6 +190,11 @@ class DynamicSparsityCallback(Callback):
         #: they still have to apply the masks before this batch's forward pass.
         self._forward_hooks: list[Any] = []
         self._mask_before_forward = False
+        #: Manual optimization: whether the last backward gave a sparse weight a gradient
+        #: (post-accumulate-grad hooks), and backward passes that did since the last step.
+        self._grad_hooks: list[Any] = []
+        self._backward_touched = False
+        self._backwards_this_step = 0
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
         self.clock = RewiringClock(self._clock_settings(), self._warn_once)
@@ -302,6 +307,7 @@ class DynamicSparsityCallback(Callback):
         self._frozen_now = set()
         self._untrained_at_start = self._dense_untrained_weights()
         self._attach_forward_hooks(pl_module)
+        self._attach_gradient_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
@@ -324,6 +330,29 @@ class DynamicSparsityCallback(Callback):
         # one): look at the epoch's first step.
         self._look_for_unfrozen = True
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Manual optimization: Lightning's documented pattern is manual_backward ->
+        # clip_gradients -> opt.step(), and this hook runs at the end of manual_backward, before
+        # the clipping: growth must read the gradient here (not yet clipped) and the masked
+        # gradients go now (so they are not in the clipping norm). Automatic optimization
+        # does both in on_before_optimizer_step, which runs before its clipping.
+        if pl_module.automatic_optimization or self.engine is None or self.clock.steps is None:
+            return
+        touched, self._backward_touched = self._backward_touched, False
+        if not touched:  # a backward that gave the sparse weights no gradient (a GAN's other net)
+            return
+        self._backwards_this_step += 1
+        if self._backwards_this_step > 1:  # accumulation by hand: the step was handled
+            self._warn_once(
+                "manual accumulation",
+                "manual optimization with several backward passes before a step of the "
+                "optimizer holding the sparse weights: each pass's masked gradients are zeroed "
+                "right after it (so gradient clipping never counts them), and a rewiring due "
+                "at that step grew from the first pass's gradient")
+            self.engine.mask_gradients()
+            return
+        self._optimizer_step_work(trainer, self._optimizer)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -335,12 +364,22 @@ class DynamicSparsityCallback(Callback):
         if self.clock.steps is None:  # no schedule yet (a step outside the fit loop): mask only
             self.engine.mask_gradients()
             return
+        if self._backwards_this_step:  # manual optimization: done after its backward
+            self.engine.mask_gradients()
+        else:
+            self._optimizer_step_work(trainer, optimizer)
+        self._backwards_this_step = 0
+        self.clock.advance()
+
+    def _optimizer_step_work(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer
+                             ) -> None:
+        """A step of the optimizer holding the sparse weights: rewire if due, mask the
+        gradients, report."""
         if self._look_for_unfrozen:
             self._look_for_unfrozen = False
             self._warn_if_dense_tensors_unfrozen()
         step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
         report = self.engine.before_optimizer_step(step, epoch, [optimizer])
-        self.clock.advance()
         if report is not None:
             self.last_report = report
             self._warn_stray(report.stray_weights, f"at step {step}")
@@ -400,6 +439,7 @@ class DynamicSparsityCallback(Callback):
             self._step_hook = None
         if stage == "fit":
             self._remove_forward_hooks()
+            self._remove_gradient_hooks()
         # A state loaded but not adopted is not a run to resume and must not leak into a later
         # fit: one restored for test/validate/predict, or one a learning-rate search restored
         # in the middle of a fit (LearningRateFinder reloads its own checkpoint).
@@ -588,6 +628,25 @@ class DynamicSparsityCallback(Callback):
                    module.parametrizations.parameters())]
         self._forward_hooks = [module.register_forward_pre_hook(self._before_forward)
                                for module in dict.fromkeys(owners)]
+
+    def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:
+        """Manual optimization: know which backward passes give the sparse weights a
+        gradient (``on_after_backward`` runs after every one, a GAN's other network's too)."""
+        self._remove_gradient_hooks()
+        if pl_module.automatic_optimization or self.engine is None:
+            return
+        self._grad_hooks = [param.register_post_accumulate_grad_hook(self._gradient_arrived)
+                            for param in self.engine.params.values()]
+
+    def _gradient_arrived(self, param: Tensor) -> None:
+        self._backward_touched = True
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        self._backward_touched = False
+        self._backwards_this_step = 0
 
     def _remove_forward_hooks(self) -> None:
         for handle in self._forward_hooks:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ggr import DynamicSparsityCallback
+from lightning_ggr.sparse.rewiring import Rewiring
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -318,3 +319,77 @@ def test_enforce_masks_every_step_also_catches_writes_after_the_step(tmp_path):
     assert model.nonzero_in_forward == [0] * 16
     # Written at each batch end, zeroed before the next forward: the epoch ends see them.
     assert set(sparse_cb.engine.stray_weights_zeroed) == {"net.2.weight"}
+
+
+# ------------------------------------- 5. manual optimization that clips its gradients
+class ClippingByHand(MLP):
+    """Lightning's documented manual pattern: manual_backward -> clip_gradients -> step.
+    Records, at each clipping, how many masked gradients the clipping saw non-zero."""
+
+    def __init__(self, algorithm: str, backwards: int = 1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.algorithm, self.backwards = algorithm, backwards
+        self.masked_at_clipping: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        for part in range(self.backwards):
+            chunk = slice(part, None, self.backwards)
+            self.manual_backward(nn.functional.cross_entropy(self(x[chunk]), y[chunk]))
+        masks = next(c for c in self.trainer.callbacks
+                     if isinstance(c, DynamicSparsityCallback)).masks
+        self.masked_at_clipping.append(sum(
+            int((self.net[i].weight.grad[~masks[f"net.{i}.weight"]] != 0).sum()) for i in (0, 2)))
+        self.clip_gradients(opt, gradient_clip_val=1e-4, gradient_clip_algorithm=self.algorithm)
+        opt.step()
+
+
+class RawGradients(pl.Callback):
+    """Placed before the sparse callback: the gradients as the backward left them."""
+
+    def __init__(self) -> None:
+        self.raw: list[dict[str, torch.Tensor]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.raw.append({f"net.{i}.weight": pl_module.net[i].weight.grad.clone() for i in (0, 2)})
+
+
+@pytest.mark.parametrize("algorithm", ["value", "norm"])
+def test_manual_clipping_sees_no_masked_gradient_and_growth_reads_unclipped_ones(
+        tmp_path, algorithm, monkeypatch):
+    seen = []
+    rewire = Rewiring.__call__
+
+    def spy(self, weights, masks, gradients, *args, **kwargs):
+        seen.append({n: g.detach().clone() for n, g in gradients.items()})
+        return rewire(self, weights, masks, gradients, *args, **kwargs)
+
+    monkeypatch.setattr(Rewiring, "__call__", spy)
+    raw = RawGradients()
+    model = ClippingByHand(algorithm)
+    sparse_cb = sparse(method="rigl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [raw, sparse_cb]).fit(model, loader())
+    assert model.masked_at_clipping == [0] * 16  # not in the clipping norm
+    assert len(seen) == 3  # steps 3, 6, 9
+    for gradients, step in zip(seen, (3, 6, 9), strict=True):
+        for name, gradient in gradients.items():
+            # The backward's own gradient, far above the clip value 1e-4 (was: every entry
+            # tied at the clip value, or scaled down with the masked ones in the norm).
+            assert torch.equal(gradient, raw.raw[step][name])
+            assert gradient.abs().max() > 1e-2
+    assert not [w for w in caught if "several backward passes" in str(w.message)]
+
+
+def test_manual_accumulation_says_growth_reads_the_first_backward(tmp_path):
+    model = ClippingByHand("norm", backwards=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [sparse(method="rigl")]).fit(model, loader())
+    assert model.masked_at_clipping == [0] * 16
+    said = [str(w.message) for w in caught if "several backward passes" in str(w.message)]
+    assert len(said) == 1
