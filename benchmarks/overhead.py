@@ -466,10 +466,11 @@ def run_every_step(s: Settings) -> list[dict]:
     Isolated: a dense plain-loop step (forward, backward, SGD step with momentum) against the
     callback's per-step work with SGD, by default (the gradient pass) and with the setting
     (the weights masked before the forward pass, the gradient pass, weights and momentum
-    masked after the step), each the median of ``pass_calls`` calls; ratios (dense + work)
-    / dense, wall and CPU time. Trainer: median step of a fit dense, with the default
-    callback and with the setting, interleaved over ``trainer_rounds`` rounds; ratios to the
-    dense fit of the same round.
+    masked after the step), in ``rounds`` interleaved rounds (a block of ``steps`` dense
+    steps, then ``pass_calls`` calls of each work): per round the ratio (dense + work) /
+    dense of the medians, wall and CPU time; the median and range over rounds. Trainer:
+    median step of a fit dense, with the default callback and with the setting, interleaved
+    over ``trainer_rounds`` rounds; ratios to the dense fit of the same round.
     """
     _quiet_lightning()
     model = make_model(s, s.model).to(s.device)
@@ -485,7 +486,6 @@ def run_every_step(s: Settings) -> list[dict]:
 
     for _ in range(s.warmup):
         step()
-    dense = [timed(step, s.device) for _ in range(s.steps)]
     engine = SparseEngine(select_sparse_parameters(model), sparsity=s.sparsity, method="ggr")
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()  # momentum everywhere, as in training
@@ -498,16 +498,29 @@ def run_every_step(s: Settings) -> list[dict]:
         engine.mask_gradients()
         engine.enforce_masks([optimizer])  # after the step: weights and momentum
 
-    work = {}
-    for name, fn in (("default", default), ("every_step", every_step)):
+    works = {"default": default, "every_step": every_step}
+    for fn in works.values():
         fn()
-        work[name] = [timed(fn, s.device) for _ in range(s.pass_calls)]
-    d_wall, d_cpu = (statistics.median(t[i] for t in dense) for i in (0, 1))
-    row: dict = {"dense": d_wall, "dense_cpu": d_cpu}
-    for name, times in work.items():
-        w_wall, w_cpu = (statistics.median(t[i] for t in times) for i in (0, 1))
-        row[name] = {"wall": w_wall, "cpu": w_cpu, "isolated": (d_wall + w_wall) / d_wall,
-                     "isolated_cpu": (d_cpu + w_cpu) / d_cpu}
+    per_round: dict[str, list[tuple[float, float]]] = {"dense": [], **{k: [] for k in works}}
+    for _ in range(s.rounds):
+        dense = [timed(step, s.device) for _ in range(s.steps)]
+        per_round["dense"].append(tuple(statistics.median(t[i] for t in dense)
+                                        for i in (0, 1)))
+        for name, fn in works.items():
+            times = [timed(fn, s.device) for _ in range(s.pass_calls)]
+            per_round[name].append(tuple(statistics.median(t[i] for t in times)
+                                         for i in (0, 1)))
+    dense_wall = [d[0] for d in per_round["dense"]]
+    dense_cpu = [d[1] for d in per_round["dense"]]
+    row: dict = {"dense": summary(dense_wall), "dense_cpu": summary(dense_cpu)}
+    for name in works:
+        wall = [w[0] for w in per_round[name]]
+        cpu = [w[1] for w in per_round[name]]
+        row[name] = {
+            "wall": summary(wall), "cpu": summary(cpu),
+            "isolated": summary([(d + w) / d for d, w in zip(dense_wall, wall, strict=True)]),
+            "isolated_cpu": summary([(d + w) / d for d, w in zip(dense_cpu, cpu, strict=True)]),
+        }
     medians: dict[str, list[float]] = {"dense": [], "default": [], "every_step": []}
     for _ in range(s.trainer_rounds):
         for variant in medians:
@@ -812,16 +825,19 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
                 f"{r['dense_cpu'] * 1e3:.1f} | {r['hot_cpu'] * 1e3:.2f} | "
                 f"{r['isolated_cpu']:.4f} |", ""]
     for r in results.get("every_step", []):
-        out += [f"`enforce_masks_every_step`: dense plain-loop step {r['dense'] * 1e3:.1f} ms "
-                f"(CPU time {r['dense_cpu'] * 1e3:.1f} ms).", "",
+        out += [f"`enforce_masks_every_step`, {s.rounds} interleaved rounds: dense plain-loop "
+                f"step {_range(r['dense'], 1e3, '{:.1f}')} ms, CPU time "
+                f"{_range(r['dense_cpu'], 1e3, '{:.1f}')} ms.", "",
                 "| per-step work (SGD, momentum) | ms | isolated ratio | CPU time (ms) "
                 "| isolated ratio, CPU time |", "|---|---:|---:|---:|---:|"]
         for name, label in (("default", "default: gradient pass"),
                             ("every_step", "enforce_masks_every_step=True: weights before "
                                            "the forward, gradients, weights + momentum after")):
             w = r[name]
-            out.append(f"| {label} | {w['wall'] * 1e3:.2f} | {w['isolated']:.4f} | "
-                       f"{w['cpu'] * 1e3:.2f} | {w['isolated_cpu']:.4f} |")
+            out.append(f"| {label} | {_range(w['wall'], 1e3, '{:.2f}')} | "
+                       f"{_range(w['isolated'], fmt='{:.4f}')} | "
+                       f"{_range(w['cpu'], 1e3, '{:.2f}')} | "
+                       f"{_range(w['isolated_cpu'], fmt='{:.4f}')} |")
         out += ["", f"Trainer, {s.trainer_rounds} round(s) of {s.trainer_steps} steps: dense step "
                 f"{_range(r['trainer']['dense'], 1e3, '{:.1f}')} ms; default callback "
                 f"{_range(r['trainer_ratios']['default'], fmt='x{:.3f}')}; "

@@ -188,8 +188,15 @@ def _engine_worker(rank: int, store: str, record: str) -> None:
             p.grad = torch.zeros_like(p)
         if rank == 1:
             model.net[0].bias.grad[0] = float("inf")
+            # ... and something wrote into two masked weights, on rank 1 only.
+            masked = (~engine.masks["net.6.weight"]).reshape(-1).nonzero().squeeze(1)[:2]
+            with torch.no_grad():
+                params["net.6.weight"].view(-1)[masked] = 0.5
         report = engine.before_optimizer_step(4, 0, [optimizer])
         assert report is not None and report.skip_reason == SKIP_OPTIMIZER_NONFINITE, rank
+        # Every rank hears of the most strays any rank had; each zeroed its own.
+        assert report.stray_weights == {"net.6.weight": 2}, (rank, report.stray_weights)
+        assert (params["net.6.weight"][~engine.masks["net.6.weight"]] == 0).all()
         assert_same_on_all_ranks({"slot": torch.tensor(engine.last_slot)}, "last slot")
         if rank == 0:
             Path(record).write_text(json.dumps({"moved": moved, "last_slot": engine.last_slot,

@@ -393,3 +393,62 @@ def test_manual_accumulation_says_growth_reads_the_first_backward(tmp_path):
     assert model.masked_at_clipping == [0] * 16
     said = [str(w.message) for w in caught if "several backward passes" in str(w.message)]
     assert len(said) == 1
+
+
+# ---------------------------------------- 10. optimizer state masked when training starts
+class ReusedOptimizer(MLP):
+    """An optimizer built once and returned by every fit (reused across fits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def configure_optimizers(self):
+        return self.optimizer
+
+
+class FirstStep(pl.Callback):
+    """After the sparse callback's hooks of this fit's first step: non-zero momentum at
+    masked positions before the optimizer step, non-zero masked weights after it."""
+
+    def __init__(self) -> None:
+        self.momentum_before = self.weights_after = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.momentum_before is None:
+            sparse_cb = trainer.callbacks[0]
+            self.momentum_before = sum(
+                int((optimizer.state[p]["momentum_buffer"][~sparse_cb.masks[n]] != 0).sum())
+                for n, p in sparse_cb.engine.params.items())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.weights_after is None:
+            sparse_cb = trainer.callbacks[0]
+            self.weights_after = sum(int((p.detach()[~sparse_cb.masks[n]] != 0).sum())
+                                     for n, p in sparse_cb.engine.params.items())
+
+
+def test_an_optimizer_reused_across_fits_has_its_state_masked_at_train_start(tmp_path):
+    model = ReusedOptimizer()
+    trainer(tmp_path, [], max_epochs=1).fit(model, loader())  # dense: momentum everywhere
+    first = FirstStep()
+    trainer(tmp_path, [sparse(), first], max_epochs=1).fit(model, loader())
+    assert first.momentum_before == 0
+    assert first.weights_after == 0  # momentum would have moved masked weights off 0
+
+
+def test_a_checkpoint_of_a_dense_run_has_its_optimizer_state_masked_at_train_start(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dense = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu",
+                       logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="dense")])
+    dense.fit(MLP(), loader())
+    first = FirstStep()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")  # "holds no DynamicSparsityCallback state"
+        # Resumed at step 8, no rewiring due before step 10: only train start can mask.
+        trainer(tmp_path, [sparse(update_interval=10, stop_step=11), first], max_epochs=2).fit(
+            MLP(), loader(), ckpt_path=str(tmp_path / "dense.ckpt"))
+    assert first.momentum_before == 0  # the checkpoint's dense momentum, masked
+    assert first.weights_after == 0
