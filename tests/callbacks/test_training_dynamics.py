@@ -452,3 +452,29 @@ def test_a_checkpoint_of_a_dense_run_has_its_optimizer_state_masked_at_train_sta
             MLP(), loader(), ckpt_path=str(tmp_path / "dense.ckpt"))
     assert first.momentum_before == 0  # the checkpoint's dense momentum, masked
     assert first.weights_after == 0
+
+
+@pytest.mark.parametrize(("swa_epoch_start", "stop_step", "refused"), [
+    (3, 16, False),  # averages once epoch 2 begins, after 16 steps: at the stop, allowed
+    (3, 17, True),  # 16 steps < 17: the step-16 rewiring comes after its first average
+    (2, 9, True),
+    (2, 8, False),
+])
+def test_weight_averaging_start_against_the_stop_point_exactly(swa_epoch_start, stop_step,
+                                                               refused):
+    """Epochs of 8 steps: ``StochasticWeightAveraging(swa_epoch_start=e)`` first averages
+    when 0-based epoch ``e - 1`` begins, after ``8 (e - 1)`` steps; refused when that is
+    before the stop step."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    from lightning_ggr.callbacks.compatibility import check_weight_averaging
+
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=swa_epoch_start)
+    fake = SimpleNamespace(callbacks=[swa], num_training_batches=8, accumulate_grad_batches=1)
+    if refused:
+        with pytest.raises(ValueError, match="averages from epoch"):
+            check_weight_averaging(fake, stop_step)
+    else:
+        check_weight_averaging(fake, stop_step)

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_ggr.sparse import METHODS, SparseEngine, active_counts, global_topk_counts
 from lightning_ggr.sparse.densities import initial_densities, layer_budget
+from lightning_ggr.sparse.masks import random_mask
 from lightning_ggr.sparse.rewiring import (
     MixedInsertion,
+    allocate_proportional,
     magnitude_counts,
     rank_by_gradient,
     threshold_counts,
@@ -146,8 +150,43 @@ def test_a_rewiring_touches_the_optimizer_state_only_at_changed_positions():
     momentum = optimizer.state[weight]["momentum_buffer"]
     before, old = momentum.clone(), engine.masks["w"].clone()
     weight.grad = torch.randn(8, 8, generator=generator)
+    gradient = weight.grad.clone()
     engine.rewire(0.5, [optimizer])
     new = engine.masks["w"]
     assert torch.equal(momentum[old & new], before[old & new])  # kept: untouched
     assert (momentum[~new] == 0).all() and (momentum[new & ~old] == 0).all()
     assert (before[old & new] != 0).all()  # the check above compares something
+    # The gradient too: a kept weight takes its step; a new one does not (its gradient is
+    # zeroed, update_grown_weights=False); masked ones are zeroed by the step's mask pass.
+    assert torch.equal(weight.grad[old & new], gradient[old & new])
+    assert (weight.grad[new & ~old] == 0).all()
+
+
+def test_the_budget_rounds_to_the_nearest_count():
+    """round((1 - s) * total): 0.67 x 10 = 6.7 -> 7 (not 6); 0.25 x 30 = 7.5 -> 8."""
+    assert layer_budget({"a": (10,)}, 0.33) == 7
+    assert layer_budget({"a": (10, 3)}, 0.75) == 8
+
+
+def test_dsr_allocation_by_hand():
+    """In proportion to the survivors 5, 3, 2, 4 new weights: 2.0, 1.2, 0.8 -> floors 2, 1,
+    0 and the one left to the largest remainder (0.8): 2, 1, 1. A layer with room for one
+    takes one; the rest is shared by the others."""
+    assert allocate_proportional([5, 3, 2], [100, 100, 100], 4) == [2, 1, 1]
+    assert allocate_proportional([6, 2], [1, 10], 5) == [1, 4]
+    assert allocate_proportional([0, 0, 0], [5, 5, 5], 4) == [2, 1, 1]  # no survivors: even
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 3000), share=st.floats(0.0, 1.0), seed=st.integers(0, 2**32))
+def test_a_random_mask_has_exactly_the_asked_count(numel, share, seed):
+    active = round(share * numel)
+    mask = random_mask((numel,), active, torch.Generator().manual_seed(seed))
+    assert int(mask.sum()) == active
+
+
+def test_the_engine_draws_exactly_its_initial_counts():
+    """The engine keeps the counts on the host: the masks must hold exactly those."""
+    weights = {"a": torch.zeros(37, 11), "b": torch.zeros(5, 3, 3, 3), "c": torch.zeros(1000)}
+    engine = SparseEngine(weights, sparsity=0.8, method="set", seed=7)
+    assert {n: int(m.sum()) for n, m in engine.masks.items()} == engine.initial_counts
