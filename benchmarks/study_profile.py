@@ -67,7 +67,7 @@ class PhaseClock(pl.Callback):
         self.marks.append((name, time.perf_counter()))
 
     def setup(self, trainer, pl_module, stage):
-        self._mark(f"setup_{stage}")
+        self._mark(f"setup_{getattr(stage, 'value', stage)}")  # TrainerFn or str
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._mark("batch_start")
