@@ -154,7 +154,11 @@ if mps_start; then
 else
     echo "MPS not used (MPS=$MPS, control: ${MPS_CONTROL:-none}, dry=$DRY)"
 fi
-echo "the grid runs with: $WORKERS at a time, $CHOSEN"
+GRID_WORKERS=$WORKERS
+if [ "$DRY" != print ] && [ "$(per_hour "$CHOSEN")" = 0 ]; then
+    GRID_WORKERS=1  # no probe finished: one run at a time, estimated from the committed runs
+fi
+echo "the grid runs with: $GRID_WORKERS at a time, $CHOSEN"
 
 step "the grid until $(( WINDOW_S - REPORT_S )) s"
 [ -f "$OUT/runs_resnet18.json" ] || cp docs/results/runs_resnet18.json "$OUT/runs_resnet18.json"
@@ -164,7 +168,7 @@ if [ "$GRID_S" -gt 10 ] || [ "$DRY" = print ]; then
     # written, none is half written); the backstop leaves the rest of REPORT_S to the tables.
     GRACE_S=$(( REPORT_S / 3 ))
     REPORT_S=$(( REPORT_S - 2 * GRACE_S )) run $(( GRID_S + 2 * GRACE_S )) $PY "${STUDY[@]}" \
-        --workers "$WORKERS" --deadline "$GRID_S" --grace-s "$GRACE_S" --out "$RUNS/grid" \
+        --workers "$GRID_WORKERS" --deadline "$GRID_S" --grace-s "$GRACE_S" --out "$RUNS/grid" \
         --records-out "$OUT/runs_resnet18.json" --history "$RUNS/probe_$CHOSEN.json" \
         ${TINY[@]+"${TINY[@]}"} ${GRID_MAX_RUNS:+--max-runs "$GRID_MAX_RUNS"}
     echo "rc=$?"
