@@ -92,7 +92,7 @@ if [ "$DRY" != print ]; then
 fi
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-$PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())"
+[ "$DRY" = print ] || $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())"
 echo "commit ${LIGHTNING_GGR_COMMIT:-unknown}; baseline ${BASELINE_COMMIT:-unknown}; data $DATA; $WORKERS workers; window $WINDOW_S s"
 [ -f "$DATA" ] || [ "$DRY" = print ] || { echo "error: no data at $DATA (run --prepare first)"; exit 2; }
 
