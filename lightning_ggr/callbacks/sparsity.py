@@ -53,10 +53,11 @@ class DynamicSparsityCallback(Callback):
     schedule, each rewiring drops the weakest active weights and grows as many new ones
     where the chosen method says (paper: Parger et al., ICML 2022, sections 3.2-3.3).
 
-    Sparse by default: the ``weight`` of every ``Linear`` and (transposed) ``Conv`` layer and
-    MultiheadAttention's projections, when they require grad and the optimizer holds them; a
-    tied weight is one sparse tensor. Everything else stays dense, and the selection summary
-    printed at fit start says why for each tensor (:mod:`lightning_ggr.sparse.selection`).
+    Sparse by default: the ``weight`` of every ``Linear`` and (transposed) ``Conv`` layer, of
+    transformers' ``Conv1D`` (GPT-2) and MultiheadAttention's projections, when they require
+    grad and the optimizer holds them; a tied weight is one sparse tensor. Everything else
+    stays dense, and the selection summary printed at fit start says why for each tensor
+    (:mod:`lightning_ggr.sparse.selection`).
 
     Args:
         method: ``"ggr"`` (global gradient allocation, 50:50 gradient/random insertion),
