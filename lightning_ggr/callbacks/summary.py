@@ -9,8 +9,14 @@ Layout (``format_version`` 1)::
       "layers": {name: {"active", "total", "density", "initial_active"}},
       "analysis": {"overall": {...}, "layers": {...}},   # SparsityAnalysis.to_dict()
       "flops": {"sparse": int, "dense": int},            # when a module and input are given
-      "metrics": {"test/acc": 0.61, ...}                  # floats; NaN and inf -> null
+      "metrics": {"test/acc": 0.61, ...},                 # floats; NaN and inf -> null
+      "selection": {...}, "rewiring": {...}               # written by the callback
     }
+
+``rewiring`` (the account of the run, from version 0.1.0 on; older summaries lack it):
+``planned``, ``done``, ``postponed``, ``postponed_reasons``, ``pending_step``,
+``not_reached``, ``steps``, ``stop_step``, ``grown``, ``removed``, ``recorded_rewirings``,
+``moved_net`` (see :func:`lightning_ggr.callbacks.account.account_figures`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ FORMAT_VERSION = 1
 
 _RESERVED = frozenset(
     {"format_version", "lightning_ggr_version", "created", "global_density", "layers",
-     "analysis", "flops", "metrics"}
+     "analysis", "flops", "metrics", "selection", "rewiring"}
 )
 
 

@@ -109,10 +109,12 @@ def test_nonfinite_gradients_postpone_the_rewiring():
     params["0.weight"].grad[0, 0, 0, 0] = float("nan")
     report = engine.before_optimizer_step(2, 0)
     assert report is not None and report.skipped
+    assert report.skip_reason == "non-finite sparse gradients"
     assert all(torch.equal(masks[n], engine.masks[n]) for n in masks)
     params["0.weight"].grad.nan_to_num_(0.0)
     report = engine.before_optimizer_step(3, 0)  # same slot: retried on the next step
     assert report is not None and not report.skipped and report.total_removed > 0
+    assert report.skip_reason is None
     assert engine.before_optimizer_step(4, 0) is not None  # next slot
     assert engine.before_optimizer_step(5, 0) is None
 
@@ -221,6 +223,8 @@ def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(m
                           schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
     report = engine.before_optimizer_step(2, 0)  # every .grad is None
     assert report.skipped is postponed
+    assert report.skip_reason == (
+        "no sparse gradients (the method grows by gradient)" if postponed else None)
     assert (engine.pending_step == 2) is postponed
 
 
