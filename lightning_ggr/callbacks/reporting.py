@@ -178,6 +178,7 @@ class SparsityReporter:
         self._shown_density: float | None = None
         self._summary_path: Path | None = None
         self._flops_warned = False
+        self._epoch_views_pending = False
 
     def key(self, group: str, name: str) -> str:
         """The metric name ``<group><tag>/<name>``."""
@@ -278,7 +279,11 @@ class SparsityReporter:
             logger.log_metrics(metrics, step=trainer.global_step)
         if not report.skipped:
             self.log_densities(trainer, engine, trainer.global_step)
+            # At the step where the last epoch ended: these views replace the epoch's.
+            self._epoch_views_pending = False
             self.log_views(trainer, engine, moved=report.moved)
+        else:
+            self.weights_about_to_change(trainer, engine)
 
     def batch_ended(self, pl_module: pl.LightningModule) -> None:
         """Show the global density on the progress bar, only when it changed: Lightning
@@ -292,7 +297,17 @@ class SparsityReporter:
                       logger=False, on_step=True, on_epoch=False)
 
     def epoch_ended(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
-        self.log_views(trainer, engine)
+        """The epoch's views are drawn just before the next optimizer step changes the
+        weights (:meth:`weights_about_to_change`), or at train end: a rewiring at that step,
+        logged at the same global step (the first step of the next epoch), draws them
+        instead, once, with its changes. Drawing both put two images at one step."""
+        self._epoch_views_pending = True
+
+    def weights_about_to_change(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
+        """Draw the views an epoch end left pending (the weights are still the epoch's)."""
+        if self._epoch_views_pending:
+            self._epoch_views_pending = False
+            self.log_views(trainer, engine)
 
     # ------------------------------------------------------------------------ pieces
     def log_densities(self, trainer: pl.Trainer, engine: SparseEngine, step: int) -> None:

@@ -318,6 +318,7 @@ class DynamicSparsityCallback(Callback):
         if optimizer is not self._optimizer and not self._follow_optimizer(trainer, optimizer):
             return
         if self.clock.steps is None:  # no schedule yet (a step outside the fit loop): mask only
+            self.reporter.weights_about_to_change(trainer, self.engine)
             self.engine.mask_gradients()
             return
         step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
@@ -327,6 +328,8 @@ class DynamicSparsityCallback(Callback):
             self.last_report = report
             self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
+        else:
+            self.reporter.weights_about_to_change(trainer, self.engine)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -340,6 +343,7 @@ class DynamicSparsityCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self.engine
+        self.reporter.weights_about_to_change(trainer, engine)  # the last epoch's views
         if engine.pending_step is not None:
             rank_zero_warn(
                 f"the rewiring due at step {engine.pending_step} was postponed (non-finite or "
