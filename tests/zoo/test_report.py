@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,21 @@ def test_write_and_read_run_summary(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_run_summary(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_run_summary_gets_the_permissions_of_the_other_logs(tmp_path, umask):
+    """It was written 0o600 (tempfile.mkstemp) while the logger's files were 0o644: now
+    0o666 less the umask, as open() gives (issue 17, item 9)."""
+    previous = os.umask(umask)
+    try:
+        written = write_run_summary(tmp_path / "run", {"a": 1})
+        other = tmp_path / "run" / "events.log"
+        other.write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(other.stat().st_mode)
 
 
 # -------------------------------------------------------------------------------- tables
