@@ -443,3 +443,38 @@ def test_report_counts_a_resumed_run_once(tmp_path, capsys, single_thread):
     out, err = capsys.readouterr()
     assert "(n=2)" not in out
     assert "1 summary file(s) are earlier fits of a resumed run" in err
+
+
+# ------------------------------------------------- a user's own module names no dataset
+def test_a_run_of_a_users_own_module_shows_no_literal_none(tmp_path, capsys, single_thread):
+    """A LightningModule fitted on dataloaders passed to fit (no DataModule, no
+    dataset_name): its summary's dataset is null, and the tables printed a literal 'None'
+    (issue 17, item 9). Now '?', with a note saying how to name it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_ggr import DynamicSparsityCallback
+    from tests.helpers.setups import MLP, loader
+
+    class WithAccuracy(MLP):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    torch.manual_seed(0)
+    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2,
+               callbacks=[DynamicSparsityCallback(sparsity=0.8, log_figures=False,
+                                                  selection_summary=False,
+                                                  fit_end_summary=False)],
+               logger=CSVLogger(tmp_path / "runs"), enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False,
+               ).fit(WithAccuracy(), loader(), loader())
+    (run,) = collect_runs([tmp_path / "runs"])
+    assert run["dataset"] is None and run["model"] == "WithAccuracy"
+    capsys.readouterr()
+    assert main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert "None" not in out
+    assert "| ? | WithAccuracy | ggr |" in out
+    assert ("1 run(s) name no dataset (shown as '?'): give them a `dataset_name` attribute "
+            "on the LightningModule or DataModule") in err
