@@ -170,8 +170,11 @@ def _account_printed(trainer: Trainer) -> bool:
 
 @rank_zero_only
 def _print_summary(trainer: Trainer, module: LightningModule, metrics: Mapping[str, float]) -> None:
+    account = _account_printed(trainer)
+    if account:  # the rewiring counts were just printed in the account
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("rewiring")}
     print("\nFinal metrics: " + format_metrics(metrics))
-    densities = {} if _account_printed(trainer) else _printed_densities(trainer, module)
+    densities = {} if account else _printed_densities(trainer, module)
     if densities:
         print("Per-layer density (active weights / all weights of each sparse layer):")
         print(format_density_table(densities, module))

@@ -328,7 +328,10 @@ def test_the_cli_prints_layer_densities_once(tmp_path, capsys, caplog, account):
     printed_account = [r for r in caplog.records
                        if "DynamicSparsityCallback at fit end" in r.getMessage()]
     assert len(printed_account) == (1 if account else 0)
-    assert ("Per-layer density" in capsys.readouterr().out) is not account
+    out = capsys.readouterr().out
+    assert ("Per-layer density" in out) is not account
+    final = next(line for line in out.splitlines() if line.startswith("Final metrics:"))
+    assert ("rewiring/count" in final) is not account  # nor the account's counts
 
 
 def test_no_metric_at_all_is_said_so():
