@@ -173,8 +173,15 @@ def test_the_account_says_which_rewirings_were_postponed_and_why(tmp_path, caplo
     GGR postpones to step 5. From step 8 on a sparse gradient is NaN every step: the
     rewiring due at 8 is postponed at 8, 9, 10 and 11 and never runs."""
     cb = sparse(interval="step", update_interval=4, stop_step=9)
-    trainer = fit(tmp_path, [PoisonGradient(cb, [8, 9, 10, 11]), cb, CleanGradient()],
-                  caplog, module=MLP(none_at_step=4), max_steps=12)
+    with pytest.warns(UserWarning) as records:
+        trainer = fit(tmp_path, [PoisonGradient(cb, [8, 9, 10, 11]), cb, CleanGradient()],
+                      caplog, module=MLP(none_at_step=4), max_steps=12)
+    said = [str(r.message) for r in records if "is postponed" in str(r.message)]
+    assert said == [
+        "step 4: no sparse gradients (the method grows by gradient): the rewiring due at step "
+        "4 is postponed to the next step with usable gradients",
+        *(f"step {step}: non-finite sparse gradients: the rewiring due at step 8 is postponed "
+          "to the next step with usable gradients" for step in (8, 9, 10, 11))]
     metrics = trainer.callback_metrics
     assert (float(metrics["rewiring/count"]), float(metrics["rewiring/planned"]),
             float(metrics["rewiring/skipped"])) == (1.0, 2.0, 5.0)

@@ -14,6 +14,7 @@ from lightning_ggr.sparse import (
     SparseEngine,
     select_sparse_parameters,
 )
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 
 
 def tiny_net():
@@ -79,6 +80,7 @@ def test_masks_are_exact_and_reproducible():
     assert all(m.dtype == torch.bool for m in a.masks.values())
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_growth_only_at_inactive_positions_and_from_the_dense_gradient():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -98,6 +100,7 @@ def test_growth_only_at_inactive_positions_and_from_the_dense_gradient():
             assert others.numel() == 0 or grown_min >= others.max()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_nonfinite_gradients_postpone_the_rewiring():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -119,6 +122,7 @@ def test_nonfinite_gradients_postpone_the_rewiring():
     assert engine.before_optimizer_step(5, 0) is None
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_state_dict_round_trip():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -159,6 +163,7 @@ def test_per_step_masking_allocates_nothing_and_clears_nan():
     assert (grad[~engine.masks["5.weight"]] == 0).all()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_from_state_dict_adopts_the_saved_masks_without_drawing_new_ones(monkeypatch):
     import lightning_ggr.sparse.engine as engine_module
 
@@ -190,6 +195,7 @@ def _backward(model):
                                 torch.randint(0, 10, (4,))).backward()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_a_postponed_rewiring_stays_pending_past_the_stop_and_survives_a_checkpoint():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -214,6 +220,7 @@ def test_a_postponed_rewiring_stays_pending_past_the_stop_and_survives_a_checkpo
         assert candidate.before_optimizer_step(10, 0) is None
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 @pytest.mark.parametrize(("method", "postponed"), [("rigl", True), ("ggr", True),
                                                    ("set", False), ("dsr", False)])
 def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(method,
@@ -260,6 +267,7 @@ def test_one_zero_gradient_layer_among_others_is_usable():
     assert engine.gradients_usable()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_the_schedule_position_survives_a_change_of_interval():
     """The position is the step and epoch of the last rewiring, not a slot of the old unit."""
     model = tiny_net()
