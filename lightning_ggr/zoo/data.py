@@ -1,9 +1,10 @@
-"""Data modules of the benchmark: CIFAR-100, Tiny-ImageNet-200 and scikit-learn's digits.
+"""Data modules of the benchmark: CIFAR-100, Tiny-ImageNet-200 and the 8x8 digits.
 
 CIFAR-100 and Tiny-ImageNet read the real datasets with torchvision (``CIFAR100``,
 ``ImageFolder``) and download them on request; ``fake_data=True`` replaces both splits by
 ``torchvision.datasets.FakeData`` of the right image size and class count (no files read
-or written), for smoke runs. The digits come with scikit-learn (no download).
+or written), for smoke runs. The digits ship with the package (``digits.npz``, 45 KB: the
+set scikit-learn bundles; no download).
 
 Splits: ``val_split`` holds out that fraction of the training set (seeded, evaluated with
 the test-time transform) for validation; with ``val_split=0`` (the default) validation
@@ -17,6 +18,7 @@ processes, no per-image Python, no host-to-device image copies.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -169,6 +171,45 @@ def _check_loader_args(batch_size: int, num_workers: int, val_split: float) -> N
         raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
     if not 0 <= val_split < 1:
         raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
+
+
+#: The 8x8 digits shipped with the package (source and licence: digits_NOTICE.txt beside it).
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """The 1,797 8x8 handwritten digits shipped with the package: images ``(1797, 8, 8)``
+    ``uint8`` with pixels 0..16, labels ``(1797,)`` ``int64`` 0..9. The test set of UCI's
+    "Optical Recognition of Handwritten Digits" (Alpaydin and Kaynak, CC BY 4.0), as
+    scikit-learn's ``load_digits`` has it, without needing scikit-learn."""
+    import numpy as np
+
+    with np.load(DIGITS_FILE) as arrays:
+        return (torch.from_numpy(arrays["images"].copy()),
+                torch.from_numpy(arrays["labels"].astype(np.int64)))
+
+
+def stratified_split(labels: Tensor, test_fraction: float, seed: int
+                     ) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(len(labels))`` into (train, test) indices, both sorted, with
+    every class in the test part in proportion: ``ceil(test_fraction * n)`` test indices,
+    handed out to the classes by largest remainder, drawn at random within each class."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    total = math.ceil(test_fraction * len(labels))
+    exact = counts.double() * total / len(labels)
+    share = exact.floor().long()
+    for index in torch.argsort(exact - share, descending=True, stable=True)[
+            :total - int(share.sum())]:
+        share[index] += 1
+    generator = torch.Generator().manual_seed(seed)
+    test = []
+    for label, size in zip(classes.tolist(), share.tolist(), strict=True):
+        members = (labels == label).nonzero().squeeze(1)
+        test.append(members[torch.randperm(len(members), generator=generator)[:size]])
+    test_index = torch.cat(test).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[test_index] = False
+    return keep.nonzero().squeeze(1), test_index
 
 
 def _split(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -511,7 +552,8 @@ class TinyImageNetDataModule(_ImageDataModule):
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes): no download.
+    """The 8x8 handwritten digits shipped with the package (1,797 images, 10 classes; the set
+    scikit-learn bundles, see :func:`load_digits`): no download, no scikit-learn.
 
     Pixels are scaled to [0, 1] and standardized with the training mean and std; no
     augmentation. A stratified, seeded 20% of the images form the test split. Meant for
@@ -553,16 +595,9 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
-        import numpy as np
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=0.2, stratify=labels.numpy(),
-            random_state=self.seed)
+        pixels, labels = load_digits()
+        images = pixels.float().unsqueeze(1) / 16.0
+        train_idx, test_idx = stratified_split(labels, 0.2, self.seed)
         mean, std = images[train_idx].mean(), images[train_idx].std()
         images = (images - mean) / std
         if self.image_size != 8:
