@@ -50,10 +50,13 @@ from lightning_ggr.sparse.rewiring import (
 from lightning_ggr.sparse.schedules import RewiringSchedule
 
 #: Why a due rewiring is postponed (``RewiringReport.skip_reason``).
-SKIP_NO_GRADIENTS = "no gradients"
-SKIP_NONFINITE = "non-finite gradients"
+SKIP_NONFINITE = "non-finite sparse gradients"
+SKIP_NO_GRADIENTS = "no sparse gradients (the method grows by gradient)"
 SKIP_OPTIMIZER_NONFINITE = ("non-finite gradients of other parameters of the optimizer "
                             "(a grad scaler skips this step)")
+#: The same reasons under the names the fit-end account uses.
+NONFINITE_GRADIENTS = SKIP_NONFINITE
+MISSING_GRADIENTS = SKIP_NO_GRADIENTS
 
 
 def _distributed() -> bool:

@@ -57,8 +57,8 @@ class RewiringReport:
     active: dict[str, int]
     threshold: float | None = None
     skipped: bool = False
-    #: Why a due rewiring was postponed (``skipped``), e.g. ``"non-finite gradients"``,
-    #: ``"no gradients"`` (the engine's ``SKIP_*``); ``None`` for one that ran.
+    #: Why a due rewiring was postponed (``skipped``): a short phrase such as
+    #: ``"non-finite sparse gradients"`` (the engine's ``SKIP_*``); ``None`` when it ran.
     skip_reason: str | None = None
     #: Sparse parameters left out because frozen or held by no optimizer (they keep their
     #: masks and weights and take no part in removal or allocation).

@@ -26,6 +26,7 @@ from lightning_ggr.sparse.engine import SKIP_NONFINITE, SKIP_OPTIMIZER_NONFINITE
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
 from tests.helpers.ddp import SpawnedDDPStrategy, spawned_ddp
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 from tests.helpers.setups import UnevenRanks
 
 WORLD = 2
@@ -216,6 +217,7 @@ def test_engine_broadcasts_rank_0_topology_and_agrees_on_skips(tmp_path):
                       "skip_reasons": {SKIP_NONFINITE: 1, SKIP_OPTIMIZER_NONFINITE: 1}}
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_masks_and_growth_do_not_depend_on_the_global_rng():
     """The callback's own generator decides: draws from the global RNG change nothing."""
 

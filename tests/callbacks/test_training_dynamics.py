@@ -478,3 +478,19 @@ def test_weight_averaging_start_against_the_stop_point_exactly(swa_epoch_start, 
             check_weight_averaging(fake, stop_step)
     else:
         check_weight_averaging(fake, stop_step)
+
+
+def test_the_fit_end_account_counts_the_masked_weights_written_by_other_code(tmp_path, caplog):
+    import logging
+
+    model = NoisyMLP(noise_until_epoch=1)
+    sparse_cb = sparse(stop_step=10, fit_end_summary=True)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [sparse_cb], max_epochs=2).fit(model, loader())
+    counts = sparse_cb.engine.stray_weights_zeroed
+    total = sum(counts.values())
+    assert total > 0 and set(counts) == {"net.0.weight", "net.2.weight"}
+    line = (f"masked weights written by other code and zeroed again: {total:,} (net.0.weight: "
+            f"{counts['net.0.weight']:,}, net.2.weight: {counts['net.2.weight']:,})")
+    assert any(line in record.getMessage() for record in caplog.records)
