@@ -627,7 +627,10 @@ class DynamicSparsityCallback(Callback):
 
     def _warn_stray(self, stray: Mapping[str, int], when: str) -> None:
         """Masked weights something else wrote into (found and zeroed by the engine): say
-        so once per layer, with the counts."""
+        so once per layer, with the counts (not with enforce_masks_every_step, which zeroes
+        them before every forward pass anyway)."""
+        if self.enforce_masks_every_step:
+            return
         new = {name: count for name, count in stray.items()
                if f"stray {name}" not in self._warned}
         if not new:

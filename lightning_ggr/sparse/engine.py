@@ -338,7 +338,9 @@ class SparseEngine:
         present = self._gradients_present(optimizers)
         reason, signal, stray = self._agreed(self._gradient_checks(optimizers, strays=True),
                                              present or not needs)
-        if reason is None and needs and not signal and not self._warned_no_signal:
+        taking_part = len(self.frozen(optimizers)) < len(self.params)
+        if (reason is None and needs and taking_part and not signal
+                and not self._warned_no_signal):
             self._warned_no_signal = True
             warnings.warn(
                 "every sparse gradient is zero at this rewiring: growth by gradient has no "
