@@ -353,13 +353,13 @@ def test_hugging_face_gpt2_with_transposed_conv1d_and_a_tied_head(always_sparse)
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=16,
                                      vocab_size=60, attn_pdrop=0.0, resid_pdrop=0.0,
-                                     embd_pdrop=0.0)
+                                     embd_pdrop=0.0, eos_token_id=0, bos_token_id=0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     names = [name for name, module in model.named_modules()
              if type(module).__name__ == "Conv1D"]
-    masks = random_masks(model, 0.3, names=[f"{name}.weight" for name in names]
-                         + ["transformer.wte.weight"])  # tied with lm_head
+    masks = random_masks(model, 0.3)  # the default selection: every Conv1D, the tied wte
+    assert set(masks) == {f"{name}.weight" for name in names} | {"transformer.wte.weight"}
     tokens = torch.randint(0, 60, (2, 11))
     converted = to_inference(model, masks, tokens)
     reference = masked_copy(model, masks)
