@@ -349,6 +349,9 @@ def _fit_quickstart_with_a_checkpoint(tmp_path, monkeypatch, *extra: str) -> Lig
         "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
         "--trainer.enable_checkpointing", "true", "--test_after_fit", "false",
         "--trainer.callbacks.init_args.log_figures", "false",
+        "--trainer.callbacks.init_args.interval", "step",
+        "--trainer.callbacks.init_args.update_interval", "1",
+        "--trainer.callbacks.init_args.stop_fraction", "1.0", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", *extra])
 
 
@@ -361,6 +364,7 @@ def test_export_writes_the_runs_sparse_network_and_prints_its_size(tmp_path, mon
     cli = _fit_quickstart_with_a_checkpoint(tmp_path, monkeypatch)
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ ==
                    "DynamicSparsityCallback"]
+    assert callback.engine.rewirings == 2  # masks of a run that rewired
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "runs", "--output", "net.pt"])  # a run folder: its checkpoint
