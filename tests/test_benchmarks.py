@@ -48,3 +48,26 @@ def test_overhead_suite_runs_tiny_on_cpu():
 def test_the_gpu_suite_needs_a_gpu():
     done = run("--suite", "gpu")
     assert done.returncode == 2 and "--suite gpu needs a CUDA device" in done.stderr
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_quick_on_cpu():
+    """benchmarks/inference.py --quick: every model, both mask sources, every table."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--quick",
+                           "--layers"], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith("Device: CPU")
+    for heading in ("## Sparse model file against the dense state_dict file",
+                    "## End to end: masked dense model against to_inference's model",
+                    "## Goals (issue 18", "- MLP 0.99 batch 1 >= 10x: ",
+                    "- no model slower than dense beyond 5%"):
+        assert heading in out, heading
+    for model in ("mlp", "transformer", "vgg16", "resnet18"):
+        for source in ("random", "ggr"):
+            assert f"| {model} | {source} | 0.99 | 1 | 4 |" in out, (model, source)
+    assert "### mlp, random masks, sparsity 0.99, 1 thread(s), batch 1" in out  # --layers
+    assert "to_inference on cpu, 1 thread(s)" in out
