@@ -16,7 +16,10 @@ model is not changed.
   then the same CSR product. It pays only at high sparsity and small batches.
 - Everything else stays dense and the report says why: ``nn.MultiheadAttention``'s
   projections (it reads ``in_proj_weight`` and ``out_proj.weight`` itself, not through a
-  module call), grouped, 1-D, 3-D and transposed convolutions, embeddings.
+  module call), grouped, 1-D, 3-D and transposed convolutions, embeddings, and subclasses
+  of ``nn.Linear`` / ``nn.Conv2d`` that override ``forward`` (or ``_conv_forward``): they
+  compute something else (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
+  from the input's size).
 
 On a CPU, MKL's sparse ``addmm`` has float32/float64 kernels only: a bfloat16 or float16
 layer computes in float32 (its input cast up, its output cast back to the input's dtype),
@@ -177,7 +180,8 @@ class SparseLinear(_CSRLayer):
 
         Raises:
             TypeError: ``module`` is neither.
-            ValueError: ``mask`` does not have the weight's shape.
+            ValueError: ``mask`` does not have the weight's shape, or ``module``'s class
+                overrides ``forward`` (:func:`linear_unsupported`).
         """
         weight = _weight_of(module).detach()
         if is_transposed_linear(module):
@@ -186,6 +190,9 @@ class SparseLinear(_CSRLayer):
         elif not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense needs an nn.Linear or a transformers "
                             f"Conv1D, got {type(module).__name__}")
+        reason = linear_unsupported(module)
+        if reason is not None:
+            raise ValueError(f"SparseLinear cannot compute this layer: {reason}")
         active = _check_mask(weight != 0 if mask is None else mask, weight, "SparseLinear")
         dtype = compute_dtype or csr_compute_dtype(weight.dtype, weight.device)
         crow, col, values = _csr_parts(weight, active, dtype)
@@ -226,8 +233,30 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (int(conv.padding[0]), int(conv.padding[1]))
 
 
+def _overridden(module: nn.Module, base: type[nn.Module], methods: tuple[str, ...]) -> str | None:
+    """Why ``module`` (an instance of ``base``) computes something else than ``base``: a
+    subclass that overrides one of ``methods`` (timm's ``StdConv2d`` and ``Conv2dSame``, a
+    user's scaled Linear), or ``None``."""
+    for method in methods:
+        if getattr(type(module), method) is not getattr(base, method):
+            return (f"{type(module).__name__} overrides {method} (only nn.{base.__name__}'s "
+                    "own is converted)")
+    return None
+
+
+def linear_unsupported(module: nn.Module) -> str | None:
+    """Why :class:`SparseLinear` cannot compute ``module`` (an ``nn.Linear`` or a
+    transformers ``Conv1D``), or ``None`` if it can."""
+    if isinstance(module, nn.Linear):
+        return _overridden(module, nn.Linear, ("forward",))
+    return None  # Conv1D is recognised by its exact type name: no subclass gets here
+
+
 def conv2d_unsupported(conv: nn.Conv2d) -> str | None:
     """Why :class:`SparseConv2d` cannot compute ``conv``, or ``None`` if it can."""
+    overridden = _overridden(conv, nn.Conv2d, ("forward", "_conv_forward"))
+    if overridden is not None:
+        return overridden
     if conv.groups != 1:
         return f"groups={conv.groups} (only 1 is converted)"
     if conv.padding_mode != "zeros":
@@ -266,8 +295,9 @@ class SparseConv2d(_CSRLayer):
 
         Raises:
             TypeError: not an ``nn.Conv2d``.
-            ValueError: grouped, non-zero or asymmetric padding (:func:`conv2d_unsupported`),
-                or a mask of the wrong shape.
+            ValueError: grouped, non-zero or asymmetric padding, a class that overrides
+                ``forward`` or ``_conv_forward`` (:func:`conv2d_unsupported`), or a mask of
+                the wrong shape.
         """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got "
@@ -514,7 +544,9 @@ def _candidates(model: nn.Module, mask_of: Mapping[int, tuple[str, Tensor]]
             reason = "MultiheadAttention reads out_proj.weight itself"
         elif isinstance(module, nn.Conv2d):
             reason = conv2d_unsupported(module)
-        elif not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
+        elif isinstance(module, nn.Linear) or is_transposed_linear(module):
+            reason = linear_unsupported(module)
+        else:
             reason = f"{kind} is not converted (Linear, Conv1D and Conv2d are)"
         if reason is None:
             convertible.append((name, module, parameter, mask))

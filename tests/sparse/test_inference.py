@@ -285,6 +285,54 @@ def test_to_inference_checks_the_masks():
         to_inference({}, {}, torch.randn(1, 6))
 
 
+# ------------------------------------------------- layers that compute something else
+
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear with its own forward (what it computes is not x W^T + b)."""
+
+    def forward(self, input):
+        return super().forward(input) * 2.0
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """timm's StdConv2d, in short: the weight standardized at every call."""
+
+    def forward(self, input):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(input, weight, self.bias, self.stride, self.padding)
+
+
+class SamePaddedConv2d(nn.Conv2d):
+    """timm's Conv2dSame, in short: padding computed from the input in _conv_forward."""
+
+    def _conv_forward(self, input, weight, bias):
+        return F.conv2d(F.pad(input, (0, 1, 0, 1)), weight, bias, self.stride)
+
+
+def test_subclasses_with_their_own_forward_stay_dense(always_sparse):
+    """SparseLinear / SparseConv2d compute nn.Linear's and nn.Conv2d's own maps: a subclass
+    that overrides forward (or _conv_forward) computes something else and stays dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardizedConv2d(3, 4, 3, padding=1),
+                          SamePaddedConv2d(4, 4, 3, stride=2), nn.Flatten(),
+                          ScaledLinear(36, 8), nn.Linear(8, 2))
+    masks = random_masks(model, 0.5)
+    converted = assert_converts_exactly(model, masks, torch.randn(2, 3, 6, 6))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    own = "(only nn.{}'s own is converted)"
+    assert choices["0"].reason == "StandardizedConv2d overrides forward " + own.format("Conv2d")
+    assert choices["1"].reason == ("SamePaddedConv2d overrides _conv_forward "
+                                   + own.format("Conv2d"))
+    assert choices["3"].reason == "ScaledLinear overrides forward " + own.format("Linear")
+    assert converted.inference_report.converted == ["4"]
+    with pytest.raises(ValueError, match="ScaledLinear overrides forward"):
+        SparseLinear.from_dense(ScaledLinear(3, 4))
+    with pytest.raises(ValueError, match="SamePaddedConv2d overrides _conv_forward"):
+        SparseConv2d.from_dense(SamePaddedConv2d(3, 4, 3))
+
+
 # ------------------------------------------------------------------- models of all kinds
 
 
