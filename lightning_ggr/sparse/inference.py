@@ -20,6 +20,8 @@ model is not changed.
   of ``nn.Linear`` / ``nn.Conv2d`` that override ``forward`` (or ``_conv_forward``): they
   compute something else (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
   from the input's size).
+  A layer with forward hooks or pre-hooks stays dense too: they may change its input or
+  output, and the new module would not run them.
 
 On a CPU, MKL's sparse ``addmm`` has float32/float64 kernels only: a bfloat16 or float16
 layer computes in float32 (its input cast up, its output cast back to the input's dtype),
@@ -542,6 +544,8 @@ def _candidates(model: nn.Module, mask_of: Mapping[int, tuple[str, Tensor]]
         reason = None
         if id(module) in inside_attention:
             reason = "MultiheadAttention reads out_proj.weight itself"
+        elif module._forward_hooks or module._forward_pre_hooks:
+            reason = "has forward hooks (the converted layer would not run them)"
         elif isinstance(module, nn.Conv2d):
             reason = conv2d_unsupported(module)
         elif isinstance(module, nn.Linear) or is_transposed_linear(module):

@@ -333,6 +333,22 @@ def test_subclasses_with_their_own_forward_stay_dense(always_sparse):
         SparseConv2d.from_dense(SamePaddedConv2d(3, 4, 3))
 
 
+def test_layers_with_forward_hooks_stay_dense_and_keep_them(always_sparse):
+    """A converted layer is a new module: hooks registered on the dense one (which may change
+    its input or output) would silently stop running. Such a layer stays dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3))
+    model[0].register_forward_hook(lambda module, args, output: output * 10)
+    model[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    masks = random_masks(model, 0.5)
+    converted = assert_converts_exactly(model, masks, torch.randn(2, 4))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert choices["0"].reason == choices["1"].reason == (
+        "has forward hooks (the converted layer would not run them)")
+    assert converted.inference_report.converted == ["2"]
+    assert isinstance(converted[0], nn.Linear) and len(converted[0]._forward_hooks) == 1
+
+
 # ------------------------------------------------------------------- models of all kinds
 
 
