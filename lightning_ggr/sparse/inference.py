@@ -22,6 +22,8 @@ model is not changed.
   from the input's size).
   A layer with forward hooks or pre-hooks stays dense too: they may change its input or
   output, and the new module would not run them.
+  A parametrized weight (``spectral_norm``; the mask is its original's) is converted only
+  where the computed weight is zero outside the mask.
 
 On a CPU, MKL's sparse ``addmm`` has float32/float64 kernels only: a bfloat16 or float16
 layer computes in float32 (its input cast up, its output cast back to the input's dtype),
@@ -552,11 +554,27 @@ def _candidates(model: nn.Module, mask_of: Mapping[int, tuple[str, Tensor]]
             reason = linear_unsupported(module)
         else:
             reason = f"{kind} is not converted (Linear, Conv1D and Conv2d are)"
+        if reason is None and parametrize.is_parametrized(module, "weight"):
+            reason = _outside_the_mask(module.weight.detach(), mask)
         if reason is None:
             convertible.append((name, module, parameter, mask))
         else:
             kept.append(LayerChoice(name, kind, parameter, _density(mask), reason=reason))
     return convertible, kept
+
+
+def _outside_the_mask(weight: Tensor, mask: Tensor) -> str | None:
+    """Why the CSR matrix of ``mask``'s positions cannot hold ``weight`` (a parametrization's
+    result, computed from the masked original), or ``None``. ``spectral_norm`` keeps the
+    zeros where they are; a parametrization that mixes weights does not."""
+    if tuple(weight.shape) != tuple(mask.shape):
+        return (f"its parametrization changes the weight's shape ({tuple(mask.shape)} -> "
+                f"{tuple(weight.shape)})")
+    outside = int((weight[~mask] != 0).sum())
+    if outside:
+        return (f"its parametrization makes weights outside the mask nonzero ({outside}): "
+                "the mask's CSR matrix would drop them")
+    return None
 
 
 def _density(mask: Tensor) -> float:

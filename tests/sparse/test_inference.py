@@ -349,6 +349,33 @@ def test_layers_with_forward_hooks_stay_dense_and_keep_them(always_sparse):
     assert isinstance(converted[0], nn.Linear) and len(converted[0]._forward_hooks) == 1
 
 
+class Symmetric(nn.Module):
+    """A parametrization that moves weights: the upper triangle mirrored below."""
+
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).t()
+
+
+def test_a_parametrized_weight_is_sparse_only_where_its_mask_holds_the_zeros(always_sparse):
+    """The mask is the parametrization's original's; the layer computes the parametrized
+    weight. spectral_norm keeps the zeros in place (converted); a parametrization that
+    moves active weights onto masked positions does not (stays dense)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(6, 6)), nn.Linear(6, 6))
+    parametrize.register_parametrization(model[1], "weight", Symmetric())
+    names = ["0.parametrizations.weight.original", "1.parametrizations.weight.original"]
+    masks = random_masks(model, 0.4, names=names)
+    converted = assert_converts_exactly(model, masks, torch.randn(3, 6))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert isinstance(converted[0], SparseLinear)
+    assert choices["1"].reason.startswith(
+        "its parametrization makes weights outside the mask nonzero")
+    assert parametrize.is_parametrized(converted[1], "weight")
+
+
 # ------------------------------------------------------------------- models of all kinds
 
 
