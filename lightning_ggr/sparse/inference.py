@@ -613,8 +613,10 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
 
     ``nn.TransformerEncoderLayer`` computes its feed-forward layers itself in its fused
     inference path; one with a converted ``linear1`` / ``linear2`` is switched to its
-    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads), and the
-    whole-model check weighs what that costs.
+    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads), and an
+    ``nn.TransformerEncoder`` holding a converted layer from its nested-tensor path (taken
+    with a ``src_key_padding_mask``: ``use_nested_tensor = False``, so its layers see padded
+    tensors, as they are timed); the whole-model check weighs what that costs.
 
     Args:
         model: the trained model (not changed).
@@ -667,12 +669,19 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
 
         handles = [module.register_forward_pre_hook(capture(name))
                    for name, module, _, _ in convertible]
+        # The layers are timed on the padded tensors they see once converted (below).
+        nested = _encoders_around(converted, {name for name, _, _, _ in convertible})
+        flags = {encoder: encoder.use_nested_tensor for encoder in nested}
         try:
+            for encoder in nested:
+                encoder.use_nested_tensor = False
             with torch.inference_mode():
                 _run(converted, example_input)
         finally:
             for handle in handles:
                 handle.remove()
+            for encoder, flag in flags.items():
+                encoder.use_nested_tensor = flag
 
         chosen: list[tuple[str, nn.Module]] = []
         for name, module, parameter, mask in convertible:
@@ -728,13 +737,30 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     return converted.eval()
 
 
+def _encoders_around(model: nn.Module, names: set[str]) -> list[nn.TransformerEncoder]:
+    """The ``nn.TransformerEncoder`` modules of ``model`` holding any of the modules
+    ``names`` and able to take their nested-tensor path."""
+    return [
+        module for prefix, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoder)
+        and getattr(module, "use_nested_tensor", False)
+        and any(not prefix or name.startswith(prefix + ".") for name in names)
+    ]
+
+
 def _replace(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
     """Swap the chosen sparse modules in. ``nn.TransformerEncoderLayer``'s fused inference
     path reads ``linear1.weight`` and ``linear2.weight`` itself: a layer with a converted one
-    takes its ordinary path (``activation_relu_or_gelu = 0``, which only that check reads)."""
+    takes its ordinary path (``activation_relu_or_gelu = 0``, which only that check reads).
+    ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` in eval mode reads the first
+    layer's weights too and then hands its layers nested tensors, which a sparse layer
+    cannot take: one holding a converted layer keeps to padded tensors
+    (``use_nested_tensor = False``, the attribute that path checks)."""
     for name, sparse in chosen:
         _set_submodule(model, name, sparse)
     replaced = {name for name, _ in chosen}
+    for encoder in _encoders_around(model, replaced):
+        encoder.use_nested_tensor = False
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer) and any(
             (f"{name}.{child}" if name else child) in replaced

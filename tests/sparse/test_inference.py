@@ -439,6 +439,33 @@ def test_a_transformer_block_in_fp32_and_bf16(always_sparse, dtype):
     assert converted.activation_relu_or_gelu == 0 and layer.activation_relu_or_gelu == 1
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_a_transformer_encoder_with_a_padding_mask(always_sparse):
+    """nn.TransformerEncoder (nested tensors on by default) turns a padded batch into a
+    nested tensor when given src_key_padding_mask in eval mode, reading linear1.weight
+    first: after the conversion it must take its padded path, before it (the example input
+    with the mask) the layers must be timed on padded tensors."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    assert encoder.use_nested_tensor
+    masks = random_masks(encoder, 0.3)
+    x = torch.randn(3, 10, 32)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[1, 6:] = padding[2, 3:] = True
+    reference = masked_copy(encoder, masks)
+    with torch.inference_mode():
+        expected = reference(x, src_key_padding_mask=padding)
+    for example in (x, {"src": x, "src_key_padding_mask": padding}):
+        converted = to_inference(encoder, masks, example)
+        assert isinstance(converted.layers[1].linear2, SparseLinear)
+        with torch.inference_mode():
+            actual = converted(x, src_key_padding_mask=padding)
+        # the nested path gives 0 at padded positions, the padded path values nobody reads
+        torch.testing.assert_close(actual[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+    assert encoder.use_nested_tensor and converted.layers[0].linear1 is not None
+
+
 @pytest.mark.slow
 def test_hugging_face_gpt2_with_transposed_conv1d_and_a_tied_head(always_sparse):
     transformers = pytest.importorskip("transformers")
