@@ -85,6 +85,30 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: list[int]) -> Tensor:
     return _unchecked_csr(crow, col, values, size)
 
 
+def _product(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(weight, dense)
+    return torch.addmm(bias.unsqueeze(1), weight, dense)
+
+
+@torch.jit.unused
+def _product_outside_autocast(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    device = dense.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _product(weight, dense, bias)
+    return _product(weight, dense, bias)
+
+
+def _sparse_product(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    """``bias + weight @ dense`` (``weight`` in CSR form) in the operands' dtype, also under
+    ``torch.autocast``, which would cast them to a dtype the CSR kernel may not have (MKL: no
+    bfloat16 / float16); the layer's output is cast to the input's dtype afterwards anyway."""
+    if torch.jit.is_scripting():  # TorchScript: no autocast context in this function
+        return _product(weight, dense, bias)
+    return _product_outside_autocast(weight, dense, bias)
+
+
 def csr_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """``dtype`` if a CSR ``torch.addmm`` runs in it on ``device``, else ``torch.float32``.
 
@@ -157,7 +181,8 @@ class SparseLinear(_CSRLayer):
 
     Same call as ``nn.Linear``: ``input`` of shape ``(*, in_features)`` gives a contiguous
     ``(*, out_features)`` in ``input``'s dtype. Computes ``b + W x^T`` in ``values.dtype``
-    (see :func:`csr_compute_dtype`). Build it with :meth:`from_dense`.
+    (see :func:`csr_compute_dtype`), also under ``torch.autocast``. Build it with
+    :meth:`from_dense`.
 
     Buffers: ``crow_indices``, ``col_indices`` (int32), ``values``, ``bias`` (``(out,)`` or
     ``None``); the CSR tensor is assembled from them at each call (about 2 us), so the module
@@ -210,10 +235,7 @@ class SparseLinear(_CSRLayer):
         flat = input.reshape(-1, self.in_features).to(self.values.dtype)
         weight = _csr(self.crow_indices, self.col_indices, self.values,
                       [self.out_features, self.in_features])
-        if self.bias is None:
-            out = torch.mm(weight, flat.t())
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
+        out = _sparse_product(weight, flat.t(), self.bias)
         shape = list(input.shape[:-1])
         shape.append(self.out_features)
         return out.t().contiguous().to(input.dtype).reshape(shape)
@@ -338,10 +360,7 @@ class SparseConv2d(_CSRLayer):
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)
         weight = _csr(self.crow_indices, self.col_indices, self.values,
                       [self.out_channels, self._columns()])
-        if self.bias is None:
-            out = torch.mm(weight, columns)
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, columns)
+        out = _sparse_product(weight, columns, self.bias)
         out = out.reshape(self.out_channels, count, out_height, out_width).transpose(0, 1)
         out = out.contiguous().to(input.dtype)
         return out if batched else out.squeeze(0)

@@ -173,6 +173,23 @@ def test_sparse_conv2d_computes_the_masked_convolution(settings_):
     assert "density=" in repr(sparse) and "format=CSR (int32 indices" in repr(sparse)
 
 
+def test_the_converted_model_runs_under_autocast(always_sparse):
+    """torch.autocast casts addmm's operands to bfloat16, for which MKL has no CSR kernel:
+    a sparse layer computes in its own dtype, outside autocast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 25, 6))
+    masks = random_masks(model, 0.4)
+    x = torch.randn(2, 3, 5, 5)
+    converted = to_inference(model, masks, x)
+    assert converted.inference_report.converted == ["0", "3"]
+    reference = masked_copy(model, masks)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, expected = converted(x), reference(x)
+    assert expected.dtype == torch.bfloat16 and actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected.float(), **TOLERANCE[torch.bfloat16])
+
+
 # --------------------------------------------------------------------- the timing rule
 
 
