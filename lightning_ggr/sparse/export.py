@@ -15,6 +15,7 @@ converting ``lm.net`` with them strips the prefix when exactly one prefix fits e
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import math
 import os
@@ -114,6 +115,25 @@ def _check_zero(module: nn.Module, masks: Mapping[str, Tensor], what: str) -> No
             )
 
 
+def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metadata`` as a dict, each value checked to load with ``weights_only=True`` (so the
+    file does not become one that :func:`load_sparse_model` refuses)."""
+    plain = dict(metadata or {})
+    for key, value in plain.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save({key: value}, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as error:  # pickling or weights-only unpickling refused it
+            raise TypeError(
+                f"save_sparse_model: metadata[{key!r}] holds a {type(value).__name__}, which "
+                "torch.load(weights_only=True) cannot read; metadata must hold plain Python "
+                "(numbers, strings, None, lists, tuples, dicts of them) or tensors"
+            ) from error
+    return plain
+
+
 def encode_positions(mask: Tensor) -> dict[str, Any]:
     """The active positions of ``mask`` in the smaller of two encodings.
 
@@ -173,9 +193,11 @@ def save_sparse_model(
     Raises:
         ValueError: a mask names no parameter, has the wrong shape, or a masked weight is
             not zero.
+        TypeError: a metadata value that ``torch.load(weights_only=True)`` cannot read.
     """
     masks = module_masks(module, masks, "save_sparse_model")
     _check_zero(module, masks, "cannot save")
+    plain_metadata = _plain_metadata(metadata)
     params = dict(module.named_parameters())
     sparse_ids = {id(params[name]): name for name in masks}
     dense: dict[str, Tensor] = {}
@@ -199,7 +221,7 @@ def save_sparse_model(
             "state_dict": dense,
             "sparse": sparse,
             "aliases": aliases,
-            "metadata": dict(metadata or {}),
+            "metadata": plain_metadata,
         },
         path,
     )

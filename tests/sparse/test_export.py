@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,22 @@ def test_save_refuses_unmasked_weights(tmp_path):
     with pytest.raises(ValueError, match="has shape"):
         save_sparse_model(model, {"0.weight": torch.ones(4, 3, dtype=torch.bool)},
                           tmp_path / "m.pt")
+
+
+def test_save_refuses_metadata_the_file_could_not_be_loaded_with(tmp_path):
+    """weights_only=True reads plain Python and torch types only: metadata holding anything
+    else made a file that load_sparse_model then refused (an UnpicklingError)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    masks = {"0.weight": torch.ones(3, 4, dtype=torch.bool)}
+    for value in (nn.ReLU(), Path("/runs")):
+        kind = type(value).__name__
+        with pytest.raises(TypeError, match=rf"metadata\['where'\] holds a {kind}"):
+            save_sparse_model(model, masks, tmp_path / "m.pt", metadata={"where": value})
+        assert not (tmp_path / "m.pt").exists()
+    plain = {"where": "runs", "steps": [1, 2], "nested": {"a": (1.5, None)},
+             "dtype": torch.bfloat16}
+    save_sparse_model(model, masks, tmp_path / "m.pt", metadata=plain)
+    assert read_sparse_model(tmp_path / "m.pt").metadata == plain
 
 
 def test_load_checks_format_and_masked_zeros(tmp_path):
