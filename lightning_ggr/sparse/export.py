@@ -156,16 +156,39 @@ def encode_positions(mask: Tensor) -> dict[str, Any]:
     return {"encoding": "bitmask", "positions": packed}
 
 
-def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
-    """The bool mask of shape ``shape`` that :func:`encode_positions` encoded."""
+def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...], *,
+                     name: str | None = None) -> Tensor:
+    """The bool mask of shape ``shape`` that :func:`encode_positions` encoded.
+
+    Raises:
+        ValueError: positions that no mask of ``shape`` encodes to (a bitmask of another
+            length, gaps that do not increase or reach past the end: torch would read a
+            negative index from the end), or an unknown encoding; ``name`` (the tensor's)
+            goes into the message.
+    """
     numel = math.prod(shape)
+    tensor = repr(name) if name else "a tensor"
+    what = f"positions of {tensor}"
     positions = encoded["positions"]
     if encoded["encoding"] == "bitmask":
+        expected = -(-numel // 8)
+        if positions.dtype != torch.uint8:
+            raise ValueError(f"the bitmask of {tensor} is {positions.dtype}, not torch.uint8")
+        if positions.numel() != expected:
+            raise ValueError(f"the bitmask of {tensor} has {positions.numel()} bytes for "
+                             f"{numel} elements ({expected} expected)")
         bits = (positions.reshape(-1, 1) >> _BIT_SHIFTS) & 1
         return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
     if encoded["encoding"] == "gaps":
+        gaps = positions.to(torch.int64).reshape(-1)
+        if gaps.numel() and (int(gaps[0]) < 0 or bool((gaps[1:] < 1).any())):
+            raise ValueError(f"{what} are not increasing (a gap below 1, or a negative first "
+                             "index)")
+        indices = gaps.cumsum(0)
+        if indices.numel() and int(indices[-1]) >= numel:
+            raise ValueError(f"{what} reach past its {numel} elements")
         flat = torch.zeros(numel, dtype=torch.bool)
-        flat[positions.to(torch.int64).cumsum(0)] = True
+        flat[indices] = True
         return flat.reshape(shape)
     raise ValueError(f"unknown position encoding {encoded['encoding']!r}; "
                      "expected 'bitmask' or 'gaps'")
@@ -250,7 +273,9 @@ def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
     Loads with ``torch.load(weights_only=True)`` onto CPU.
 
     Raises:
-        ValueError: not a sparse-model file, or a format version this package cannot read.
+        ValueError: not a sparse-model file, a format version this package cannot read, or
+            a corrupt one (missing entries, positions no mask encodes to, values that do not
+            match them).
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
@@ -265,20 +290,37 @@ def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
     if version == 1:
         masks = {name: mask.to(torch.bool) for name, mask in saved["masks"].items()}
         return SparseModelFile(dict(saved["state_dict"]), masks, metadata, 1)
+    where = os.fspath(path)
+
+    def corrupt(problem: str) -> ValueError:
+        return ValueError(f"{where!r} is corrupt: {problem}")
+
+    for key in ("state_dict", "sparse", "aliases"):
+        if not isinstance(saved.get(key), dict):
+            raise corrupt(f"the file lacks {key!r}")
     state_dict = dict(saved["state_dict"])
     masks = {}
     for name, entry in saved["sparse"].items():
+        missing = [key for key in ("shape", "values", "encoding", "positions")
+                   if key not in entry]
+        if missing:
+            raise corrupt(f"{name!r} lacks {missing[0]!r}")
         shape = tuple(entry["shape"])
-        mask = decode_positions(entry, shape)
+        try:
+            mask = decode_positions(entry, shape, name=name)
+        except ValueError as error:
+            raise corrupt(str(error)) from None
         values = entry["values"]
         if values.numel() != int(mask.sum()):
-            raise ValueError(f"{os.fspath(path)!r} is inconsistent: {name!r} has "
+            raise ValueError(f"{where!r} is inconsistent: {name!r} has "
                              f"{values.numel()} values for {int(mask.sum())} positions")
         tensor = torch.zeros(shape, dtype=values.dtype)
         tensor[mask] = values
         state_dict[name] = tensor
         masks[name] = mask
     for alias, name in saved["aliases"].items():
+        if name not in state_dict:
+            raise corrupt(f"alias {alias!r} names {name!r}, which the file does not hold")
         state_dict[alias] = state_dict[name]
     return SparseModelFile(state_dict, masks, metadata, 2)
 

@@ -140,6 +140,49 @@ def test_load_checks_format_and_masked_zeros(tmp_path):
         load_sparse_model(model, tmp_path / "other.pt")
 
 
+def _edited(tmp_path, edit):
+    """A saved 1%-dense Linear(1000, 100) (gap-encoded) with ``edit`` applied to the file."""
+    model, masks = _random_masked_linear((100, 1000), 0.01)
+    save_sparse_model(model, masks, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert saved["sparse"]["0.weight"]["encoding"] == "gaps"
+    edit(saved)
+    torch.save(saved, tmp_path / "edited.pt")
+    return tmp_path / "edited.pt"
+
+
+def _set_gap(index, value):
+    def edit(saved):
+        gaps = saved["sparse"]["0.weight"]["positions"].to(torch.int64)
+        gaps[index] = value
+        saved["sparse"]["0.weight"]["positions"] = gaps
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set_gap(5, -3), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(0, -5), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(5, 0), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(-1, 10**6), r"positions of '0\.weight' reach past its 100000 elements"),
+    (lambda saved: saved["sparse"]["0.weight"].update(
+        encoding="bitmask", positions=torch.zeros(7, dtype=torch.uint8)),
+     r"bitmask of '0\.weight' has 7 bytes for 100000 elements \(12500 expected\)"),
+    (lambda saved: saved["sparse"]["0.weight"].pop("positions"),
+     r"'0\.weight' lacks 'positions'"),
+    (lambda saved: saved.pop("aliases"), r"lacks 'aliases'"),
+    (lambda saved: saved["aliases"].update({"1.weight": "9.weight"}),
+     r"alias '1\.weight' names '9\.weight', which the file does not hold"),
+])
+def test_a_corrupt_file_is_refused_not_loaded_as_another_mask(tmp_path, edit, message):
+    """Gaps are cumulated into indices: a negative one (an index from the end in torch) made
+    a file load silently with a different mask; missing keys were KeyErrors."""
+    path = _edited(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        read_sparse_model(path)
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_sparse_model(nn.Sequential(nn.Linear(1000, 100)), path)
+
+
 # --------------------------------------------------------------------------- file format
 
 
