@@ -332,11 +332,14 @@ def load_sparse_model(
 
     Loads with ``weights_only=True`` onto CPU (format version 2, or 1 of earlier versions),
     then copies into ``module``'s tensors (so they keep their device); the masks come back on
-    their parameter's device.
+    their parameter's device. ``strict`` is ``load_state_dict``'s: with ``False``, entries
+    the module does not have are left out, and so are their masks.
 
     Raises:
         ValueError: not a sparse-model file, a mask does not fit the model, or a masked
             weight is not zero (the file was not saved from a masked model).
+        RuntimeError: ``load_state_dict``'s, with ``strict=True``: missing or unexpected
+            keys; with either: a tensor of another shape.
     """
     saved = read_sparse_model(path)
     module.load_state_dict(saved.state_dict, strict=strict)
@@ -344,6 +347,7 @@ def load_sparse_model(
     masks = {
         name: mask.to(params[name].device if name in params else "cpu", torch.bool)
         for name, mask in saved.masks.items()
+        if strict or name in params
     }
     _check_zero(module, masks, f"{os.fspath(path)!r} is inconsistent")
     return masks

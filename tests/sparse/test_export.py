@@ -140,6 +140,20 @@ def test_load_checks_format_and_masked_zeros(tmp_path):
         load_sparse_model(model, tmp_path / "other.pt")
 
 
+def test_strict_false_loads_what_fits_and_returns_its_masks(tmp_path):
+    """As load_state_dict(strict=False): keys the module does not have are left out, their
+    masks too (they failed with 'names no parameter of the model')."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    masks = _masked(model, 0.5, seed=0)
+    save_sparse_model(model, masks, tmp_path / "m.pt")
+    body = nn.Sequential(nn.Linear(6, 5))  # the same network without its head
+    loaded = load_sparse_model(body, tmp_path / "m.pt", strict=False)
+    assert set(loaded) == {"0.weight"} and torch.equal(loaded["0.weight"], masks["0.weight"])
+    assert torch.equal(body[0].weight, model[0].weight)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_sparse_model(nn.Sequential(nn.Linear(6, 5)), tmp_path / "m.pt")
+
+
 def _edited(tmp_path, edit):
     """A saved 1%-dense Linear(1000, 100) (gap-encoded) with ``edit`` applied to the file."""
     model, masks = _random_masked_linear((100, 1000), 0.01)
