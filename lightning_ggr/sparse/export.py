@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,17 @@ def _check_zero(module: nn.Module, masks: Mapping[str, Tensor], what: str) -> No
             )
 
 
+#: Where a sparse model file is: a path, or a binary file object (as for ``torch.save``).
+FileLike = str | os.PathLike[str] | IO[bytes]
+
+
+def _describe(path: FileLike) -> str:
+    """``path`` for a message: the path quoted, or "the file object"."""
+    if isinstance(path, str | os.PathLike):
+        return repr(os.fspath(path))
+    return "the file object"
+
+
 def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """``metadata`` as a dict, each value checked to load with ``weights_only=True`` (so the
     file does not become one that :func:`load_sparse_model` refuses)."""
@@ -197,7 +208,7 @@ def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...], *,
 def save_sparse_model(
     module: nn.Module,
     masks: Mapping[str, Tensor],
-    path: str | os.PathLike[str],
+    path: FileLike,
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
@@ -212,6 +223,7 @@ def save_sparse_model(
     "aliases", "metadata"}`` and loads with ``torch.load(path, weights_only=True)``;
     ``metadata`` must hold plain Python. The round trip through :func:`load_sparse_model`
     is bit-exact. ``masks`` may carry an enclosing module's prefix (:func:`module_masks`).
+    ``path`` is a path or a binary file object (as for ``torch.save``; the loaders too).
 
     Raises:
         ValueError: a mask names no parameter, has the wrong shape, or a masked weight is
@@ -267,7 +279,7 @@ class SparseModelFile:
     format_version: int
 
 
-def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
+def read_sparse_model(path: FileLike) -> SparseModelFile:
     """Read a file of :func:`save_sparse_model` (any readable version) without a model.
 
     Loads with ``torch.load(weights_only=True)`` onto CPU.
@@ -279,21 +291,21 @@ def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a sparse model saved by save_sparse_model")
+        raise ValueError(f"{_describe(path)} is not a sparse model saved by save_sparse_model")
     version = saved.get("format_version")
     if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{os.fspath(path)!r} has format_version {version!r}; this version of "
+            f"{_describe(path)} has format_version {version!r}; this version of "
             f"lightning-ggr reads {', '.join(map(str, READABLE_VERSIONS))} (upgrade it)"
         )
     metadata = dict(saved.get("metadata") or {})
     if version == 1:
         masks = {name: mask.to(torch.bool) for name, mask in saved["masks"].items()}
         return SparseModelFile(dict(saved["state_dict"]), masks, metadata, 1)
-    where = os.fspath(path)
+    where = _describe(path)
 
     def corrupt(problem: str) -> ValueError:
-        return ValueError(f"{where!r} is corrupt: {problem}")
+        return ValueError(f"{where} is corrupt: {problem}")
 
     for key in ("state_dict", "sparse", "aliases"):
         if not isinstance(saved.get(key), dict):
@@ -312,7 +324,7 @@ def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
             raise corrupt(str(error)) from None
         values = entry["values"]
         if values.numel() != int(mask.sum()):
-            raise ValueError(f"{where!r} is inconsistent: {name!r} has "
+            raise ValueError(f"{where} is inconsistent: {name!r} has "
                              f"{values.numel()} values for {int(mask.sum())} positions")
         tensor = torch.zeros(shape, dtype=values.dtype)
         tensor[mask] = values
@@ -326,7 +338,7 @@ def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
 
 
 def load_sparse_model(
-    module: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+    module: nn.Module, path: FileLike, *, strict: bool = True
 ) -> dict[str, Tensor]:
     """Restore weights saved by :func:`save_sparse_model` into ``module``; return the masks.
 
@@ -349,7 +361,7 @@ def load_sparse_model(
         for name, mask in saved.masks.items()
         if strict or name in params
     }
-    _check_zero(module, masks, f"{os.fspath(path)!r} is inconsistent")
+    _check_zero(module, masks, f"{_describe(path)} is inconsistent")
     return masks
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 from collections import OrderedDict
 from pathlib import Path
@@ -152,6 +153,26 @@ def test_strict_false_loads_what_fits_and_returns_its_masks(tmp_path):
     assert torch.equal(body[0].weight, model[0].weight)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         load_sparse_model(nn.Sequential(nn.Linear(6, 5)), tmp_path / "m.pt")
+
+
+def test_a_file_object_works_as_with_torch_save_and_load():
+    """torch.save and torch.load take a file object (a buffer for an upload, say); the
+    loaders failed on it (os.fspath in their messages)."""
+    model = _vgg_like()
+    masks = _masked(model, 0.3, seed=2)
+    buffer = io.BytesIO()
+    save_sparse_model(model, masks, buffer, metadata={"a": 1})
+    buffer.seek(0)
+    fresh = _vgg_like()
+    loaded = load_sparse_model(fresh, buffer)
+    assert all(torch.equal(loaded[name], masks[name]) for name in masks)
+    buffer.seek(0)
+    assert read_sparse_model(buffer).metadata == {"a": 1}
+    buffer = io.BytesIO()
+    torch.save({"format": "something else"}, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="the file object is not a sparse model"):
+        read_sparse_model(buffer)
 
 
 def _edited(tmp_path, edit):
