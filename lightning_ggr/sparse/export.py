@@ -51,13 +51,37 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
     exactly one prefix ``p`` makes every mask name ``p.<name of a parameter of module with
     the mask's shape>``.
 
+    A second name of a tied parameter (``head.weight`` tied to ``tok.weight``) is taken for
+    the name ``named_parameters()`` gives it (the first), as the callback's masks are keyed.
+
     Raises:
-        ValueError: a mask names no parameter, the prefix is ambiguous, or only some masks
-            belong to ``module`` (the message shows the call that selects them).
+        TypeError: ``masks`` is not a mapping.
+        ValueError: a mask names no parameter, the prefix is ambiguous, only some masks
+            belong to ``module`` (the message shows the call that selects them), or two
+            masks name one tensor.
     """
-    params = dict(module.named_parameters())
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{caller}: masks must be a mapping of parameter name -> bool mask, "
+                        f"got {type(masks).__name__}")
+    params: dict[str, Tensor] = {}  # every name of every parameter
+    first: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        params[name] = param
+        first.setdefault(id(param), name)
+
+    def canonical(named: dict[str, Tensor]) -> dict[str, Tensor]:
+        result: dict[str, Tensor] = {}
+        given: dict[str, str] = {}
+        for name, mask in named.items():
+            own = first[id(params[name])]
+            if own in result:
+                raise ValueError(f"{caller}: masks {given[own]!r} and {name!r} name one tensor "
+                                 f"(tied weights); pass one mask, keyed {own!r}")
+            result[own], given[own] = mask, name
+        return result
+
     if all(name in params for name in masks):
-        return dict(masks)
+        return canonical(dict(masks))
 
     def fits(prefix: str, name: str) -> bool:
         rest = name[len(prefix) + 1:]
@@ -74,7 +98,7 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
     complete = sorted(prefix for prefix, names in covered.items() if len(names) == len(masks))
     if len(complete) == 1:
         prefix = complete[0]
-        return {name[len(prefix) + 1:]: mask for name, mask in masks.items()}
+        return canonical({name[len(prefix) + 1:]: mask for name, mask in masks.items()})
     if len(complete) > 1:
         raise ValueError(
             f"{caller}: the mask names fit the module's parameters after removing any of the "

@@ -392,6 +392,40 @@ def test_an_ambiguous_prefix_is_refused():
         module_masks(holder, masks)
 
 
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30, bias=False)
+        self.head.weight = self.tok.weight
+
+
+def test_a_mask_under_a_second_name_of_a_tied_weight(tmp_path):
+    """'head.weight' is a parameter of the model (model.get_parameter finds it), only not
+    the name named_parameters() lists first: it was refused as naming no parameter."""
+    holder = nn.Module()
+    holder.lm = _TiedLM()
+    mask = torch.rand(30, 8) < 0.3
+    assert set(module_masks(holder.lm, {"head.weight": mask})) == {"tok.weight"}
+    assert set(module_masks(holder.lm, {"lm.head.weight": mask})) == {"tok.weight"}
+    with torch.no_grad():
+        holder.lm.tok.weight.mul_(mask)
+    save_sparse_model(holder.lm, {"head.weight": mask}, tmp_path / "tied.pt")
+    fresh = _TiedLM()
+    assert set(load_sparse_model(fresh, tmp_path / "tied.pt")) == {"tok.weight"}
+    with pytest.raises(ValueError, match=r"masks 'head\.weight' and 'tok\.weight' name one "
+                                         r"tensor"):
+        module_masks(holder.lm, {"head.weight": mask, "tok.weight": mask})
+
+
+def test_masks_must_be_a_mapping():
+    model = nn.Sequential(nn.Linear(2, 2))
+    for masks in (None, [("0.weight", torch.ones(2, 2, dtype=torch.bool))]):
+        with pytest.raises(TypeError, match=r"masks must be a mapping of parameter name -> "
+                                            rf"bool mask, got {type(masks).__name__}"):
+            save_sparse_model(model, masks, io.BytesIO())
+
 # ------------------------------------------------------------------------------ compaction
 
 
