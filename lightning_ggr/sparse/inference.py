@@ -621,10 +621,13 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     real input; each ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv2d`` (``groups=1``,
     zero padding) is then timed dense and as :class:`SparseLinear` / :class:`SparseConv2d`
     on that input (interleaved, :func:`time_interleaved`) and replaced only when the sparse
-    median is at least :data:`SPEEDUP_MARGIN` below the dense one. Then the whole model is
-    timed, dense against with those layers sparse: if it is not faster by the same margin
-    (the time between layers, or a fused path given up, can cost more than the layers
-    gained), every layer stays dense and the report says so. Give the input the
+    median is at least :data:`SPEEDUP_MARGIN` below the dense one. The example input is then
+    run through the model with those layers sparse: a layer the model cannot run sparse (its
+    forward reads ``layer.weight`` itself, as Hugging Face's T5 does) stays dense, the error
+    as its reason. Then the whole model is timed, dense against with those layers sparse:
+    if it is not faster by the same margin (the time between layers, or a fused path given
+    up, can cost more than the layers gained), every layer stays dense and the report says
+    so. Give the input the
     deployed model will see: the choice depends on the batch size, the sequence length, the
     threads and the machine, which is why this runs where the model is deployed (rebuild
     it there from the sparse file: :func:`~lightning_ggr.sparse.export.load_sparse_model`,
@@ -733,7 +736,8 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
                 choice.reason += f" (called {calls[name]} times, timed at the first input)"
         if chosen:
             dense = copy.deepcopy(converted)
-            _replace(converted, chosen)
+            converted, chosen = _runnable(converted, dense, chosen, example_input, report)
+        if chosen:
             with torch.inference_mode():
                 dense_times, sparse_times = time_interleaved(
                     lambda: _run(dense, example_input), lambda: _run(converted, example_input),
@@ -754,6 +758,52 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     report.layers.extend(kept)
     converted.inference_report = report
     return converted.eval()
+
+
+def _runnable(converted: nn.Module, dense: nn.Module, chosen: list[tuple[str, nn.Module]],
+              example_input: Any, report: InferenceReport
+              ) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """``converted`` with the ``chosen`` sparse layers swapped in, and those layers, once
+    the example input runs through it. While it fails, the layer the failure comes from (a
+    model that reads ``layer.weight`` itself, as Hugging Face's T5 does) stays dense (all of
+    them when the failure cannot be traced to one), the error as its reason; the model is
+    then rebuilt from ``dense`` with the others."""
+    failed_any = False
+    while chosen:
+        _replace(converted, chosen)
+        try:
+            with torch.inference_mode():
+                _run(converted, example_input)
+            break
+        except Exception as error:
+            failed_any = True
+            culprit = _failing_layer(error, {id(module): name for name, module in chosen})
+            failed = {culprit} if culprit is not None else {name for name, _ in chosen}
+            for choice in report.layers:
+                if choice.module in failed:
+                    choice.sparse = False
+                    choice.reason = (f"the model failed with it sparse "
+                                     f"({type(error).__name__}: {error})")
+            for name in failed:
+                _set_submodule(converted, name, copy.deepcopy(dense.get_submodule(name)))
+            chosen = [(name, module) for name, module in chosen if name not in failed]
+    if failed_any:  # _replace's flags (the transformer paths) for the layers kept only
+        converted = copy.deepcopy(dense)
+        _replace(converted, chosen)
+    return converted, chosen
+
+
+def _failing_layer(error: BaseException, sparse: Mapping[int, str]) -> str | None:
+    """The name of the sparse layer whose code raised ``error`` (the innermost frame whose
+    ``self`` is one of ``sparse``: for ``layer.weight`` torch's ``Module.__getattr__``)."""
+    names = []
+    trace = error.__traceback__
+    while trace is not None:
+        owner = trace.tb_frame.f_locals.get("self")
+        if id(owner) in sparse:
+            names.append(sparse[id(owner)])
+        trace = trace.tb_next
+    return names[-1] if names else None
 
 
 def _encoders_around(model: nn.Module, names: set[str]) -> list[nn.TransformerEncoder]:

@@ -393,6 +393,36 @@ def test_a_parametrized_weight_is_sparse_only_where_its_mask_holds_the_zeros(alw
     assert parametrize.is_parametrized(converted[1], "weight")
 
 
+class ReadsItsWeight(nn.Module):
+    """As Hugging Face's T5 feed-forward block: forward reads a layer's weight itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = nn.Linear(8, 16)
+        self.wo = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.wi(x))
+        if hidden.dtype != self.wo.weight.dtype:
+            hidden = hidden.to(self.wo.weight.dtype)
+        return self.head(self.wo(hidden))
+
+
+def test_a_layer_the_model_reads_itself_stays_dense(always_sparse):
+    """A converted layer has no dense weight: a model that reads it failed inside
+    to_inference with an AttributeError. That layer stays dense, the others are kept."""
+    torch.manual_seed(0)
+    model = ReadsItsWeight()
+    masks = random_masks(model, 0.4)
+    converted = assert_converts_exactly(model, masks, torch.randn(3, 8))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert choices["wo"].reason == ("the model failed with it sparse (AttributeError: "
+                                    "'SparseLinear' object has no attribute 'weight')")
+    assert converted.inference_report.converted == ["wi", "head"]
+    assert isinstance(converted.wo, nn.Linear) and converted.inference_report.kept_sparse
+
+
 # ------------------------------------------------------------------- models of all kinds
 
 
