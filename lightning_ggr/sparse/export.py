@@ -115,6 +115,16 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
             f"masks.items() if name.startswith({partial + '.'!r})}}"
         )
     unknown = next(name for name in masks if name not in params)
+    parts = unknown.split(".")
+    for cut in range(1, len(parts)):
+        rest = ".".join(parts[cut:])
+        if rest in params:  # the name fits after a prefix, the shape does not
+            prefix = ".".join(parts[:cut]) + "."
+            raise ValueError(
+                f"mask {unknown!r} has shape {tuple(masks[unknown].shape)}, but {rest!r} "
+                f"(after removing {prefix!r}) has {tuple(params[rest].shape)}; masks are "
+                "keyed by the names of the module they were made for"
+            )
     raise ValueError(
         f"mask {unknown!r} names no parameter of the model; masks are keyed by the names "
         "of the module they were made for (the callback's by the LightningModule's): pass "

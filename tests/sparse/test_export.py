@@ -419,6 +419,15 @@ def test_a_mask_under_a_second_name_of_a_tied_weight(tmp_path):
         module_masks(holder.lm, {"head.weight": mask, "tok.weight": mask})
 
 
+def test_a_prefixed_mask_of_another_shape_says_so():
+    """'net.0.weight' of shape (3, 3) against a module whose '0.weight' is (4, 4): the
+    message said the mask named no parameter, hiding the shape that did not fit."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"mask 'net\.0\.weight' has shape \(3, 3\), but "
+                                         r"'0\.weight' \(after removing 'net\.'\) has \(4, 4\)"):
+        module_masks(model, {"net.0.weight": torch.ones(3, 3, dtype=torch.bool)})
+
+
 def test_masks_must_be_a_mapping():
     model = nn.Sequential(nn.Linear(2, 2))
     for masks in (None, [("0.weight", torch.ones(2, 2, dtype=torch.bool))]):
