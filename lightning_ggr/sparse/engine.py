@@ -29,6 +29,7 @@ from lightning_ggr.sparse.densities import (
     initial_densities,
     layer_budget,
 )
+from lightning_ggr.sparse.draws import draw_key, layer_key
 from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
@@ -40,7 +41,6 @@ from lightning_ggr.sparse.masks import (
 from lightning_ggr.sparse.methods import get_method
 from lightning_ggr.sparse.rewiring import (
     DSR_REFERENCE_THRESHOLD,
-    DeviceGenerators,
     RewiringReport,
 )
 from lightning_ggr.sparse.schedules import RewiringSchedule
@@ -135,11 +135,12 @@ class SparseEngine:
                                             total=layer_budget(shapes, self.sparsity))
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**64, "2**64"))
         if masks is None:
-            # On each parameter's device, from a generator seeded by one draw of the engine's.
-            generators = DeviceGenerators(self.generator)
+            # On each parameter's device, from one key of the engine's generator mixed with
+            # each layer's name: the same masks on every device and every split of a layer.
+            key = draw_key(self.generator)
             self.masks: dict[str, Tensor] = {
-                name: random_mask(p.shape, self.initial_counts[name], generators(p.device),
-                                  p.device)
+                name: random_mask(p.shape, self.initial_counts[name], device=p.device,
+                                  key=layer_key(key, name))
                 for name, p in self.params.items()
             }
             self._active = dict(self.initial_counts)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.checks import check_finite, check_fraction, check_positive_or_none
+from lightning_ggr.sparse.draws import draw_key, key_dtype, layer_key, random_keys
 from lightning_ggr.sparse.masks import count_active, device_scalar
 from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk, topk_rows
 
@@ -82,6 +83,12 @@ def _round_half_up(value: float) -> int:
 
 
 # ----------------------------------------------------------------------------- positions
+
+
+def _extent(name: str | None, mask: Tensor) -> tuple[int, int]:
+    """Where ``mask``'s flat positions start in its whole layer, and the layer's size: ``(0,
+    mask.numel())`` in one process."""
+    return 0, mask.numel()
 
 
 def _empty_index(like: Tensor) -> Tensor:
@@ -200,11 +207,13 @@ def gradient_scores(gradient: Tensor | None, mask: Tensor, out: Tensor | None = 
 def _topk_per_layer(
     masks: Mapping[str, Tensor], counts: Mapping[str, int],
     write: Callable[[str, Tensor], object], dtypes: Mapping[str, torch.dtype], *,
-    largest: bool,
+    largest: bool, pad: float | None = None,
 ) -> dict[str, Tensor]:
     """Each layer's ``counts[name]`` largest (smallest) scores, as flat indices; ``write(name,
     out)`` fills a layer's scores into ``out``. Layers of one device and score type share
-    selections (:func:`lightning_ggr.sparse.topk.topk_rows`): a few ``topk`` for all."""
+    selections (:func:`lightning_ggr.sparse.topk.topk_rows`): a few ``topk`` for all.
+    ``pad``: a score never selected (default ``-inf`` for the largest, ``+inf`` for the
+    smallest)."""
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name, mask in masks.items():
         groups.setdefault((mask.device, dtypes[name]), []).append(name)
@@ -213,7 +222,8 @@ def _topk_per_layer(
         found.update(zip(names, topk_rows(
             [masks[n].numel() for n in names], [max(counts[n], 0) for n in names],
             lambda i, out, names=names: write(names[i], out), largest=largest,
-            pad=-math.inf if largest else math.inf, device=device, dtype=dtype), strict=True))
+            pad=(-math.inf if largest else math.inf) if pad is None else pad, device=device,
+            dtype=dtype), strict=True))
     return {name: found[name] for name in masks}
 
 
@@ -529,23 +539,28 @@ class ProportionalAllocation:
 # --------------------------------------------------------------------------- insertion
 
 
-def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Flat uniform random numbers for ``like``'s positions, drawn on its device when the
-    generator lives there."""
-    if generator.device == like.device:
-        return torch.rand(like.numel(), generator=generator, device=like.device)
-    return torch.rand(like.numel(), generator=generator, device=generator.device).to(like.device)
+def random_scores(mask: Tensor, key: int, name: str | None = None,
+                  exclude: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """Flat random-growth scores of one layer: its random keys for the draw ``key``
+    (:func:`~lightning_ggr.sparse.draws.random_keys`) at inactive positions, ``-1`` at
+    active ones and at ``exclude``; written into ``out`` (1-D, the mask's size, the keys'
+    dtype) when given. Under a sharded rewiring the keys are those of this process's
+    positions of the whole layer ``name``."""
+    start, numel = _extent(name, mask)
+    scores = random_keys(key, start, mask.numel(), numel, mask.device, out=out)
+    scores.masked_fill_(mask.reshape(-1), -1)
+    if exclude is not None and exclude.numel():
+        scores.index_fill_(0, exclude, -1)
+    return scores
 
 
 def random_positions(mask: Tensor, count: int, generator: torch.Generator,
                      exclude: Tensor | None = None) -> Tensor:
-    """Flat indices of ``count`` inactive positions (not in ``exclude``) drawn uniformly."""
+    """Flat indices of ``count`` inactive positions (not in ``exclude``) drawn uniformly:
+    those of largest random key for one key drawn from ``generator``."""
     if count <= 0:
         return _empty_index(mask)
-    scores = _uniform(mask, generator).masked_fill_(mask.reshape(-1), -1.0)
-    if exclude is not None and exclude.numel():
-        scores.index_fill_(0, exclude, -1.0)
-    return topk(scores, count)[1]
+    return topk(random_scores(mask, draw_key(generator), exclude=exclude), count)[1]
 
 
 def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
@@ -559,13 +574,6 @@ def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
     return topk(gradient_scores(gradient, mask), count)[1]
 
 
-def _uniform_into(out: Tensor, generator: torch.Generator) -> None:
-    if generator.device == out.device:
-        out.uniform_(generator=generator)
-    else:
-        out.copy_(torch.rand(out.numel(), generator=generator, device=generator.device))
-
-
 def random_positions_per_layer(
     masks: Mapping[str, Tensor], counts: Mapping[str, int],
     generators: Callable[[torch.device], torch.Generator],
@@ -573,20 +581,20 @@ def random_positions_per_layer(
 ) -> dict[str, Tensor]:
     """:func:`random_positions` for every layer at once (a few selections for all layers):
     ``counts[name]`` inactive positions of each layer, not in ``exclude[name]``, uniformly at
-    random; ``generators(device)`` gives the random source of a device. A layer with nothing
-    to grow draws nothing."""
+    random: those of largest random key for the layer's key in one draw from
+    ``generators(cpu)``, made only when some layer grows. The keys of a layer are distinct,
+    so the choice has no ties: it is the same on every device and every split of the
+    layer."""
     exclude = exclude or {}
+    if not any(count > 0 for count in counts.values()):
+        return {name: _empty_index(mask) for name, mask in masks.items()}
+    key = draw_key(generators(torch.device("cpu")))
 
     def write(name: str, out: Tensor) -> None:
-        mask = masks[name]
-        _uniform_into(out, generators(mask.device))
-        out.masked_fill_(mask.reshape(-1), -1.0)
-        skip = exclude.get(name)
-        if skip is not None and skip.numel():
-            out.index_fill_(0, skip, -1.0)
+        random_scores(masks[name], layer_key(key, name), name, exclude.get(name), out=out)
 
-    return _topk_per_layer(masks, counts, write, dict.fromkeys(masks, torch.float32),
-                           largest=True)
+    dtypes = {name: key_dtype(_extent(name, mask)[1]) for name, mask in masks.items()}
+    return _topk_per_layer(masks, counts, write, dtypes, largest=True, pad=-1)
 
 
 def gradient_positions_per_layer(
@@ -846,12 +854,10 @@ class Rewiring:
             selected = select(masks, gradients, counted, generators, ranked)
         else:
             selected = {}
-            random = getattr(self.insertion, "needs_random", True)
             for name, count in counted.items():
-                source = generators(masks[name].device) if random and count > 0 else generator
                 selected[name] = self.insertion(
                     masks[name], None if gradients is None else gradients.get(name), count,
-                    source, ranked=None if ranked is None else ranked.get(name))
+                    generator, ranked=None if ranked is None else ranked.get(name))
         grown = {}
         for name, count in counted.items():
             mask = masks[name]
