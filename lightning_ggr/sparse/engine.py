@@ -29,7 +29,7 @@ from lightning_ggr.sparse.densities import (
     initial_densities,
     layer_budget,
 )
-from lightning_ggr.sparse.draws import draw_key, layer_key
+from lightning_ggr.sparse.draws import draw_key, key_dtype, layer_key, random_keys
 from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
@@ -44,6 +44,15 @@ from lightning_ggr.sparse.rewiring import (
     RewiringReport,
 )
 from lightning_ggr.sparse.schedules import RewiringSchedule
+from lightning_ggr.sparse.sharded import (
+    all_sum,
+    is_sharded,
+    layout_of,
+    like_param,
+    local_tensor,
+    owned,
+    select_across_shards,
+)
 
 
 def _distributed() -> bool:
@@ -134,19 +143,18 @@ class SparseEngine:
         self.initial_counts = active_counts(shapes, self.initial_density,
                                             total=layer_budget(shapes, self.sparsity))
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**64, "2**64"))
+        #: Where each sparse parameter's shard lies when they are DTensors (FSDP2), else
+        #: ``None``: see :mod:`lightning_ggr.sparse.sharded`.
+        self.layout = layout_of(self.params)
         if masks is None:
             # On each parameter's device, from one key of the engine's generator mixed with
             # each layer's name: the same masks on every device and every split of a layer.
-            key = draw_key(self.generator)
-            self.masks: dict[str, Tensor] = {
-                name: random_mask(p.shape, self.initial_counts[name], device=p.device,
-                                  key=layer_key(key, name))
-                for name, p in self.params.items()
-            }
+            self.masks: dict[str, Tensor] = self._draw_masks(draw_key(self.generator))
             self._active = dict(self.initial_counts)
         else:
-            self.masks = {n: torch.ones_like(p, dtype=torch.bool,
-                                             memory_format=torch.contiguous_format)
+            self.masks = {n: like_param(torch.ones_like(local_tensor(p), dtype=torch.bool,
+                                                        memory_format=torch.contiguous_format),
+                                        p)
                           for n, p in self.params.items()}
             self._adopt_masks(masks)
         #: Optimizer step and epoch of the last rewiring (``None`` before the first one): the
@@ -163,6 +171,37 @@ class SparseEngine:
         self._refresh_lists()
         self.broadcast_topology()
         self.apply_masks()
+
+    def _draw_masks(self, key: int) -> dict[str, Tensor]:
+        """Each layer's initial mask: the positions of largest random key for the layer's
+        key in the draw ``key`` (:mod:`lightning_ggr.sparse.draws`). A sharded layer's
+        mask is a bool DTensor placed like its parameter, each process selecting its rows
+        with the others (:func:`~lightning_ggr.sparse.sharded.select_across_shards`: a few
+        small collectives, no layer gathered)."""
+        layout = self.layout
+        masks: dict[str, Tensor] = {}
+        sharded: dict[torch.dtype, list[str]] = {}
+        for name, param in self.params.items():
+            if layout is None or not layout.layers[name].sharded:
+                masks[name] = random_mask(param.shape, self.initial_counts[name],
+                                          device=param.device, key=layer_key(key, name))
+            else:
+                sharded.setdefault(key_dtype(param.numel()), []).append(name)
+        for dtype, names in sharded.items():
+            locals_ = [local_tensor(self.params[name]) for name in names]
+            shards = [layout.layers[name] for name in names]
+            found = select_across_shards(
+                [shard.local for shard in shards], range(len(names)),
+                [self.initial_counts[name] for name in names],
+                lambda i, out, names=names, shards=shards: random_keys(
+                    layer_key(key, names[i]), shards[i].start, shards[i].local,
+                    shards[i].numel, out.device, out=out),
+                dtype=dtype, largest=True, device=locals_[0].device, layout=layout).indices
+            for name, local, index in zip(names, locals_, found, strict=True):
+                mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+                mask.view(-1).index_fill_(0, index, True)
+                masks[name] = like_param(mask, self.params[name])
+        return {name: masks[name] for name in self.params}
 
     # ------------------------------------------------------------------ bookkeeping
     def _refresh_lists(self) -> None:
@@ -181,9 +220,16 @@ class SparseEngine:
             self._pass.refresh()
 
     def _recount(self) -> None:
-        """Read the active counts back from the masks (one transfer per device): only when
-        the masks came from outside (a checkpoint, a broadcast)."""
-        self._active = dict(zip(self.masks, count_active(self.masks.values()), strict=True))
+        """Read the active counts back from the masks (one transfer per device; summed over
+        the shards of sharded layers): only when the masks came from outside (a checkpoint,
+        a broadcast)."""
+        counts = dict(zip(self.masks, count_active(local_tensor(m) for m in self.masks.values()),
+                          strict=True))
+        if self.layout is not None:
+            sharded = [n for n in counts if self.layout.layers[n].sharded]
+            counts.update(zip(sharded, all_sum([counts[n] for n in sharded], self.layout),
+                              strict=True))
+        self._active = counts
 
     @property
     def total_active(self) -> int:
@@ -220,7 +266,9 @@ class SparseEngine:
         by_device: dict[torch.device, list[Tensor]] = {}
         for param in self._param_list:
             if param.grad is not None:
-                by_device.setdefault(param.grad.device, []).append(param.grad)
+                grad = local_tensor(param.grad)
+                if grad.numel():  # a process may hold no row of a short sharded layer
+                    by_device.setdefault(grad.device, []).append(grad)
         checks = []
         for grads in by_device.values():
             norms = torch.stack(torch._foreach_norm(grads, math.inf))
@@ -373,11 +421,17 @@ class SparseEngine:
                 "moments) at dropped positions is not zeroed, so it can move masked weights "
                 "off 0 at the next step. Pass them: engine.before_optimizer_step(step, epoch, "
                 "[optimizer])", UserWarning, stacklevel=3)
+        layout = self.layout
+
+        def own(name: str, tensor: Tensor) -> Tensor:  # the part this process decides
+            return tensor if layout is None else owned(tensor, layout.layers[name])
+
         gradients = None
         if self.rewiring.needs_gradients:
             # A layer unused in this step (aux head, conditional branch) has no gradient:
             # it scores 0 everywhere, so it gets weights only where nothing scores higher.
-            gradients = {name: param.grad for name, param in self.params.items()}
+            gradients = {name: None if param.grad is None else own(name, param.grad)
+                         for name, param in self.params.items()}
         # Tensors that follow each weight: zero at dropped and new positions.
         states = {}
         for name, param in self.params.items():
@@ -385,18 +439,23 @@ class SparseEngine:
                       for value in optimizer_state_tensors(optimizer, param)]
             if not self.update_grown_weights and param.grad is not None:
                 follow.append(param.grad)
-            states[name] = follow
+            states[name] = [own(name, value) for value in follow]
         report = self.rewiring(
-            {name: p.data for name, p in self.params.items()},
-            self.masks,
+            {name: own(name, p.detach()) for name, p in self.params.items()},
+            {name: own(name, mask) for name, mask in self.masks.items()},
             gradients,
             drop_fraction,
             generator=self.generator,
             active=self._active,
             states=states,
+            layout=layout,
         )
         self._active = dict(report.active)
-        if _distributed():
+        if layout is not None:
+            # Replicated layers of a partly sharded model: rank 0 decided, the others follow.
+            self._broadcast_replicated(optimizers)
+            self._refresh_lists()
+        elif _distributed():
             local = {name: mask.clone() for name, mask in self.masks.items()}
             self.broadcast_topology()
             # Had this rank grown differently, rank 0's new positions start afresh here too.
@@ -420,21 +479,49 @@ class SparseEngine:
         """Make masks and sparse weights identical on every process (no-op when not distributed).
 
         Each process draws the same masks from the same seeded generator; broadcasting
-        guarantees it even if a process consumed randomness differently.
+        guarantees it even if a process consumed randomness differently. Sharded layers are
+        left alone (each process holds its own rows); only replicated ones are broadcast.
         """
         if not _distributed():
             return
+        names = [name for name in self.masks
+                 if self.layout is None or not self.layout.layers[name].sharded]
+        self._broadcast(names, src)
+        self._recount()
+        self._refresh_lists()
+
+    def _broadcast(self, names: Iterable[str], src: int = 0) -> None:
+        """Rank ``src``'s masks and weights of the layers ``names`` on every process."""
+        group = None if self.layout is None else self.layout.group
+        if group is not None:
+            src = torch.distributed.get_global_rank(group, src)
         device = self._distributed_device()
-        for name, mask in self.masks.items():
+        for name in names:
+            mask = self.masks[name]
             buffer = mask.to(device)
-            torch.distributed.broadcast(buffer, src=src)
+            torch.distributed.broadcast(buffer, src=src, group=group)
             mask.copy_(buffer.to(mask.device))
             param = self.params[name].data
             values = param.to(device)
-            torch.distributed.broadcast(values, src=src)
+            torch.distributed.broadcast(values, src=src, group=group)
             param.copy_(values.to(param.device))
-        self._recount()
-        self._refresh_lists()
+
+    def _broadcast_replicated(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """After a sharded rewiring: the replicated layers (plain tensors of a partly sharded
+        model), which rank 0 rewired alone, take its masks and weights everywhere; the other
+        processes give their new positions fresh optimizer state (and no gradient, unless
+        ``update_grown_weights``), as rank 0's rewiring did."""
+        names = [name for name, shard in self.layout.layers.items() if not shard.sharded]
+        if not names:
+            return
+        before = {name: self.masks[name].clone() for name in names}
+        self._broadcast(names)
+        for name in names:
+            new = self.masks[name] & ~before[name]
+            reset_optimizer_state_(optimizers, self.params[name], new)
+            grad = self.params[name].grad
+            if not self.update_grown_weights and grad is not None:
+                grad.masked_fill_(new, 0)
 
     @property
     def threshold(self) -> float | None:
@@ -450,8 +537,12 @@ class SparseEngine:
         Only tensors and Python primitives: loadable with ``torch.load(weights_only=True)``.
         """
         schedule = self.schedule
+        if self.layout is None:
+            masks = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+        else:  # the live DTensors: torch.distributed.checkpoint saves and loads them sharded
+            masks = dict(self.masks)
         return {
-            "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
+            "masks": masks,
             "last_slot": int(self.last_slot),
             "last_rewiring_step": self.last_rewiring_step,
             "last_rewiring_epoch": self.last_rewiring_epoch,
@@ -482,7 +573,15 @@ class SparseEngine:
             if tuple(mask.shape) != tuple(self.masks[name].shape):
                 raise ValueError(f"saved mask of {name!r} has shape {tuple(mask.shape)}, "
                                  f"the parameter {tuple(self.masks[name].shape)}")
-            self.masks[name].copy_(mask.to(dtype=torch.bool))
+            target = self.masks[name]
+            if mask is target:
+                continue  # loaded in place (torch.distributed.checkpoint)
+            if is_sharded(target) and not is_sharded(mask):  # a whole mask: take our rows
+                shard = self.layout.layers[name]
+                rows = mask.detach().reshape(-1)[shard.start:shard.start + shard.local]
+                local_tensor(target).view(-1).copy_(rows.to(dtype=torch.bool))
+            else:
+                target.copy_(mask.to(dtype=torch.bool))
         self._recount()
         if hasattr(self, "_param_list"):
             self._refresh_lists()

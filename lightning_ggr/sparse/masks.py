@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.draws import draw_key, top_keys_mask
+from lightning_ggr.sparse.sharded import local_tensor
 
 #: The integer type of each floating type's width: a tensor's bits are viewed as these to
 #: multiply them by 0 or 1 (see :class:`MaskPass`).
@@ -90,6 +91,7 @@ def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     tensors, :class:`MaskPass` is one operation per group, and faster.
     """
     for tensor, mask in zip(tensors, masks, strict=True):
+        tensor, mask = local_tensor(tensor), local_tensor(mask)  # a DTensor: its shard
         torch.where(mask, tensor, device_scalar(0.0, tensor.dtype, tensor.device), out=tensor)
 
 
@@ -110,15 +112,20 @@ class MaskPass:
 
     A tensor of another dtype than its parameter (or of a dtype without an integer view)
     falls back to an exact ``torch.where``. Call :meth:`refresh` whenever the masks change.
+
+    Sharded parameters (DTensors of FSDP2) and every tensor that follows them (gradients,
+    optimizer state, masks) are handled through their local shards: the same operation on
+    this process's rows, no collective.
     """
 
     def __init__(self, params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         if len(params) != len(masks):
             raise ValueError(f"got {len(params)} parameters and {len(masks)} masks")
         self.params = list(params)
-        self.masks = list(masks)
+        self.masks = [local_tensor(mask) for mask in masks]
+        held = [local_tensor(param) for param in self.params]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for index, param in enumerate(self.params):
+        for index, param in enumerate(held):
             if param.dtype in INTEGER_VIEWS:
                 groups.setdefault((param.device, param.dtype), []).append(index)
         #: (integer dtype, indices of the parameters of one device and dtype)
@@ -127,7 +134,7 @@ class MaskPass:
         self.others = [i for i in range(len(self.params)) if i not in grouped]
         self.integer_masks: list[Tensor | None] = [
             torch.empty_like(p, dtype=INTEGER_VIEWS[p.dtype]) if i in grouped else None
-            for i, p in enumerate(self.params)
+            for i, p in enumerate(held)
         ]
         self.refresh()
 
@@ -164,6 +171,7 @@ class MaskPass:
                 for tensor in per_param[i]:
                     if tensor is None:
                         continue
+                    tensor = local_tensor(tensor)
                     if INTEGER_VIEWS.get(tensor.dtype) != integer:  # rare: a hook cast it
                         apply_masks_([tensor], [self.masks[i]])
                         continue
@@ -172,7 +180,7 @@ class MaskPass:
             if views:
                 torch._foreach_mul_(views, masks)
         for i in self.others:
-            tensors = [t for t in per_param[i] if t is not None]
+            tensors = [local_tensor(t) for t in per_param[i] if t is not None]
             apply_masks_(tensors, [self.masks[i]] * len(tensors))
 
 

@@ -1,0 +1,420 @@
+"""Collectives for parameters sharded across processes (FSDP2's ``fully_shard``: DTensors
+split along dim 0), and the exact selections a rewiring needs across shards.
+
+A sharded rewiring runs the single-process code of :mod:`lightning_ggr.sparse.rewiring` on
+each process's local rows; the decisions that need a whole layer (or all of them) come
+here and move small tensors only, never a layer:
+
+- :func:`select_across_shards`: the exact top-``k`` of score vectors spread over the
+  processes, per layer (removal, insertion) or over all layers at once (GGR's allocation),
+  by a radix select of the ``k``-th value: per round, one all-reduced histogram of the next
+  digit of the scores' bits (11 bits per round for several selections at once, 16 for one),
+  then one all-gather of the counts tied with the ``k``-th value. The traffic is fixed by
+  the histogram size, whatever ``k`` or the layer size; ties are split in a fixed order
+  (layer, then rank, then position), so the result does not depend on the world size.
+- :func:`all_sum`: per-layer counts summed over the processes (active counts, DSR's counts
+  below its threshold, GGR's per-layer allocation).
+
+Random draws need no collective: every process computes the random keys of its own
+positions (:mod:`lightning_ggr.sparse.draws`) from the layer's flat offset in
+:class:`ShardLayout`.
+
+The rewiring learns about the layout from :func:`sharded_context`, which the engine enters
+around a sharded rewiring; outside it every function of the rewiring runs as in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor: nothing is ever sharded
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = Shard = compute_local_shape_and_global_offset = None
+
+#: Elements of a score vector turned into digits at a time (bounds the temporaries).
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerShard:
+    """Where one process's part of a layer lies in the whole layer.
+
+    Attributes:
+        numel: elements of the whole layer.
+        start: flat (row-major) position in the layer of this process's first element.
+        local: elements held here (0 when a process holds no row of a short layer).
+        sharded: whether the layer is a DTensor shard (``False``: a replicated tensor whose
+            rewiring rank 0 decides and broadcasts).
+    """
+
+    numel: int
+    start: int
+    local: int
+    sharded: bool = True
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """The processes a sharded rewiring spans and each layer's shard on this process.
+
+    Attributes:
+        group: the process group of the shards (``None``: the default group).
+        layers: parameter name -> :class:`LayerShard`.
+    """
+
+    group: Any
+    layers: Mapping[str, LayerShard]
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+
+def is_sharded(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter, gradient or mask of FSDP2)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This process's part of ``tensor``: a DTensor's local shard (the same memory: writing
+    into it writes into the DTensor), any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``params`` when some are DTensors (``None`` otherwise).
+
+    Every DTensor must be sharded along dim 0 over one and the same one-dimensional device
+    mesh (``fully_shard`` with data parallelism); a plain tensor among them is replicated on
+    every process (a partly sharded model), and rank 0 decides its rewiring.
+
+    Raises:
+        ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh), or
+            DTensors on different meshes.
+    """
+    sharded = {name: p for name, p in params.items() if is_sharded(p)}
+    if not sharded:
+        return None
+    meshes = []
+    for name, param in sharded.items():
+        mesh = param.device_mesh
+        if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            raise ValueError(
+                f"parameter {name!r} is a DTensor placed {tuple(param.placements)} on a "
+                f"{mesh.ndim}-D device mesh: sparse training supports parameters sharded "
+                "along dim 0 over one mesh dimension (FSDP2's fully_shard for data "
+                "parallelism, as Lightning's ModelParallelStrategy(tensor_parallel_size=1) "
+                "applies it); tensor parallelism and 2-D meshes (HSDP) are not supported")
+        if all(mesh is not seen and mesh != seen for seen in meshes):
+            meshes.append(mesh)
+    if len(meshes) > 1:
+        raise ValueError(f"the sparse parameters are sharded over {len(meshes)} different "
+                         "device meshes; shard them all over one (one fully_shard mesh)")
+    mesh = meshes[0]
+    group = mesh.get_group()
+    rank = dist.get_rank(group)
+    layers = {}
+    for name, param in params.items():
+        numel = param.numel()
+        if is_sharded(param):
+            shape, offset = compute_local_shape_and_global_offset(
+                param.shape, mesh, param.placements)
+            row = math.prod(param.shape[1:])
+            layers[name] = LayerShard(numel, offset[0] * row if numel else 0, math.prod(shape))
+        else:
+            layers[name] = LayerShard(numel, 0, numel if rank == 0 else 0, sharded=False)
+    return ShardLayout(group, layers)
+
+
+def owned(tensor: Tensor, shard: LayerShard) -> Tensor:
+    """The part of ``tensor`` whose rewiring this process decides: its local shard, or for
+    a replicated layer the whole tensor on rank 0 and none of it elsewhere."""
+    if shard.sharded:
+        return local_tensor(tensor)
+    return tensor if shard.local else tensor[:0]
+
+
+def like_param(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` (this process's rows) as a tensor placed like ``param``: a DTensor with the
+    same mesh, placement, shape and stride when ``param`` is one, else ``local`` itself."""
+    if not is_sharded(param):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+_LAYOUT: contextvars.ContextVar[ShardLayout | None] = contextvars.ContextVar(
+    "lightning_ggr_shard_layout", default=None)
+
+
+def current_layout() -> ShardLayout | None:
+    """The layout of the sharded rewiring in progress (``None``: one process)."""
+    return _LAYOUT.get()
+
+
+@contextlib.contextmanager
+def sharded_context(layout: ShardLayout | None) -> Iterator[None]:
+    """Run the rewiring functions inside across the shards of ``layout`` (``None``: as in
+    one process)."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+# ------------------------------------------------------------------------- collectives
+
+
+def _backend_device(group: Any, device: torch.device) -> torch.device:
+    """Where a collective of ``group`` can take a tensor of ``device``: a CPU for gloo."""
+    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
+    target = _backend_device(group, tensor.device)
+    moved = tensor.to(target)
+    dist.all_reduce(moved, group=group)
+    return moved.to(tensor.device) if moved is not tensor else tensor
+
+
+def _all_gather(tensor: Tensor, group: Any) -> Tensor:
+    """``tensor`` of every process, stacked in rank order."""
+    target = _backend_device(group, tensor.device)
+    moved = tensor.to(target).contiguous()
+    out = [torch.empty_like(moved) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, moved, group=group)
+    return torch.stack(out).to(tensor.device)
+
+
+def all_sum(values: Sequence[int], layout: ShardLayout, device: torch.device | str = "cpu"
+            ) -> list[int]:
+    """``values`` summed over the processes of ``layout`` (one all-reduce)."""
+    if not values:
+        return []
+    total = torch.tensor(list(values), dtype=torch.int64, device=device)
+    return [int(v) for v in _all_reduce(total, layout.group).tolist()]
+
+
+# ------------------------------------------------------------- ordered integer keys
+#
+# A score is turned into an integer whose signed order is the order of the scores (for the
+# smallest: reversed), then into an unsigned bit pattern whose digits are counted.
+
+_INT_OF_FLOAT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return 32 if dtype in (torch.float32, torch.int32) else 64
+
+
+def _signed(scores: Tensor, largest: bool) -> Tensor:
+    """Scores as int64 keys whose signed order is the scores' order (reversed for
+    ``largest=False``): floats by their bits (negative ones with the other bits flipped),
+    integers as they are; within ``[-2**(B-1), 2**(B-1))`` for ``B``-bit scores."""
+    bits = _bits(scores.dtype)
+    if scores.is_floating_point():
+        signed = scores.view(_INT_OF_FLOAT[scores.dtype]).to(torch.int64)
+        top = (1 << (bits - 1)) - 1
+        signed = torch.where(signed < 0, signed ^ top, signed)
+    else:
+        signed = scores.to(torch.int64)
+    if not largest:
+        signed = signed.bitwise_not_()  # -1 - s: reverses the order within the range
+    return signed
+
+
+def _pattern(signed: Tensor, bits: int) -> Tensor:
+    """Signed keys as unsigned bit patterns whose digits are counted (for ``B = 64`` the
+    pattern is held in an int64: the sign bit flipped)."""
+    return signed + (1 << 31) if bits == 32 else signed ^ -(1 << 63)
+
+
+def _signed_of_pattern(pattern: int, bits: int) -> int:
+    if bits == 32:
+        return pattern - (1 << 31)
+    return pattern - (1 << 63)
+
+
+def _score_of(signed: int, dtype: torch.dtype, largest: bool) -> float | int:
+    """The score whose signed key is ``signed`` (the inverse of :func:`_signed`)."""
+    bits = _bits(dtype)
+    if not largest:
+        signed = -1 - signed
+    if not dtype.is_floating_point:
+        return int(signed)
+    if signed < 0:
+        signed ^= (1 << (bits - 1)) - 1
+    return float(torch.tensor(signed, dtype=_INT_OF_FLOAT[dtype]).view(dtype))
+
+
+def _digits(bits: int, single: bool) -> list[tuple[int, int]]:
+    """(shift, width) of each round's digit, from the top: 16-bit digits for a single
+    selection, 11-bit ones when several share a round (a smaller histogram each)."""
+    width = 16 if single else 11
+    rounds, low = [], bits
+    while low > 0:
+        step = min(width, low)
+        low -= step
+        rounds.append((low, step))
+    return rounds
+
+
+def _high(patterns: Tensor, shift: int, bits: int) -> Tensor:
+    """The bits of ``patterns`` from ``shift`` up, as non-negative integers (a logical
+    shift: the sign extension of an int64 pattern is masked off)."""
+    if shift == 0:
+        return patterns
+    return (patterns >> shift).bitwise_and_((1 << (bits - shift)) - 1)
+
+
+class ShardedSelection(NamedTuple):
+    """The result of :func:`select_across_shards`.
+
+    Attributes:
+        indices: per score vector, the local flat indices selected here (ascending).
+        values: per selection, its ``k``-th score (``None`` when ``k`` is 0).
+    """
+
+    indices: list[Tensor]
+    values: list[float | int | None]
+
+
+def select_across_shards(
+    sizes: Sequence[int], selections: Sequence[int], ks: Sequence[int],
+    write: Callable[[int, Tensor], object], *, dtype: torch.dtype, largest: bool,
+    device: torch.device | str, layout: ShardLayout, indices: bool = True,
+) -> ShardedSelection:
+    """The exact top-``k`` (``largest``) or bottom-``k`` of score vectors spread over the
+    processes of ``layout``.
+
+    Vector ``i`` holds ``sizes[i]`` scores on this process, which ``write(i, out)`` fills
+    into a 1-D ``out`` of ``dtype`` on ``device`` (it is called several times: once per
+    round and once to select). It belongs to selection ``selections[i]``, which takes the
+    ``ks[s]`` best scores over all its vectors on all processes: one selection per layer
+    (each vector its own), or one over all layers (GGR's allocation). Every process must
+    call it with the same ``selections`` and ``ks`` (its own sizes and scores).
+
+    Radix select of each selection's ``k``-th score: per round one all-reduce of a
+    histogram of the next digit of the scores' bits among those still tied with the
+    ``k``-th, so the traffic is ``selections x 2**width x 8`` bytes per round (2 rounds of
+    16-bit digits for one selection of 32-bit scores: 1 MiB; 3 rounds of 11-bit digits for
+    several: 16 KiB per selection and round), then one all-gather of each vector's count
+    tied with its selection's ``k``-th score. Exact with ties: every score above the
+    ``k``-th is selected, and the tied ones are taken in the order (vector, rank,
+    position), whatever the number of processes. Scores ordered by their bits: ``NaN``
+    above ``+inf`` (as ``torch.topk``), ``-0.0`` below ``+0.0``.
+
+    Args:
+        indices: also return the selected positions (one more ``write`` per vector);
+            ``False`` when only the ``k``-th values are wanted.
+
+    Raises:
+        ValueError: a ``k`` exceeds its selection's scores over all processes.
+    """
+    device = torch.device(device)
+    bits = _bits(dtype)
+    count = len(ks)
+    group = layout.group
+    wanted = torch.tensor([int(k) for k in ks], dtype=torch.int64)
+    totals = torch.zeros(count, dtype=torch.int64)
+    for size, selection in zip(sizes, selections, strict=True):
+        totals[selection] += int(size)
+    totals = _all_reduce(totals, group)
+    if bool((wanted > totals).any()) or bool((wanted < 0).any()):
+        bad = int(((wanted > totals) | (wanted < 0)).nonzero()[0])
+        raise ValueError(f"k={int(wanted[bad])} of selection {bad} is outside [0, "
+                         f"{int(totals[bad])}] scores over all processes")
+    live = [i for i, size in enumerate(sizes) if size and ks[selections[i]] > 0]
+    buffer = torch.empty(max([sizes[i] for i in live], default=0), dtype=dtype, device=device)
+
+    def keys_of(i: int) -> Iterator[tuple[int, Tensor]]:
+        """Vector i's signed keys, chunk by chunk (the scores written once)."""
+        scores = buffer[:sizes[i]]
+        write(i, scores)
+        for start in range(0, sizes[i], CHUNK):
+            yield start, _signed(scores[start:start + CHUNK], largest)
+
+    prefix = [0] * count  # the digits of each k-th key found so far
+    above = [0] * count  # scores strictly above the prefix's bucket, over all processes
+    rounds = _digits(bits, count == 1)
+    last_local: dict[int, Tensor] = {}
+    hist = None
+    for position, (shift, width) in enumerate(rounds):
+        hist = torch.zeros(count, 1 << width, dtype=torch.int64, device=device)
+        final = position == len(rounds) - 1
+        for i in live:
+            s = selections[i]
+            local = torch.zeros(1 << width, dtype=torch.int64, device=device)
+            for _, keys in keys_of(i):
+                patterns = _pattern(keys, bits)
+                del keys
+                if position:
+                    patterns = patterns[_high(patterns, shift + width, bits) == prefix[s]]
+                digit = _high(patterns, shift, bits).bitwise_and_((1 << width) - 1)
+                local += torch.bincount(digit, minlength=1 << width)
+            hist[s] += local
+            if final:
+                last_local[i] = local
+        hist = _all_reduce(hist, group)
+        # Per selection, the bucket of its k-th score: counted from the top.
+        from_top = hist.flip(1).cumsum(1)
+        need = (wanted - torch.tensor(above, dtype=torch.int64)).to(device).clamp_(min=1)
+        bucket_from_top = torch.searchsorted(from_top, need.unsqueeze(1)).squeeze(1)
+        buckets = bucket_from_top.tolist()
+        before = torch.cat([torch.zeros(count, 1, dtype=torch.int64, device=device),
+                            from_top[:, :-1]], dim=1)
+        passed = before.gather(1, bucket_from_top.clamp(max=(1 << width) - 1).unsqueeze(1))
+        for s, (j, extra) in enumerate(zip(buckets, passed.squeeze(1).tolist(), strict=True)):
+            if ks[s] > 0:
+                prefix[s] = (prefix[s] << width) | ((1 << width) - 1 - j)
+                above[s] += int(extra)
+    thresholds = [_signed_of_pattern(pattern, bits) for pattern in prefix]
+    values = [None if ks[s] == 0 else _score_of(thresholds[s], dtype, largest)
+              for s in range(count)]
+    if not indices:
+        return ShardedSelection([], values)
+    # Ties with the k-th score: taken in the order (vector, rank, position).
+    width_last = rounds[-1][1]
+    tied = torch.zeros(len(sizes), dtype=torch.int64)
+    for i in live:
+        tied[i] = last_local[i][prefix[selections[i]] & ((1 << width_last) - 1)]
+    tied_all = _all_gather(tied, group)  # (world, vectors)
+    rank = layout.rank
+    take = [0] * len(sizes)
+    remaining = [ks[s] - above[s] for s in range(count)]
+    for i in range(len(sizes)):
+        s = selections[i]
+        for r in range(tied_all.shape[0]):
+            got = min(int(tied_all[r, i]), max(remaining[s], 0))
+            remaining[s] -= got
+            if r == rank:
+                take[i] = got
+    chosen: list[Tensor] = [torch.zeros(0, dtype=torch.int64, device=device)] * len(sizes)
+    for i in live:
+        threshold = thresholds[selections[i]]
+        parts = []
+        for start, keys in keys_of(i):
+            better = (keys > threshold).nonzero().squeeze(1)
+            if take[i]:
+                equal = (keys == threshold).nonzero().squeeze(1)[:take[i]]
+                take[i] -= equal.numel()
+                better = torch.cat([better, equal]).sort().values
+            parts.append(better.add_(start))
+        chosen[i] = torch.cat(parts)
+    return ShardedSelection(chosen, values)
