@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_ggr.callbacks.clock import ClockSettings, RewiringClock
 from lightning_ggr.callbacks.compatibility import (
+    check_strategy,
     refuse_closure_optimizers,
     refuse_lottery_ticket_pruning,
     warn_if_learning_rate_finder,
@@ -207,7 +208,7 @@ class DynamicSparsityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _refuse_sharded(trainer)
+        self._sharded = check_strategy(trainer)
         refuse_lottery_ticket_pruning(trainer)
         # Fails early, with a clear message, when a pattern cannot work. What depends on the
         # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start. A
@@ -661,15 +662,3 @@ def _materialize_lazy_modules(trainer: pl.Trainer, pl_module: pl.LightningModule
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-def _refuse_sharded(trainer: pl.Trainer) -> None:
-    """Sharded strategies flatten or split parameters: masks by name would be wrong."""
-    name = type(trainer.strategy).__name__
-    # By class name along the MRO: catches subclasses too, without importing optional packages.
-    lineage = [cls.__name__ for cls in type(trainer.strategy).__mro__]
-    if any(key in cls for cls in lineage for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ValueError(
-            f"DynamicSparsityCallback does not support the sharded strategy {name}: use "
-            "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true' or a single device"
-        )

@@ -418,3 +418,148 @@ def select_across_shards(
             parts.append(better.add_(start))
         chosen[i] = torch.cat(parts)
     return ShardedSelection(chosen, values)
+
+
+# ------------------------------------------------------------------- reports, exports
+
+
+def sum_over_shards(values: Sequence[int], tensors: Sequence[Tensor]) -> list[int]:
+    """``values`` counted over this process's shards of ``tensors``, summed over the
+    processes of their mesh when any of them is a DTensor (one all-reduce); as they are
+    otherwise. Counts of replicated tensors must be passed as 0 on every rank but one."""
+    sharded = next((t for t in tensors if is_sharded(t)), None)
+    if sharded is None or not values:
+        return list(values)
+    total = torch.tensor(list(values), dtype=torch.int64)
+    return [int(v) for v in _all_reduce(total, sharded.device_mesh.get_group()).tolist()]
+
+
+def _rows_per_rank(rows: int, world: int) -> list[int]:
+    """Rows of each rank under ``Shard(0)`` (``torch.chunk``'s split: equal chunks of
+    ``ceil(rows / world)``, the last ones shorter or empty)."""
+    chunk = -(-rows // world) if rows else 0
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def gather_to_rank_zero(tensor: Tensor) -> Tensor | None:
+    """A DTensor's whole value on rank 0 of its mesh (``None`` elsewhere): the shards are
+    gathered there alone, so no other process holds the layer. Every process of the mesh
+    must call it. A plain tensor is returned as it is on every process."""
+    if not is_sharded(tensor):
+        return tensor
+    group = tensor.device_mesh.get_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = _rows_per_rank(int(tensor.shape[0]), world)
+    local = tensor.to_local()
+    device = _backend_device(group, local.device)
+    padded = torch.zeros((max(rows), *tensor.shape[1:]), dtype=local.dtype, device=device)
+    padded[:local.shape[0]].copy_(local)
+    sent = padded.view(torch.uint8) if padded.dtype == torch.bool else padded
+    parts = [torch.empty_like(sent) for _ in range(world)] if rank == 0 else None
+    dist.gather(sent, parts, dst=dist.get_global_rank(group, 0), group=group)
+    if rank != 0:
+        return None
+    whole = torch.cat([part[:count] for part, count in zip(parts, rows, strict=True)])
+    return (whole.view(torch.bool) if tensor.dtype == torch.bool else whole).to(local.device)
+
+
+def histogram_across_shards(values: Sequence[Tensor], layout: ShardLayout,
+                            bins: int = 64) -> list[dict[str, Any] | None]:
+    """Per tensor of values (this process's part of one layer's, e.g. ``|w|`` of its
+    active weights), the histogram of all processes' values together: ``bins`` equal bins
+    from 0 to the global maximum, with the count, sum and sum of squares
+    (TensorBoard's ``add_histogram_raw`` fields); ``None`` for a tensor empty everywhere.
+    Two all-reduces of ``len(values) x (bins + 4)`` numbers."""
+    stats = torch.zeros(len(values), 4, dtype=torch.float64)  # count, sum, squares, -max
+    for i, value in enumerate(values):
+        value = value.detach().double().cpu()
+        if value.numel():
+            stats[i] = torch.stack([torch.tensor(float(value.numel()), dtype=torch.float64),
+                                    value.sum(), value.square().sum(), -value.max()])
+        else:
+            stats[i, 3] = math.inf
+    counts, sums, squares = _all_reduce(stats[:, :3].contiguous(), layout.group).unbind(1)
+    lowest = stats[:, 3].contiguous()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=layout.group)
+    top = (-lowest).clamp(min=0.0)
+    hist = torch.zeros(len(values), bins, dtype=torch.float64)
+    for i, value in enumerate(values):
+        if value.numel() and top[i] > 0:
+            hist[i] = torch.histc(value.detach().double().cpu(), bins, 0.0, float(top[i]))
+        elif value.numel():
+            hist[i, -1] = value.numel()
+    hist = _all_reduce(hist, layout.group)
+    out: list[dict[str, Any] | None] = []
+    for i in range(len(values)):
+        if counts[i] == 0:
+            out.append(None)
+            continue
+        edge = float(top[i]) if top[i] > 0 else 1.0
+        out.append({"min": 0.0, "max": float(top[i]), "num": int(counts[i]),
+                    "sum": float(sums[i]), "sum_squares": float(squares[i]),
+                    "bucket_limits": [edge * (b + 1) / bins for b in range(bins)],
+                    "bucket_counts": hist[i].tolist()})
+    return out
+
+
+def analyze_across_shards(masks: Mapping[str, Tensor], params: Mapping[str, Tensor] | None,
+                          layout: ShardLayout, module: Any = None) -> Any:
+    """:func:`~lightning_ggr.sparse.analysis.analyze_masks` of sharded masks, computed from
+    each process's rows: per layer the neurons (or inputs) its rows use, the inputs (or
+    neurons) any of its rows use, its active count and ``|w|`` sum, reduced over the
+    processes in two all-reduces of ``O(groups x inputs)`` numbers per layer. Every process
+    must call it; every one gets the whole analysis."""
+    from lightning_ggr.sparse.analysis import LayerAnalysis, SparsityAnalysis, layer_layouts
+
+    layouts = layer_layouts(module) if module is not None else {}
+    plans, ints, floats = [], [], []
+    for name, mask in masks.items():
+        shard = layout.layers[name]
+        local = owned(mask, shard).detach().bool()
+        shape = tuple(int(d) for d in mask.shape)
+        groups, transposed = layouts.get(name, (1, False))
+        rows, second = shape[0], (shape[1] if len(shape) > 1 else 1)
+        kernel = math.prod(shape[2:])
+        per_row = second * kernel
+        first = shard.start // per_row if per_row else 0
+        count = local.numel() // per_row if per_row else 0
+        view = local.reshape(count, second, kernel)
+        group_of = torch.arange(first, first + count, device=local.device) // max(
+            rows // groups, 1)
+        column_hits = view.any(2).to(torch.int64)
+        kept_rows = torch.zeros(groups, dtype=torch.int64, device=local.device).index_add_(
+            0, group_of, view.any(2).any(1).to(torch.int64))
+        columns = torch.zeros(groups, second, dtype=torch.int64, device=local.device)
+        columns.index_add_(0, group_of, column_hits)
+        active = torch.count_nonzero(local).reshape(1)
+        ints.append(torch.cat([active, kept_rows, columns.flatten()]).cpu())
+        magnitude = torch.zeros(1, dtype=torch.float64)
+        if params is not None and name in params:
+            values = owned(params[name], shard).detach()
+            magnitude[0] = values[local.to(values.device)].abs().double().sum().cpu()
+        floats.append(magnitude)
+        plans.append((name, shape, groups, transposed, rows, second, kernel))
+    total_ints = _all_reduce(torch.cat(ints), layout.group) if ints else torch.zeros(0)
+    total_floats = _all_reduce(torch.cat(floats), layout.group) if floats else torch.zeros(0)
+    layers, offset = {}, 0
+    for index, (name, shape, groups, transposed, rows, second, kernel) in enumerate(plans):
+        active = int(total_ints[offset])
+        kept_rows = total_ints[offset + 1:offset + 1 + groups]
+        columns = total_ints[offset + 1 + groups:offset + 1 + groups + groups * second].view(
+            groups, second) > 0
+        offset += 1 + groups + groups * second
+        kept_columns = columns.sum(1)
+        empty_rows = rows - int(kept_rows.sum())
+        empty_columns = groups * second - int(kept_columns.sum())
+        mean_abs = None
+        if params is not None and name in params:
+            mean_abs = float(total_floats[index]) / active if active else 0.0
+        row_side, column_side = (rows, empty_rows), (groups * second, empty_columns)
+        neurons, inputs = (column_side, row_side) if transposed else (row_side, column_side)
+        layers[name] = LayerAnalysis(
+            name=name, shape=shape, groups=groups, transposed=transposed, active=active,
+            total=math.prod(shape), neurons=neurons[0], empty_neurons=neurons[1],
+            inputs=inputs[0], empty_inputs=inputs[1], kernel=kernel,
+            params_star=int((kept_rows * kept_columns).sum()) * kernel,
+            mean_abs_active=mean_abs)
+    return SparsityAnalysis(layers)

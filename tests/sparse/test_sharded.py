@@ -9,6 +9,7 @@ the same full weights and gradients: the EQUIVALENCE test of issue 19.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -17,12 +18,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_ggr import SparseEngine, select_sparse_parameters
+from lightning_ggr.sparse.analysis import analyze_masks
 from lightning_ggr.sparse.methods import METHODS
 from lightning_ggr.sparse.sharded import (
     ShardLayout,
     _score_of,
     _signed,
     all_sum,
+    analyze_across_shards,
+    gather_to_rank_zero,
+    histogram_across_shards,
+    local_tensor,
     select_across_shards,
 )
 from tests.helpers.distributed import one_process_group, spawn
@@ -132,12 +138,15 @@ def test_signed_keys_order_scores_and_invert():
 
 # ------------------------------------------------------------------------ 2 processes
 class Net(nn.Module):
-    """Rows not divisible by 2 (33, 5, 9, 3), a convolution, and a head left unsharded."""
+    """Rows not divisible by 2 (33, 5, 9, 3, 5), convolutions (plain, grouped, transposed),
+    and a head left unsharded."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first = nn.Linear(17, 33)
         self.conv = nn.Conv2d(3, 5, 3)
+        self.grouped = nn.Conv2d(4, 6, 3, groups=2)
+        self.transposed = nn.ConvTranspose2d(5, 4, 2)
         self.second = nn.Linear(33, 9)
         self.third = nn.Linear(9, 3)
         self.head = nn.Linear(3, 2)  # replicated: rank 0 decides, then broadcasts
@@ -150,7 +159,7 @@ def sharded_net(world: int) -> nn.Module:
     torch.manual_seed(0)
     net = Net()
     mesh = init_device_mesh("cpu", (world,))
-    for module in (net.first, net.conv, net.second, net.third):
+    for module in (net.first, net.conv, net.grouped, net.transposed, net.second, net.third):
         fully_shard(module, mesh=mesh)
     return net
 
@@ -182,6 +191,15 @@ def set_gradients(params, generator, ties: bool) -> None:
             param.grad = distribute_tensor(values, param.device_mesh, param.placements)
         else:
             param.grad = values
+
+
+def _close(a, b) -> bool:
+    """Nested dicts equal, floats up to rounding (|w| summed in float64 across shards)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def check_equivalence(rank: int, world: int) -> dict:
@@ -252,8 +270,25 @@ def check_equivalence(rank: int, world: int) -> dict:
                         if value.shape == param.shape:
                             assert torch.equal(full(many_opt.state[other][key]), value)
                 assert many.threshold == one.threshold
+                analysis = analyze_across_shards(many.masks, many.params, many.layout, net)
+                reference = analyze_masks(one.masks, one.params, module=single_net).to_dict()
+                assert json.dumps(analysis.to_dict(), sort_keys=True) == json.dumps(
+                    reference, sort_keys=True) or _close(analysis.to_dict(), reference)
                 results["exact"] += 1
     results["counts"] = all_sum([1, rank], ShardLayout(None, {}))
+    # The whole of a sharded tensor reaches rank 0 alone; histograms across shards.
+    expected = full(sharded.masks["first.weight"])
+    gathered = gather_to_rank_zero(sharded.masks["first.weight"])
+    if rank == 0:
+        assert torch.equal(gathered, expected)
+    else:
+        assert gathered is None
+    weight = sharded.params["first.weight"]
+    values = [local_tensor(weight).detach().abs().flatten()]
+    whole = full(weight.detach()).abs().flatten().double()
+    (histogram,) = histogram_across_shards(values, sharded.layout, bins=8)
+    assert histogram["num"] == whole.numel() and math.isclose(histogram["max"], whole.max())
+    assert histogram["bucket_counts"] == torch.histc(whole, 8, 0, float(whole.max())).tolist()
     return results
 
 
