@@ -44,6 +44,11 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
+from lightning_ggr.sparse.sharded import zero_count
+
+#: Suffix of the buffer that holds a sharded parameter's mask in its module (the state-dict
+#: key of ``net.0.weight``'s mask is ``net.0.weight_sparse_mask``).
+MASK_BUFFER_SUFFIX = "_sparse_mask"
 
 
 class DynamicSparsityCallback(Callback):
@@ -247,12 +252,16 @@ class DynamicSparsityCallback(Callback):
         params = self._select_parameters(trainer, pl_module)
         self._check_sole_owner(trainer, pl_module, params)
         loaded = self._loaded_state
+        # ModelParallelStrategy restores the checkpoint after this hook: its state arrives
+        # in on_train_start (see _adopt_restored_state).
+        restored_later = (trainer.ckpt_path is not None
+                          and trainer.strategy.restore_checkpoint_after_setup)
         if loaded is None and self.engine is not None:
             rank_zero_warn(
                 "this DynamicSparsityCallback already trained a model: fitting again draws new "
                 "masks over the current weights. Resume with `ckpt_path` to keep the topology."
             )
-        if loaded is None and trainer.ckpt_path is not None:
+        if loaded is None and trainer.ckpt_path is not None and not restored_later:
             rank_zero_warn(
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
                 "state: new random masks are drawn and applied to the loaded weights."
@@ -268,7 +277,8 @@ class DynamicSparsityCallback(Callback):
             "dsr_initial_threshold": self.dsr_initial_threshold,
         }
         if loaded is None:
-            self._warn_if_already_sparse(params)
+            if not restored_later:
+                self._warn_if_already_sparse(params)
             self.engine = SparseEngine(params, **settings)
         else:
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
@@ -280,9 +290,19 @@ class DynamicSparsityCallback(Callback):
         refuse_closure_optimizers(self._optimizer)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        if self.engine.layout is not None:
+            self._hold_masks_in_model(pl_module)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:  # restored after on_fit_start
+            self._adopt_restored_state()
+        elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn(
+                f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
+                "state: new random masks are drawn and applied to the loaded weights."
+            )
+            self.engine.apply_masks()
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here.
         self.engine.enforce_masks([self._optimizer])
@@ -365,6 +385,11 @@ class DynamicSparsityCallback(Callback):
             # A checkpoint written between restore and on_fit_start keeps the loaded state.
             return dict(self._loaded_state) if self._loaded_state else {}
         state = self.engine.state_dict()
+        if self.engine.layout is not None:
+            # Sharded: the masks are buffers of the model (see _hold_masks_in_model), saved
+            # shard by shard with it; this state keeps their names only.
+            state["masks"] = {}
+            state["mask_names"] = list(self.engine.masks)
         if state["schedule"] is None and self.clock.saved_schedule is not None:
             # restored, training never started
             state["schedule"] = dict(self.clock.saved_schedule)
@@ -424,6 +449,35 @@ class DynamicSparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------- internals
+    def _hold_masks_in_model(self, pl_module: pl.LightningModule) -> None:
+        """Sharded: each mask becomes a buffer ``<parameter>_sparse_mask`` of the module that
+        owns its parameter, so that Lightning's distributed checkpoint saves it shard by
+        shard with the model (no rank writes a whole mask) and loads it back in place, on
+        any number of processes."""
+        for name, mask in self.engine.masks.items():
+            module_name, _, leaf = name.rpartition(".")
+            module = pl_module.get_submodule(module_name) if module_name else pl_module
+            module.register_buffer(leaf + MASK_BUFFER_SUFFIX, mask)
+
+    def _adopt_restored_state(self) -> None:
+        """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
+        the model, its mask buffers included, after on_fit_start): the engine adopts the
+        loaded masks and the bookkeeping, the clock its position."""
+        loaded, self._loaded_state = self._loaded_state, None
+        self._warn_if_settings_changed(loaded)
+        saved = loaded.get("masks") or {}
+        names = loaded.get("mask_names") or list(saved)
+        if set(names) != set(self.engine.masks):
+            raise ValueError(
+                f"the checkpoint's masks cover {sorted(names)}, this callback selected "
+                f"{sorted(self.engine.masks)}: resume with the include/exclude of the run "
+                "that wrote it")
+        # A sharded checkpoint loaded the masks in place into the model's buffers.
+        self.engine.load_state_dict({**loaded, "masks": saved or self.engine.masks})
+        self.clock.restore(loaded)
+        self._run_id = str(loaded.get("run_id") or self._run_id)
+        self.reporter.global_density = self.engine.global_density()
+
     def _select_parameters(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, Tensor]:
@@ -499,8 +553,7 @@ class DynamicSparsityCallback(Callback):
     def _remask_kept_model(self, trainer: pl.Trainer) -> None:
         """The model the user keeps respects the final masks, whatever wrote into it last."""
         engine = self.engine
-        stray = sum(int((p.detach()[~engine.masks[name].to(p.device)] != 0).sum())
-                    for name, p in engine.params.items())
+        stray = sum(engine.stray_counts().values())
         if not stray:
             return
         engine.apply_masks()
@@ -518,7 +571,7 @@ class DynamicSparsityCallback(Callback):
         if self.sparsity == 0.0:
             return
         total = sum(p.numel() for p in params.values())
-        zeros = sum(int((p.detach() == 0).sum()) for p in params.values())
+        zeros = zero_count(params)
         if zeros >= 0.5 * self.sparsity * total:
             rank_zero_warn(
                 f"the sparse parameters are already {zeros / total:.0%} exact zeros (a trained "

@@ -231,6 +231,21 @@ class SparseEngine:
                               strict=True))
         self._active = counts
 
+    def stray_counts(self) -> dict[str, int]:
+        """name -> non-zero weights at masked positions (0 while the masks are respected),
+        over the whole layer: summed over the shards of a sharded one (one all-reduce)."""
+        counts = {}
+        for name, param in self.params.items():
+            if self.layout is None:
+                weight, mask = param.detach(), self.masks[name]
+            else:
+                shard = self.layout.layers[name]
+                weight, mask = owned(param.detach(), shard), owned(self.masks[name], shard)
+            counts[name] = int(torch.count_nonzero(weight[~mask.to(weight.device)]))
+        if self.layout is not None:
+            counts = dict(zip(counts, all_sum(list(counts.values()), self.layout), strict=True))
+        return counts
+
     @property
     def total_active(self) -> int:
         return sum(self._active.values())

@@ -434,6 +434,16 @@ def sum_over_shards(values: Sequence[int], tensors: Sequence[Tensor]) -> list[in
     return [int(v) for v in _all_reduce(total, sharded.device_mesh.get_group()).tolist()]
 
 
+def zero_count(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> int:
+    """Exact zeros over ``tensors``, each counted once: a DTensor's over all its shards (one
+    all-reduce), a plain tensor's as this process holds it."""
+    tensors = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+    sharded = [t for t in tensors if is_sharded(t)]
+    plain = sum(int((t.detach() == 0).sum()) for t in tensors if not is_sharded(t))
+    local = sum(int((local_tensor(t).detach() == 0).sum()) for t in sharded)
+    return plain + sum_over_shards([local], sharded)[0]
+
+
 def _rows_per_rank(rows: int, world: int) -> list[int]:
     """Rows of each rank under ``Shard(0)`` (``torch.chunk``'s split: equal chunks of
     ``ceil(rows / world)``, the last ones shorter or empty)."""

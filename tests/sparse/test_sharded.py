@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ggr import SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.analysis import analyze_masks
@@ -164,8 +164,14 @@ def sharded_net(world: int) -> nn.Module:
     return net
 
 
-def full(tensor):
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+def full(tensor: Tensor) -> Tensor:
+    """The whole tensor (a collective for a DTensor: every rank calls it), waited for: an
+    all-gather left pending (a rank that never reads the result) would be finished by the
+    process group's thread during interpreter shutdown, which aborts the process."""
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    whole = tensor.full_tensor()
+    return whole.wait() if hasattr(whole, "wait") else whole
 
 
 def set_full_(param, values) -> None:
