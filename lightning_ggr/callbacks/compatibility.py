@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ggr.callbacks.training_length import steps_before_epoch
+from lightning_ggr.sparse.sharded import check_torch_for_sharding
 
 # WeightAveraging (and EMAWeightAveraging) appeared in Lightning 2.6.
 _WEIGHT_AVERAGING: type | None = getattr(pl_callbacks, "WeightAveraging", None)
@@ -46,6 +47,7 @@ def check_strategy(trainer: pl.Trainer) -> bool:
     name = type(strategy).__name__
     lineage = [cls.__name__ for cls in type(strategy).__mro__]
     if any("ModelParallel" in cls for cls in lineage):
+        check_torch_for_sharding()
         mesh = getattr(strategy, "device_mesh", None)
         names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:

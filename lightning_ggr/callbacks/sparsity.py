@@ -44,11 +44,7 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
-from lightning_ggr.sparse.sharded import zero_count
-
-#: Suffix of the buffer that holds a sharded parameter's mask in its module (the state-dict
-#: key of ``net.0.weight``'s mask is ``net.0.weight_sparse_mask``).
-MASK_BUFFER_SUFFIX = "_sparse_mask"
+from lightning_ggr.sparse.sharded import hold_masks_in_model, zero_count
 
 
 class DynamicSparsityCallback(Callback):
@@ -291,7 +287,10 @@ class DynamicSparsityCallback(Callback):
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         if self.engine.layout is not None:
-            self._hold_masks_in_model(pl_module)
+            # Sharded: the masks become buffers of the model, so that Lightning's
+            # distributed checkpoint saves them shard by shard with it (no rank holds a
+            # whole mask) and loads them back in place, on any number of processes.
+            hold_masks_in_model(pl_module, self.engine.masks)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -386,7 +385,7 @@ class DynamicSparsityCallback(Callback):
             return dict(self._loaded_state) if self._loaded_state else {}
         state = self.engine.state_dict()
         if self.engine.layout is not None:
-            # Sharded: the masks are buffers of the model (see _hold_masks_in_model), saved
+            # Sharded: the masks are buffers of the model (hold_masks_in_model), saved
             # shard by shard with it; this state keeps their names only.
             state["masks"] = {}
             state["mask_names"] = list(self.engine.masks)
@@ -449,16 +448,6 @@ class DynamicSparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------- internals
-    def _hold_masks_in_model(self, pl_module: pl.LightningModule) -> None:
-        """Sharded: each mask becomes a buffer ``<parameter>_sparse_mask`` of the module that
-        owns its parameter, so that Lightning's distributed checkpoint saves it shard by
-        shard with the model (no rank writes a whole mask) and loads it back in place, on
-        any number of processes."""
-        for name, mask in self.engine.masks.items():
-            module_name, _, leaf = name.rpartition(".")
-            module = pl_module.get_submodule(module_name) if module_name else pl_module
-            module.register_buffer(leaf + MASK_BUFFER_SUFFIX, mask)
-
     def _adopt_restored_state(self) -> None:
         """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
         the model, its mask buffers included, after on_fit_start): the engine adopts the

@@ -39,8 +39,30 @@ from torch import Tensor
 try:  # torch built without distributed support has no DTensor: nothing is ever sharded
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - torch < 2.5, or without torch.distributed
     DTensor = Shard = compute_local_shape_and_global_offset = None
+
+#: The oldest torch whose FSDP2 (``torch.distributed.fsdp.fully_shard``) and DTensor API the
+#: sharded engine is written against.
+SHARDING_TORCH = (2, 6)
+#: The suffix of the module buffer that holds a sharded parameter's mask: the state-dict key
+#: of ``net.0.weight``'s mask is ``net.0.weight_sparse_mask``.
+MASK_BUFFER_SUFFIX = "_sparse_mask"
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_torch_for_sharding() -> None:
+    """Refuse sharded training on a torch older than :data:`SHARDING_TORCH`."""
+    if DTensor is None or _torch_version() < SHARDING_TORCH:
+        raise RuntimeError(
+            f"sparse training of sharded parameters (FSDP2) needs torch >= "
+            f"{'.'.join(map(str, SHARDING_TORCH))} (torch.distributed.fsdp.fully_shard and "
+            f"torch.distributed.tensor), found torch {torch.__version__}; upgrade torch, or "
+            "train with DDP or on one device")
 
 #: Elements of a score vector turned into digits at a time (bounds the temporaries).
 CHUNK = 1 << 20
@@ -107,6 +129,8 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
         ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh), or
             DTensors on different meshes.
     """
+    if any(type(p).__name__ == "DTensor" for p in params.values()):
+        check_torch_for_sharding()
     sharded = {name: p for name, p in params.items() if is_sharded(p)}
     if not sharded:
         return None
@@ -122,6 +146,12 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
                 "applies it); tensor parallelism and 2-D meshes (HSDP) are not supported")
         if all(mesh is not seen and mesh != seen for seen in meshes):
             meshes.append(mesh)
+        if param.to_local().device.type != mesh.device_type:
+            raise ValueError(
+                f"parameter {name!r} is sharded over a {mesh.device_type} mesh but held on "
+                f"{param.to_local().device.type}: CPU offload (FSDP2's CPUOffloadPolicy) is "
+                "not supported by sparse training yet (untested: it needs a GPU); shard "
+                "without offloading")
     if len(meshes) > 1:
         raise ValueError(f"the sparse parameters are sharded over {len(meshes)} different "
                          "device meshes; shard them all over one (one fully_shard mesh)")
@@ -182,8 +212,12 @@ def sharded_context(layout: ShardLayout | None) -> Iterator[None]:
 
 
 def _backend_device(group: Any, device: torch.device) -> torch.device:
-    """Where a collective of ``group`` can take a tensor of ``device``: a CPU for gloo."""
-    return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    """Where a collective of ``group`` can take a tensor of ``device``: the current GPU for
+    NCCL, a CPU for gloo."""
+    if dist.get_backend(group) == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda",
+                                                                  torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _all_reduce(tensor: Tensor, group: Any) -> Tensor:
@@ -573,3 +607,64 @@ def analyze_across_shards(masks: Mapping[str, Tensor], params: Mapping[str, Tens
             params_star=int((kept_rows * kept_columns).sum()) * kernel,
             mean_abs_active=mean_abs)
     return SparsityAnalysis(layers)
+
+
+def hold_masks_in_model(module: Any, masks: Mapping[str, Tensor]) -> None:
+    """Register each mask as a buffer ``<parameter>_sparse_mask`` of the submodule of
+    ``module`` that owns its parameter (``masks`` keyed by ``module``'s parameter names), so
+    that the model's state dict carries them: ``torch.distributed.checkpoint`` (and
+    Lightning's distributed checkpoint) saves each shard from its own process and loads them
+    back in place, on any number of processes. A buffer of that name is replaced."""
+    for name, mask in masks.items():
+        owner, _, leaf = name.rpartition(".")
+        (module.get_submodule(owner) if owner else module).register_buffer(
+            leaf + MASK_BUFFER_SUFFIX, mask)
+
+
+def consolidate_masks(checkpoint: Any, out: Any = None,
+                      prefix: str = "state_dict.") -> dict[str, Tensor]:
+    """The whole masks of a distributed checkpoint, in one process: for analysis, export
+    and inference (:mod:`lightning_ggr.sparse.export`, :mod:`~lightning_ggr.sparse.analysis`).
+
+    Reads only the masks from the checkpoint folder (each ``.distcp`` shard's part of them),
+    never the weights or the optimizer state: the mask buffers of a model
+    (``<parameter>_sparse_mask``, as :func:`hold_masks_in_model` and
+    ``DynamicSparsityCallback`` under ``ModelParallelStrategy`` save them) and the ``masks``
+    of a saved ``SparseEngine.state_dict()``. Returns parameter name -> bool mask, and
+    writes ``{"masks": ...}`` to ``out`` with ``torch.save`` when given. No process group
+    is needed.
+
+    Args:
+        prefix: the key under which the model's state dict was saved, with its dot
+            (Lightning's: ``"state_dict."``; ``"model."`` for ``dcp.save({"model": ...})``),
+            removed from the buffers' names to give the parameters' names.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(checkpoint))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted: dict[str, Tensor] = {}
+    names: dict[str, str] = {}
+    for key, entry in metadata.items():
+        if not isinstance(entry, TensorStorageMetadata) or entry.properties.dtype != torch.bool:
+            continue
+        if key.endswith(MASK_BUFFER_SUFFIX):
+            name = key[:-len(MASK_BUFFER_SUFFIX)]
+            name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        elif ".masks." in key or key.startswith("masks."):
+            name = key.split("masks.", 1)[1]
+        else:
+            continue
+        wanted[key] = torch.zeros(tuple(entry.size), dtype=torch.bool)
+        names[key] = name
+    if not wanted:
+        raise ValueError(f"{checkpoint} holds no sparse masks (no bool tensor named "
+                         f"'*{MASK_BUFFER_SUFFIX}' or '*masks.*')")
+    # Keys as the checkpoint flattened them ("state_dict.net.0.weight_sparse_mask"): the
+    # loader flattens a nested state dict the same way, so the flat one matches.
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    masks = {names[key]: tensor for key, tensor in wanted.items()}
+    if out is not None:
+        torch.save({"masks": masks}, out)
+    return masks

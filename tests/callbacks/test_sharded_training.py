@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ggr import DynamicSparsityCallback
+from lightning_ggr.sparse.sharded import consolidate_masks
 from tests.helpers.sharded import (
     ShardedChecks,
     TinyTransformer,
@@ -169,8 +170,10 @@ def test_sharded_checkpoint_resumes_bit_exact_and_on_one_rank(tmp_path):
     spawn_lightning(_resumed, str(checkpoint), str(one), world=1)
     restored = torch.load(one / "resumed.pt", weights_only=False)
     mid = torch.load(two / "resumed.pt", weights_only=False)["restored"]
+    consolidated = consolidate_masks(checkpoint)  # one process, the masks alone
     for name, mask in mid["masks"].items():
         assert torch.equal(restored["restored"]["masks"][name], mask), name
+        assert torch.equal(consolidated[name], mask), name
     assert restored["restored"]["rewirings"] == mid["rewirings"] > 0
     record = json.loads((one / "record.json").read_text())
     assert record["steps"] == 8  # the second epoch alone: 32 samples, batch 4, one rank

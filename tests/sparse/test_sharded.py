@@ -315,3 +315,100 @@ def test_sharded_rewiring_equals_the_single_process_rewiring(tmp_path):
     threshold (no ties), and with ties the same per-layer counts (GGR: the same total)."""
     result = spawn(check_equivalence, folder=tmp_path)
     assert result == {"exact": 2 * len(METHODS), "ties": 2 * len(METHODS), "counts": [2, 1]}
+
+
+# ------------------------------------------------------------------ one process, sharded
+def _one_rank_model():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, mesh
+
+
+def test_the_per_step_pass_on_shards_is_one_operation_without_collectives(monkeypatch):
+    """Issue 19, item 3: masking the gradients of sharded parameters is one
+    ``_foreach_mul_`` over the local shards: no collective, no host read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_ggr.sparse.syncs import top_level_operations
+
+    with one_process_group():
+        model, _ = _one_rank_model()
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.7)
+        model(torch.randn(4, 7)).square().sum().backward()
+        engine.mask_gradients()  # warm-up
+        collectives = []
+        for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter_tensor",
+                     "all_gather_into_tensor"):
+            original = getattr(dist, name)
+            monkeypatch.setattr(dist, name, lambda *a, _o=original, _n=name, **k: (
+                collectives.append(_n), _o(*a, **k))[1])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.mask_gradients()
+        # views of the gradients' bits are metadata, not work
+        assert [name for name in top_level_operations(prof.events())
+                if name != "aten::view"] == ["aten::_foreach_mul_"]
+        assert collectives == []
+        for name, param in engine.params.items():
+            assert (param.grad.to_local()[~engine.masks[name].to_local()] == 0).all()
+
+
+def test_sharded_masks_checkpoint_with_the_model_and_consolidate(tmp_path):
+    """The plain-loop recipe: masks held as buffers of the model go into its distributed
+    checkpoint, load back in place, and consolidate into one file of whole masks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from lightning_ggr.sparse.sharded import consolidate_masks, hold_masks_in_model
+
+    with one_process_group():
+        model, _ = _one_rank_model()
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.7, seed=1)
+        hold_masks_in_model(model, engine.masks)
+        assert "0.weight_sparse_mask" in model.state_dict()
+        saved = {name: full(mask).clone() for name, mask in engine.masks.items()}
+        dcp.save({"model": get_model_state_dict(model), "sparse": engine.state_dict()},
+                 checkpoint_id=tmp_path / "checkpoint")
+        for mask in engine.masks.values():
+            mask.to_local().zero_()
+        state = {"model": get_model_state_dict(model), "sparse": engine.state_dict()}
+        dcp.load(state, checkpoint_id=tmp_path / "checkpoint")
+        engine.load_state_dict(state["sparse"])
+        for name, mask in saved.items():
+            assert torch.equal(full(engine.masks[name]), mask)
+        assert engine.active_counts() == {n: int(m.sum()) for n, m in saved.items()}
+    masks = consolidate_masks(tmp_path / "checkpoint", tmp_path / "masks.pt", prefix="model.")
+    assert set(masks) == set(saved)  # the buffers and the engine's state name the same
+    for name, mask in saved.items():
+        assert torch.equal(masks[name], mask)
+        assert torch.equal(torch.load(tmp_path / "masks.pt")["masks"][name], mask)
+    with pytest.raises(ValueError, match="holds no sparse masks"):
+        dcp.save({"weights": torch.ones(3)}, checkpoint_id=tmp_path / "dense", no_dist=True)
+        consolidate_masks(tmp_path / "dense")
+
+
+def test_tensor_parallel_offloaded_and_old_torch_shards_are_refused(monkeypatch):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_ggr.sparse import sharded
+
+    with one_process_group():
+        model, mesh = _one_rank_model()
+        column = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match=r"'w' is a DTensor placed \(Shard\(dim=1\),\).*"
+                                             "tensor parallelism"):
+            sharded.layout_of({"w": column})
+        params = select_sparse_parameters(model)
+        # a CUDA mesh whose shards sit on the CPU: FSDP2's CPU offload
+        monkeypatch.setattr(type(mesh), "device_type", property(lambda self: "cuda"))
+        with pytest.raises(ValueError, match=r"CPU offload .* not supported"):
+            sharded.layout_of(params)
+        monkeypatch.setattr(sharded, "SHARDING_TORCH", (99, 0))
+        with pytest.raises(RuntimeError, match=r"needs torch >= 99.0 .* found torch"):
+            sharded.layout_of(params)
