@@ -247,46 +247,52 @@ def all_sum(values: Sequence[int], layout: ShardLayout, device: torch.device | s
 
 # ------------------------------------------------------------- ordered integer keys
 #
-# A score is turned into an integer whose signed order is the order of the scores (for the
-# smallest: reversed), then into an unsigned bit pattern whose digits are counted.
+# A score is turned, in place, into an integer of its own width whose signed order is the
+# order of the scores (for the smallest: reversed). Its digits are counted as those of the
+# unsigned pattern with the sign bit flipped, which orders like the signed value.
 
-_INT_OF_FLOAT = {torch.float32: torch.int32, torch.float64: torch.int64}
+_INT_OF = {torch.float32: torch.int32, torch.int32: torch.int32,
+           torch.float64: torch.int64, torch.int64: torch.int64}
 
 
 def _bits(dtype: torch.dtype) -> int:
     return 32 if dtype in (torch.float32, torch.int32) else 64
 
 
-def _signed(scores: Tensor, largest: bool) -> Tensor:
-    """Scores as int64 keys whose signed order is the scores' order (reversed for
-    ``largest=False``): floats by their bits (negative ones with the other bits flipped),
-    integers as they are; within ``[-2**(B-1), 2**(B-1))`` for ``B``-bit scores."""
+def _signed_(scores: Tensor, largest: bool) -> Tensor:
+    """Scores as integers of their width whose signed order is the scores' order (reversed
+    for ``largest=False``), in place over the scores' memory: a float's bits with the
+    other bits flipped when negative, an integer as it is."""
     bits = _bits(scores.dtype)
+    signed = scores.view(_INT_OF[scores.dtype])
     if scores.is_floating_point():
-        signed = scores.view(_INT_OF_FLOAT[scores.dtype]).to(torch.int64)
-        top = (1 << (bits - 1)) - 1
-        signed = torch.where(signed < 0, signed ^ top, signed)
-    else:
-        signed = scores.to(torch.int64)
+        signed.bitwise_xor_((signed >> (bits - 1)).bitwise_and_((1 << (bits - 1)) - 1))
     if not largest:
-        signed = signed.bitwise_not_()  # -1 - s: reverses the order within the range
+        signed.bitwise_not_()  # -1 - s: reverses the order within the range
     return signed
 
 
-def _pattern(signed: Tensor, bits: int) -> Tensor:
-    """Signed keys as unsigned bit patterns whose digits are counted (for ``B = 64`` the
-    pattern is held in an int64: the sign bit flipped)."""
-    return signed + (1 << 31) if bits == 32 else signed ^ -(1 << 63)
+def _high(signed: Tensor, shift: int, bits: int) -> Tensor:
+    """The unsigned pattern of ``signed``'s bits from ``shift`` up (the sign bit flipped, a
+    logical shift: the sign extension is masked off)."""
+    high = (signed >> shift).bitwise_and_((1 << (bits - shift)) - 1)
+    return high.bitwise_xor_(1 << (bits - shift - 1))
+
+
+def _digit(signed: Tensor, shift: int, width: int, bits: int) -> Tensor:
+    """The unsigned pattern's digit of ``width`` bits at ``shift``."""
+    digit = (signed >> shift).bitwise_and_((1 << width) - 1)
+    if shift + width == bits:  # the top digit holds the flipped sign bit
+        digit.bitwise_xor_(1 << (width - 1))
+    return digit
 
 
 def _signed_of_pattern(pattern: int, bits: int) -> int:
-    if bits == 32:
-        return pattern - (1 << 31)
-    return pattern - (1 << 63)
+    return pattern - (1 << (bits - 1))
 
 
 def _score_of(signed: int, dtype: torch.dtype, largest: bool) -> float | int:
-    """The score whose signed key is ``signed`` (the inverse of :func:`_signed`)."""
+    """The score whose signed key is ``signed`` (the inverse of :func:`_signed_`)."""
     bits = _bits(dtype)
     if not largest:
         signed = -1 - signed
@@ -294,7 +300,7 @@ def _score_of(signed: int, dtype: torch.dtype, largest: bool) -> float | int:
         return int(signed)
     if signed < 0:
         signed ^= (1 << (bits - 1)) - 1
-    return float(torch.tensor(signed, dtype=_INT_OF_FLOAT[dtype]).view(dtype))
+    return float(torch.tensor(signed, dtype=_INT_OF[dtype]).view(dtype))
 
 
 def _digits(bits: int, single: bool) -> list[tuple[int, int]]:
@@ -307,14 +313,6 @@ def _digits(bits: int, single: bool) -> list[tuple[int, int]]:
         low -= step
         rounds.append((low, step))
     return rounds
-
-
-def _high(patterns: Tensor, shift: int, bits: int) -> Tensor:
-    """The bits of ``patterns`` from ``shift`` up, as non-negative integers (a logical
-    shift: the sign extension of an int64 pattern is masked off)."""
-    if shift == 0:
-        return patterns
-    return (patterns >> shift).bitwise_and_((1 << (bits - shift)) - 1)
 
 
 class ShardedSelection(NamedTuple):
@@ -378,11 +376,12 @@ def select_across_shards(
     buffer = torch.empty(max([sizes[i] for i in live], default=0), dtype=dtype, device=device)
 
     def keys_of(i: int) -> Iterator[tuple[int, Tensor]]:
-        """Vector i's signed keys, chunk by chunk (the scores written once)."""
+        """Vector i's signed keys, chunk by chunk (the scores written once, turned into
+        keys in place)."""
         scores = buffer[:sizes[i]]
         write(i, scores)
         for start in range(0, sizes[i], CHUNK):
-            yield start, _signed(scores[start:start + CHUNK], largest)
+            yield start, _signed_(scores[start:start + CHUNK], largest)
 
     prefix = [0] * count  # the digits of each k-th key found so far
     above = [0] * count  # scores strictly above the prefix's bucket, over all processes
@@ -396,12 +395,9 @@ def select_across_shards(
             s = selections[i]
             local = torch.zeros(1 << width, dtype=torch.int64, device=device)
             for _, keys in keys_of(i):
-                patterns = _pattern(keys, bits)
-                del keys
-                if position:
-                    patterns = patterns[_high(patterns, shift + width, bits) == prefix[s]]
-                digit = _high(patterns, shift, bits).bitwise_and_((1 << width) - 1)
-                local += torch.bincount(digit, minlength=1 << width)
+                if position:  # only the keys still tied with the k-th's digits so far
+                    keys = keys[_high(keys, shift + width, bits) == prefix[s]]
+                local += torch.bincount(_digit(keys, shift, width, bits), minlength=1 << width)
             hist[s] += local
             if final:
                 last_local[i] = local

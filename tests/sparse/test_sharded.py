@@ -23,7 +23,7 @@ from lightning_ggr.sparse.methods import METHODS
 from lightning_ggr.sparse.sharded import (
     ShardLayout,
     _score_of,
-    _signed,
+    _signed_,
     all_sum,
     analyze_across_shards,
     gather_to_rank_zero,
@@ -128,7 +128,7 @@ def test_signed_keys_order_scores_and_invert():
     values = torch.tensor([-math.inf, -2.5, -0.0, 0.0, 1e-30, 3.0, math.inf])
     for dtype in (torch.float32, torch.float64):
         for largest in (True, False):
-            keys = _signed(values.to(dtype), largest)  # larger key: preferred score
+            keys = _signed_(values.to(dtype).clone(), largest)  # in place; larger: preferred
             order = keys.argsort(stable=True).tolist()
             assert order == (list(range(len(values))) if largest
                              else list(reversed(range(len(values)))))
