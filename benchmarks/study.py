@@ -50,17 +50,41 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import lightning.pytorch as pl
 
 from lightning_ggr.callbacks.summary import write_json
 from lightning_ggr.sparse.methods import METHODS as PACKAGE_METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_data, study_plan
+from study_plan import (
+    DIST_LABELS,
+    LABELS,
+    MAIN_NETWORK,
+    PAPER_RESNET18,
+    PLAN_GROUPS,
+    RunSpec,
+    cells_table,
+    claims_section,
+    code_commit,
+    data_identity,
+    expected_seconds,
+    merge_record,
+    network_of,
+    paper_plan,
+    parse_deadline,
+    read_records,
+    throughput_rows,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar100_subset.npz"
@@ -72,25 +96,11 @@ DEFAULT_WIDE_OUT = REPO / "runs" / "study_wide"
 WIDE_HIDDEN = 2048
 #: ``--network resnet18`` (the paper's model, on a GPU): run directories.
 DEFAULT_RESNET_OUT = REPO / "runs" / "study_resnet18"
-#: The paper's Table 1, ResNet-18 on CIFAR-100 (full data set, 100 epochs), for comparison.
-PAPER_RESNET18 = {
-    "dense": 76.27,
-    (0.9, "erk"): {"set": 74.18, "rigl": 74.03, "dsr": 73.89, "ggr": 73.34},
-    (0.9, "uniform"): {"set": 71.64, "rigl": 72.15, "dsr": 73.47, "ggr": 72.83},
-    (0.97, "erk"): {"set": 70.13, "rigl": 70.65, "dsr": 70.99, "ggr": 70.28},
-    (0.97, "uniform"): {"set": 66.64, "rigl": 68.31, "dsr": 70.17, "ggr": 70.71},
-    (0.99, "erk"): {"set": 63.45, "rigl": 65.48, "dsr": 64.12, "ggr": 65.12},
-    (0.99, "uniform"): {"set": 57.78, "rigl": 60.81, "dsr": 63.77, "ggr": 64.41},
-}
-
 METHODS = tuple(PACKAGE_METHODS)  # the package's preset table: one list of method names
 MAIN_METHODS = ("set", "rigl", "dsr", "ggr")
 ABLATIONS = ("set", "rigl", "set_rigl", "ggr_set", "ggr_rigl", "ggr")
-LABELS = {"dense": "Dense", "set": "SET", "rigl": "RigL", "dsr": "DSR", "ggr": "GGR",
-          "set_rigl": "SET+RigL", "ggr_set": "GGR-SET", "ggr_rigl": "GGR-RigL"}
 SPARSITIES = (0.9, 0.97, 0.99)
 DISTRIBUTIONS = ("erk", "uniform")
-DIST_LABELS = {"erk": "ERK", "uniform": "uni"}
 FIGURE_RUN = "ggr-uniform-s0.99-seed0"
 
 
@@ -133,20 +143,6 @@ def resnet18_recipe() -> Recipe:
     until half of training, drop fraction 0.1 (cosine), bf16-mixed."""
     return Recipe(epochs=40, milestones=(12, 24, 32), update_interval=1, interval="epoch",
                   network="resnet18", precision="bf16-mixed", val_every=40)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str  # "dense" or one of METHODS
-    sparsity: float
-    distribution: str
-    seed: int
-
-    @property
-    def key(self) -> str:
-        if self.method == "dense":
-            return f"dense-seed{self.seed}"
-        return f"{self.method}-{self.distribution}-s{self.sparsity}-seed{self.seed}"
 
 
 def grid(seeds_099: int = 3, dense_seeds: int = 3, seeds_other: int = 1) -> list[RunSpec]:
@@ -234,7 +230,6 @@ _DATAMODULES: dict[tuple, object] = {}
 
 
 def _datamodule(data: Path, recipe: Recipe, seed: int, device: str = "cpu"):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from study_data import CifarSubsetDataModule
 
     # One in-memory copy of the images per process (on ``device``), re-seeded per run.
@@ -251,11 +246,45 @@ def _datamodule(data: Path, recipe: Recipe, seed: int, device: str = "cpu"):
     return dm
 
 
+#: Networks of the zoo a recipe may name (built by ``ImageClassifier`` from the name).
+ZOO_NETWORKS = ("resnet18", "mobilenet_v2")
+
+
+class _LossTrace(pl.Callback):
+    """``--trace-losses``: each training step's loss, as a Python float (one host read per
+    step: for the pairing check, never in a timed run)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+class _EpochClock(pl.Callback):
+    """Wall time of each training epoch, as the host sees it (no synchronisation): what
+    ``run --deadline`` extrapolates a run's length from."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.time()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds.append(round(time.time() - self._start, 3))
+
+
 def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: bool = True,
               log_figures: bool = False, threads: int = 1, workers: int | None = None,
-              device: str = "cpu") -> dict:
-    """Train (and test) one configuration; returns the result dict (also written to disk)."""
-    import lightning.pytorch as pl
+              device: str = "cpu", context: dict | None = None,
+              trace_losses: bool = False) -> dict:
+    """Train (and test) one configuration; returns the result dict (also written to disk).
+
+    ``context`` (the commit, the data file's identity, the ``run`` session) is copied into
+    the result; ``trace_losses`` adds every training step's loss (``train_losses``).
+    """
     import torch
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -263,13 +292,15 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
     from lightning_ggr.zoo.module import ImageClassifier
 
     torch.set_num_threads(threads)
+    if spec.network:  # a run of another network than the grid's: same recipe otherwise
+        recipe = replace(recipe, network=spec.network)
     run_dir = out / spec.key
     if run_dir.exists():  # an unfinished earlier attempt: start it over
         shutil.rmtree(run_dir)
     start = time.time()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     dm = _datamodule(data, recipe, spec.seed, device)
-    network = ("resnet18" if recipe.network == "resnet18"  # the zoo's, by name
+    network = (recipe.network if recipe.network in ZOO_NETWORKS  # the zoo's, by name
                else tiny_vgg(recipe.widths, recipe.hidden))
     module = ImageClassifier(
         network, num_classes=100, input_size=32, lr=recipe.lr,
@@ -292,9 +323,11 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         logger = CSVLogger(save_dir=str(out), name=spec.key, version=0)
     limits = ({} if recipe.limit_batches is None else
               {f"limit_{s}_batches": recipe.limit_batches for s in ("train", "val", "test")})
+    trace, clock = (_LossTrace() if trace_losses else None), _EpochClock()
     trainer = pl.Trainer(
         max_epochs=recipe.epochs, accelerator=device, devices=1, logger=logger,
-        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback, clock] + ([trace] if trace else []), enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, deterministic=False,
         precision=recipe.precision, check_val_every_n_epoch=recipe.val_every, **limits,
     )
@@ -312,40 +345,74 @@ def train_one(spec: RunSpec, recipe: Recipe, data: Path, out: Path, *, test: boo
         "rewirings": None if callback.engine is None else callback.engine.rewirings,
         "layer_densities": callback.layer_densities(),
         "recipe": asdict(recipe), "torch_threads": threads, "workers": workers,
-        **environment(device),
+        **environment(device), "network": recipe.network,
+        "started_at": round(start, 2), "finished_at": round(time.time(), 2),
+        "epoch_s": clock.seconds,
+        **(context or {}),
         "summary": str(Path(trainer.log_dir) / "lightning_ggr_summary.json"),
     }
+    if trace is not None:
+        result["train_losses"] = trace.losses
     write_json(run_dir / "result.json", result)
     return result
 
 
-def _worker(args: tuple) -> dict:
-    spec, recipe, data, out, threads, log_figures, workers, device = args
-    if log_figures is None:
-        log_figures = spec.key == FIGURE_RUN
+@dataclass(frozen=True)
+class Job:
+    """One run as ``run`` hands it to a worker."""
+
+    spec: RunSpec
+    recipe: Recipe
+    data: Path
+    out: Path
+    threads: int = 1
+    #: ``None``: TensorBoard figures for the main study's Figure-2 run only.
+    log_figures: bool | None = None
+    workers: int | None = None
+    device: str = "cpu"
+    #: Copied into the result: the commit, the data file's identity, the session.
+    context: dict | None = None
+    trace_losses: bool = False
+    #: The records file each finished run is merged into (``--records-out``), if any.
+    records: Path | None = None
+
+
+def _worker(job: Job) -> dict:
+    spec, out = job.spec, job.out
+    log_figures = spec.key == FIGURE_RUN if job.log_figures is None else job.log_figures
     if (out / "STOP").exists():  # graceful stop: runs already started finish, no new ones
         return {"status": "not started (STOP file)", "key": spec.key}
     try:
-        return train_one(spec, recipe, data, out, log_figures=log_figures, threads=threads,
-                         workers=workers, device=device)
+        result = train_one(spec, job.recipe, job.data, out, log_figures=log_figures,
+                           threads=job.threads, workers=job.workers, device=job.device,
+                           context=job.context, trace_losses=job.trace_losses)
     except Exception as error:  # recorded, never dropped
         result = {"status": "failed", **asdict(spec), "key": spec.key, "test_acc": None,
                   "error": f"{type(error).__name__}: {error}",
-                  "traceback": traceback.format_exc()}
+                  "traceback": traceback.format_exc(), **(job.context or {})}
         write_json(out / spec.key / "result.json", result)
-        return result
+    if job.records is not None:  # at once, by this worker: a killed parent loses nothing
+        merge_record(job.records, record_of(result), lock=out / ".records.lock")
+    return result
 
 
-def _init_worker() -> None:
+def _init_worker(device: str = "cpu", memory_fraction: float | None = None) -> None:
+    """A worker process of ``run --workers N``: one thread, quiet, and on a GPU its own CUDA
+    context made now (the parent never makes one: workers are spawned, not forked) and
+    capped at ``memory_fraction`` of the device's memory, so that one run cannot starve
+    the others of memory."""
+    import logging
     import warnings
 
     import torch
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    import logging
-
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if device == "cuda":
+        torch.cuda.init()
+        if memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction)
 
 
 # --------------------------------------------------------------------------- results
@@ -358,8 +425,10 @@ def load_results(out: Path) -> dict[str, dict]:
     return results
 
 
-def pending(runs: Iterable[RunSpec], out: Path, retry_failed: bool) -> list[RunSpec]:
-    done = load_results(out)
+def pending(runs: Iterable[RunSpec], done: dict[str, dict],
+            retry_failed: bool) -> list[RunSpec]:
+    """The runs without a finished record in ``done`` (a failed one counts as finished
+    unless ``retry_failed``), in the grid's order."""
     todo = []
     for spec in runs:
         result = done.get(spec.key)
@@ -368,34 +437,134 @@ def pending(runs: Iterable[RunSpec], out: Path, retry_failed: bool) -> list[RunS
     return todo
 
 
+def _history(args: argparse.Namespace) -> list[dict]:
+    """Finished runs whose times estimate how long a run takes: the run directories, the
+    records file and every ``--history`` file (e.g. a short probe's records)."""
+    runs = {**read_records(args.records_out), **load_results(args.out)}
+    history = list(runs.values())
+    for path in args.history:
+        history += read_records(path).values()
+    return history
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    """``run``: the grid's pending runs, ``--workers`` at a time, in the grid's order; with
+    ``--deadline`` only those expected to finish before it (start-up and the safety margin
+    included); each finished run's record merged into ``--records-out`` by its worker."""
     import multiprocessing as mp
+    import queue
+    import socket
 
     recipe = _recipe(args)
     runs = _runs(args)
-    todo = pending(runs, args.out, args.retry_failed)
-    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} finished, "
-          f"{len(todo)} to go; {args.workers} worker(s); recipe {asdict(recipe)}", flush=True)
+    done = {**read_records(args.records_out), **load_results(args.out)}
+    todo = pending(runs, done, args.retry_failed)
     start = time.time()
-    # TensorBoard figures only for the main study's Figure-2 run.
+    session = {"id": f"{socket.gethostname()}-{os.getpid()}-{int(start)}",
+               "started_at": round(start, 2), "workers": args.workers, "device": args.device,
+               "mps": os.environ.get("STUDY_MPS") == "1"}
+    context = {"commit": code_commit(), "data": data_identity(args.data), "session": session}
+    parallel = max(1, args.workers)
+    deadline = args.deadline
+    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} finished, "
+          f"{len(todo)} to go; {args.workers} worker(s); commit {context['commit']}; data "
+          f"{context['data']['name']} ({context['data']['sha256'][:12]}); recipe "
+          f"{asdict(recipe)}"
+          + ("" if deadline is None else
+             f"; deadline {time.strftime('%H:%M:%S', time.localtime(deadline))} "
+             f"(in {deadline - start:.0f} s)"), flush=True)
     figures = None if getattr(args, "network", "tiny") == "tiny" else False
-    jobs = [(spec, recipe, args.data, args.out, 1, figures, args.workers, args.device)
-            for spec in todo]
+    history = _history(args)
+    fresh = parallel  # workers that have not run yet pay their start-up in their first run
+
+    def expected(spec: RunSpec) -> float:
+        network = spec.network or recipe.network
+        seconds = expected_seconds(network, history, parallel, recipe.epochs, args.margin)
+        return seconds + (args.startup_s if fresh > 0 else 0.0)
+
+    late: dict[str, float] = {}  # runs left out for the deadline: their expected seconds
+
+    def next_run(queue_: list[RunSpec]) -> RunSpec | None:
+        for i, spec in enumerate(queue_):
+            if deadline is None:
+                return queue_.pop(i)
+            seconds = expected(spec)
+            if time.time() + seconds <= deadline:
+                late.pop(spec.key, None)
+                return queue_.pop(i)
+            late[spec.key] = seconds
+        return None
+
+    def job(spec: RunSpec) -> Job:
+        return Job(spec, recipe, args.data, args.out, 1, figures, args.workers, args.device,
+                   context, args.trace_losses, args.records_out)
+
+    todo = list(todo)
+    finished: list[dict] = []
+    started = 0
+
+    def report(result: dict) -> None:
+        finished.append(result)
+        if result.get("status") == "ok":
+            history.append(result)
+        acc = result.get("test_acc")
+        print(f"[{time.time() - start:7.0f}s] {len(finished)}/{started} {result['key']}: "
+              f"{result['status']} test_acc={acc if acc is None else round(100 * acc, 2)} "
+              f"wall={result.get('wall_s')}s {result.get('error', '')}", flush=True)
+
+    def may_start() -> bool:
+        return args.max_runs is None or started < args.max_runs
+
     if args.workers == 0:  # in this process, one run after the other (tests, debugging)
-        results = map(_worker, jobs)
+        while may_start() and (spec := next_run(todo)) is not None:
+            started += 1
+            fresh = 0
+            report(_worker(job(spec)))
     else:
-        context = mp.get_context("spawn")
-        pool = context.Pool(args.workers, initializer=_init_worker, maxtasksperchild=None)
-        results = pool.imap_unordered(_worker, jobs, chunksize=1)
-    with contextlib.ExitStack() as stack:
-        if args.workers:
-            stack.enter_context(pool)
-        for i, result in enumerate(results, 1):
-            acc = result.get("test_acc")
-            print(f"[{time.time() - start:7.0f}s] {i}/{len(jobs)} {result['key']}: "
-                  f"{result['status']} test_acc={acc if acc is None else round(100 * acc, 2)} "
-                  f"wall={result.get('wall_s')}s {result.get('error', '')}", flush=True)
-    print(f"done in {time.time() - start:.0f}s", flush=True)
+        fraction = args.gpu_memory_fraction
+        if fraction is None and args.device == "cuda" and args.workers > 1:
+            fraction = 0.95 / args.workers
+        results: queue.Queue = queue.Queue()
+        context_mp = mp.get_context("spawn")  # never fork a process that may hold CUDA
+        with context_mp.Pool(args.workers, initializer=_init_worker,
+                             initargs=(args.device, fraction)) as pool:
+            running = 0
+            while True:
+                while running < args.workers and may_start():
+                    spec = next_run(todo)
+                    if spec is None:
+                        break
+                    pool.apply_async(_worker, (job(spec),), callback=results.put,
+                                     error_callback=lambda e, key=spec.key: results.put(
+                                         {"status": "failed", "key": key,
+                                          "error": f"{type(e).__name__}: {e}"}))
+                    running += 1
+                    started += 1
+                    fresh -= 1
+                if running == 0:
+                    break
+                try:
+                    report(results.get(timeout=5))
+                    running -= 1
+                except queue.Empty:
+                    if deadline is not None and time.time() > deadline + args.grace_s:
+                        # A run far past its expected end (a worker killed by the system
+                        # never reports): stop; every finished run's record is written.
+                        print(f"[{time.time() - start:7.0f}s] {running} run(s) still going "
+                              f"{args.grace_s:.0f} s after the deadline: stopped, not "
+                              "recorded", flush=True)
+                        pool.terminate()
+                        break
+    elapsed = time.time() - start
+    if late:
+        first, seconds = next(iter(late.items()))
+        print(f"not started, expected to end after the deadline: {len(late)} run(s), the "
+              f"first {first} (expected {seconds:.0f} s)", flush=True)
+    ok = [r for r in finished if r.get("status") == "ok"]
+    print(f"done in {elapsed:.0f}s: {len(ok)} of {len(finished)} started runs finished ok, "
+          f"{len(todo)} of the grid not started"
+          + (f"; {3600 * len(ok) / elapsed:.0f} runs per hour with {parallel} at a time"
+             if ok else ""), flush=True)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -440,6 +609,8 @@ def _runs(args: argparse.Namespace) -> list[RunSpec]:
     if getattr(args, "network", "tiny") == "wide":
         return wide_grid(args.dense_seeds)
     if getattr(args, "network", "tiny") == "resnet18":
+        if getattr(args, "plan", "default") == "paper":
+            return [spec for _, spec in paper_plan()]
         return resnet18_grid(args.seeds, args.settings)
     return grid(args.seeds_099, args.dense_seeds, args.seeds_other)
 
@@ -537,7 +708,8 @@ def final_density_table(results: dict[str, dict], sparsity: float, distribution:
 #: Fields of ``result.json`` copied into the committed raw records (``runs*.json``).
 RECORD_FIELDS = ("key", "method", "sparsity", "distribution", "seed", "status", "test_acc",
                  "val_acc", "wall_s", "fit_s", "rewirings", "workers", "torch_threads",
-                 "device", "versions", "recipe", "error", "layer_densities")
+                 "device", "versions", "recipe", "error", "layer_densities", "network",
+                 "commit", "data", "session", "started_at", "finished_at", "epoch_s")
 #: Top-level fields of the run summary copied into each record: the package report's keys,
 #: and what says which engine ran (its version and the defaults that changed results).
 SUMMARY_FIELDS = ("dataset", "model", "flops", "lightning_ggr_version", "update_grown_weights",
@@ -546,6 +718,12 @@ SUMMARY_FIELDS = ("dataset", "model", "flops", "lightning_ggr_version", "update_
 #: tables back from when there are no run directories (or with ``--records``).
 RECORDS_FILES = {"tiny": "runs.json", "wide": "runs_wide.json",
                  "resnet18": "runs_resnet18.json"}
+#: Same-window runs of the code before issue 20 (``study_throughput.py baseline``), in
+#: ``--results``: the "today's way" rows of the runs-per-GPU-hour table.
+THROUGHPUT_BASELINES = "throughput_baselines.json"
+#: The results page's generated claims section lies between these two lines.
+CLAIMS_BEGIN = "<!-- claims: generated by study.py report --network resnet18 --plan paper -->"
+CLAIMS_END = "<!-- claims: end -->"
 
 
 def _run_summary(result: dict) -> dict | None:
@@ -955,18 +1133,25 @@ def cmd_resnet18_report(args: argparse.Namespace) -> None:
     """``report --network resnet18``: ``resnet18_table.md``, ``runs_resnet18.json`` and the
     density chart of GGR's first run of the first setting, all in ``--results``; from the
     run directories or, when there are none, from ``runs_resnet18.json`` itself."""
-    results = load_records(args)
+    all_records = load_records(args)
     runs = _runs(args)
-    missing = [s.key for s in runs if s.key not in results]
+    missing = [s.key for s in runs if s.key not in all_records]
+    # The tables below are ResNet-18's; other networks' runs (the plan's MobileNetV2) are in
+    # the plan's cell table and the claims.
+    results = {k: r for k, r in all_records.items() if network_of(r) == MAIN_NETWORK}
     ok = {k: r for k, r in results.items() if r.get("status") == "ok"}
-    failed = sorted(k for k, r in results.items() if r.get("status") != "ok")
+    failed = sorted(k for k, r in all_records.items() if r.get("status") != "ok")
     walls = [r["wall_s"] for r in ok.values() if r.get("wall_s") is not None]
     # The settings and seeds asked for, then any others the records hold.
     found = {(r["sparsity"], r["distribution"]) for r in results.values()
              if r["method"] != "dense"}
-    settings = list(args.settings) + sorted(found - set(args.settings))
+    asked = [] if args.plan == "paper" else list(args.settings)
+    settings = asked + sorted(found - set(asked), key=lambda x: (-x[0], x[1] != "uniform"))
     seeds = sorted(set(range(args.seeds)) | {r["seed"] for r in results.values()})
-    methods = ("ggr", "dsr", "rigl", "set")
+    main_methods = ("ggr", "dsr", "rigl", "set")
+    ablations = tuple(m for m in ("ggr_set", "ggr_rigl", "set_rigl")
+                      if any(r["method"] == m for r in results.values()))
+    methods = main_methods + ablations
 
     def acc(method: str, sparsity: float, dist: str, seed: int) -> float | None:
         r = ok.get(RunSpec(method, sparsity, dist, seed).key)
@@ -988,6 +1173,8 @@ def cmd_resnet18_report(args: argparse.Namespace) -> None:
         for m in methods:
             values = [acc(m, sparsity, dist, s) for s in seeds]
             got = [v for v in values if v is not None]
+            if m in ablations and not got:
+                continue
             if got:
                 means[m] = statistics.fmean(got)
             mark = " (<5%: failed)" if got and means[m] < 5.0 else ""
@@ -1026,6 +1213,7 @@ def cmd_resnet18_report(args: argparse.Namespace) -> None:
         per_method = {m: [r for r in ok.values() if r["method"] == m
                           and r["sparsity"] == sparsity and r["distribution"] == dist
                           and r.get("layer_densities")] for m in methods}
+        per_method = {m: rs for m, rs in per_method.items() if rs or m in main_methods}
         first = next((r for rs in per_method.values() for r in rs), None)
         if first is None:
             continue
@@ -1056,9 +1244,37 @@ def cmd_resnet18_report(args: argparse.Namespace) -> None:
                      "seed 0: initial vs final density per layer\n\n"
                      "![densities](resnet18_figure2_ggr.png)\n\n" + density_table(summary))
     at_a_time = sorted({str(max(1, r.get("workers") or 1)) for r in ok.values()})
+    if args.plan == "paper":
+        baselines = []
+        baseline_file = args.results / THROUGHPUT_BASELINES
+        if baseline_file.is_file():
+            baselines = json.loads(baseline_file.read_text())["baselines"]
+        parts.append("## Every cell of the plan (issue 20), with its n\n\n"
+                     + "\n".join(f"- ({g}) {text}" for g, text in PLAN_GROUPS.items())
+                     + "\n\n" + cells_table(all_records, paper_plan())
+                     + "\n\n*paper*: the paper's Table 1 (full CIFAR-100, 100 epochs); for "
+                     "the ablations its Table 3, an average over four models and data sets.")
+        parts.append("## Runs per GPU-hour\n\n" + throughput_rows(all_records, baselines)
+                     + "\n\n" + (f"Baselines from [`{THROUGHPUT_BASELINES}`]"
+                                  f"({THROUGHPUT_BASELINES}): one run of the code before "
+                                  "issue 20, alone on the device, 3600 s over its run time. "
+                                  if baselines else "No same-window baseline yet. ")
+                     + "A session: the runs one `run` started, from its start (workers' "
+                     "start-up included) to its last finished run.")
+        section = claims_section(all_records)
+        readme = args.results / "README.md"
+        text = readme.read_text() if readme.is_file() else ""
+        if CLAIMS_BEGIN in text and CLAIMS_END in text:
+            head, rest = text.split(CLAIMS_BEGIN, 1)
+            readme.write_text(head + CLAIMS_BEGIN + "\n" + section + rest[rest.index(
+                CLAIMS_END):])
+        else:
+            (args.results / "resnet18_claims.md").write_text(
+                "# The paper's claims on ResNet-18, claim by claim\n\n" + section)
+    shown = missing if len(missing) <= 12 else [*missing[:12], f"... {len(missing) - 12} more"]
     parts.append(
         f"{len(ok)} finished runs, {len(failed)} failed ({', '.join(failed) or 'none'}), "
-        f"{len(missing)} missing ({', '.join(missing) or 'none'})."
+        f"{len(missing)} missing ({', '.join(shown) or 'none'})."
         + (f" Wall time per run: mean {statistics.fmean(walls):.0f} s, "
            f"{min(walls):.0f}-{max(walls):.0f} s ({' or '.join(at_a_time)} run(s) at a time) "
            f"on {_devices(ok)}." if walls else "")
@@ -1087,8 +1303,10 @@ def _dense_params(results: dict[str, dict]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    results = load_results(args.out)
+    results = {**read_records(args.records_out), **load_results(args.out)}
     runs = _runs(args)
+    if args.plan == "paper":  # every cell with its n, then what is missing
+        print(cells_table(results, paper_plan()))
     done = [s for s in runs if s.key in results]
     print(f"{len(done)}/{len(runs)} finished")
     for spec in runs:
@@ -1148,6 +1366,39 @@ def main(argv: list[str] | None = None) -> None:
                        help="train/val/test batches per epoch (tiny test)")
         p.add_argument("--precision", default=None,
                        help="override the recipe's (resnet18: bf16-mixed, else 32-true)")
+        p.add_argument("--plan", choices=("default", "paper"), default="default",
+                       help="resnet18: 'paper' is issue 20's priority plan, (a) 99%% uniform "
+                            "dense + 4 methods x 5 seeds, (b) 97%% uniform and 99%% ERK x 3, "
+                            "(c) the Table-3 ablations at 99%% uniform x 3, (d) 90%% ERK and "
+                            "uniform x 3, (e) MobileNetV2 at 99%% ERK x 3 (--seeds and "
+                            "--settings then do not apply)")
+        p.add_argument("--records-out", type=Path, default=None, metavar="FILE",
+                       help="run: merge each finished run's record into this raw-records "
+                            "file at once (atomically, under a lock) and skip the runs it "
+                            "holds; report/status with --plan paper: read it")
+        if name == "run":
+            p.add_argument("--deadline", type=parse_deadline, default=None,
+                           help="start no run expected to end after this: seconds from now "
+                                "(540, 9m) or a local time (14:30, 2026-12-07T14:30)")
+            p.add_argument("--margin", type=float, default=1.25,
+                           help="safety factor on the expected run time (default 1.25)")
+            p.add_argument("--startup-s", type=float, default=30.0,
+                           help="expected start-up of a fresh worker, added to its first "
+                                "run (default 30)")
+            p.add_argument("--history", type=Path, nargs="*", default=[], metavar="FILE",
+                           help="more raw-records files whose run times estimate a run's "
+                                "(e.g. a short probe at this --workers)")
+            p.add_argument("--grace-s", type=float, default=60.0,
+                           help="with --deadline: stop waiting for runs this long after it "
+                                "(default 60)")
+            p.add_argument("--max-runs", type=_count(1), default=None,
+                           help="start at most this many runs")
+            p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                           help="cuda, --workers N > 1: each worker's cap on the GPU's "
+                                "memory (default 0.95 / N)")
+            p.add_argument("--trace-losses", action="store_true",
+                           help="store every training step's loss in result.json "
+                                "(train_losses; the pairing check)")
         if name == "tune":
             p.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import io
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -24,12 +25,19 @@ def load_example(name: str):
     return module
 
 
-def test_add_to_your_trainer(tmp_path, capsys):
+def test_add_to_your_trainer(tmp_path, capsys, caplog):
     example = load_example("add_to_your_trainer")
-    densities = example.main(["--epochs", "1", "--root-dir", str(tmp_path)])
+    with caplog.at_level(logging.INFO):
+        densities = example.main(["--epochs", "1", "--root-dir", str(tmp_path)])
     assert set(densities) == {"net.0.weight", "net.4.weight", "net.8.weight", "net.10.weight"}
     out = capsys.readouterr().out
-    assert "val_acc" in out and "net.8.weight" in out
+    # 22 steps, stop at step 11: one rewiring at step 10
+    assert "val_acc" in out and "rewirings 1 of 1 planned" in out
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("DynamicSparsityCallback schedule: rewiring every 10 steps")
+               for m in messages)
+    assert any(m.startswith("DynamicSparsityCallback at fit end") and "net.8.weight" in m
+               for m in messages)
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # the Trainer's own logger
 
 

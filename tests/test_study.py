@@ -99,7 +99,7 @@ def test_augment_batch_keeps_each_image_a_shifted_or_flipped_crop(study):
     from study_data import augment_batch
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
-    out = augment_batch(x, torch.Generator().manual_seed(0), pad=1)
+    out = augment_batch(x, torch.Generator().manual_seed(0), padding=1)
     assert out.shape == x.shape and out.device == x.device
     # Every output image is a shifted (and maybe flipped) crop of its own zero-padded input.
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))

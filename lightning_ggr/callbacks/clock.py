@@ -60,6 +60,11 @@ class RewiringClock:
         self.max_epochs: int | None = None
         #: DDP ranks whose epochs differ: rank 0's epochs decide.
         self.agree_epochs = False
+        #: Where this fit's stop point comes from (``"stop_fraction=0.5 of 30 steps = step
+        #: 15"``), and the optimizer steps at which a rewiring is due over the whole run
+        #: (``None``: unknown, the epochs' length is): both set by :meth:`schedule`.
+        self.stop_source = ""
+        self.planned: list[int] | None = None
         self._hook_global_step: int | None = None  # the closure guard
         self._epoch_batches: int | None = None  # batches in the epoch so far
         self._epoch_start_step = 0
@@ -132,6 +137,8 @@ class RewiringClock:
         stop_step, batches = self.agree_on_length(trainer, stop_step)
         self._check_first_rewiring(trainer, stop_step, source, batches)
         schedule = RewiringSchedule(s.interval, s.update_interval, stop_step, s.drop_fraction)
+        self.stop_source = source
+        self.planned = self.planned_steps(trainer, schedule, batches)
         self._warn_if_schedule_changed(schedule, engine)
         check_weight_averaging(trainer, stop_step, batches)
         return schedule
@@ -159,6 +166,31 @@ class RewiringClock:
         if fresh is None:
             return None, "an unknown training length"
         return fresh, f"stop_fraction={s.stop_fraction} of {int(total)} steps = step {fresh}"
+
+    def planned_steps(self, trainer: pl.Trainer, schedule: RewiringSchedule,
+                      batches: float) -> list[int] | None:
+        """The optimizer steps at which ``schedule`` is due over the whole run (from step 0;
+        a resumed run's past rewirings included), within the training length: the first step
+        of every slot but the first before the stop point. ``None`` when an epoch's length
+        (``batches``, in training batches) is unknown and ``interval="epoch"``."""
+        max_epochs = trainer.max_epochs if self.max_epochs is None else self.max_epochs
+        end = min(float(schedule.stop_step), total_optimizer_steps(trainer, max_epochs))
+        every = schedule.update_interval
+        if schedule.interval == "step":
+            return list(range(every, math.ceil(end), every)) if end > every else []
+        if not math.isfinite(batches):
+            return None
+        if batches < 1:  # no training batch: no epoch has a first step
+            return []
+        planned = []
+        epoch = every
+        while max_epochs is None or max_epochs < 0 or epoch < max_epochs:
+            first = steps_before_epoch(trainer, epoch, batches)
+            if first >= end:
+                break
+            planned.append(int(first))
+            epoch += every
+        return planned
 
     def agree_on_length(self, trainer: pl.Trainer, stop_step: int | None) -> tuple[int, float]:
         """One collective at train start: every rank takes the same stop step and knows

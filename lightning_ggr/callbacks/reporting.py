@@ -1,5 +1,5 @@
-"""What `DynamicSparsityCallback` tells the user: the selection summary, metrics, TensorBoard
-views, the run summary.
+"""What `DynamicSparsityCallback` tells the user: the selection summary and the schedule line
+at the start, metrics, TensorBoard views, the account of the run at fit end, the run summary.
 
 The callback owns the training contract (masks, schedule, rewiring); everything it reports
 goes through a :class:`SparsityReporter`, which reads the engine and never changes it.
@@ -24,6 +24,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import Tensor
 
+from lightning_ggr.callbacks.account import (
+    RunAccount,
+    account_figures,
+    account_metrics,
+    format_account,
+    format_schedule_line,
+    format_table,
+)
 from lightning_ggr.sparse.analysis import sparse_flops
 from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.rewiring import RewiringReport
@@ -83,6 +91,10 @@ def _count(number: int) -> str:
 
 #: Tag of the selection summary in TensorBoard's Text tab.
 SELECTION_TAG = "lightning_ggr/selection"
+#: Tag of the schedule line in TensorBoard's Text tab.
+SCHEDULE_TAG = "lightning_ggr/schedule"
+#: Tag of the fit-end account in TensorBoard's Text tab.
+ACCOUNT_TAG = "lightning_ggr/account"
 
 
 def format_selection_table(selection: Selection, active: Mapping[str, int],
@@ -112,18 +124,8 @@ def format_selection_table(selection: Selection, active: Mapping[str, int],
         ))
     columns = ("", "Parameter", "Shape", "Params", "Kind", "Density", "Active",
                "Role / dense because")
-    widths = [max([len(column)] + [len(row[i]) for row in rows])
-              for i, column in enumerate(columns)]
-    right = {3, 5, 6}
-
-    def line(cells: tuple[str, ...]) -> str:
-        return " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    header = line(columns)
-    rule = "-" * len(header)
     lines = [title] if title else []
-    lines += [header, rule, *(line(row) for row in rows), rule]
+    lines += format_table(columns, rows, right=(3, 5, 6))
     total, sparse_total = selection.total_params, selection.sparse_params
     sparse_active = sum(active[name] for name in selection.params)
     sparse_count = len(selection.params)
@@ -156,14 +158,23 @@ class SparsityReporter:
         log_figures: draw the density chart, mask images and weight histograms.
         mask_layers: parameter names or patterns whose masks are drawn (see
             :func:`~lightning_ggr.callbacks.plots.resolve_mask_layers`).
-        selection_summary: print and log the selection summary at fit start.
+        selection_summary: print and log the selection summary at fit start and the schedule
+            line when training starts.
+        fit_end_summary: print and log the account of the run at fit end (its figures go to
+            ``trainer.callback_metrics`` and the run summary either way).
     """
 
     def __init__(self, log_figures: bool = True, mask_layers: list[str] | None = None,
-                 selection_summary: bool = True) -> None:
+                 selection_summary: bool = True, fit_end_summary: bool = True) -> None:
         self.log_figures = log_figures
         self.mask_layers = mask_layers
         self.selection_summary = selection_summary
+        self.fit_end_summary = fit_end_summary
+        #: Running totals of the run's rewirings (checkpointed by the callback).
+        self.account = RunAccount()
+        #: Optimizer steps at which a rewiring is due over the whole run (``None``: unknown),
+        #: set when training starts.
+        self.planned: list[int] | None = None
         #: Global density shown on the progress bar.
         self.global_density = 1.0
         #: What the run summary records of the selection (set at fit start).
@@ -173,6 +184,7 @@ class SparsityReporter:
         self._shown_density: float | None = None
         self._summary_path: Path | None = None
         self._flops_warned = False
+        self._epoch_views_pending = False
 
     def key(self, group: str, name: str) -> str:
         """The metric name ``<group><tag>/<name>``."""
@@ -199,18 +211,49 @@ class SparsityReporter:
         if not self.selection_summary or not trainer.is_global_zero:
             return
         table = format_selection_table(selection, engine.active_counts(), title)
-        rank_zero_info(table)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # Indented four spaces: TensorBoard renders the text as Markdown code.
-                text = "\n".join("    " + row for row in table.splitlines())
-                logger.experiment.add_text(f"{SELECTION_TAG}{self.tag}", text,
-                                           global_step=trainer.global_step)
+        self._show(trainer, table, SELECTION_TAG)
 
     def training_started(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
         self._shown_density = None  # a new fit starts with an empty progress bar
         self.log_densities(trainer, engine, trainer.global_step)
         self.log_views(trainer, engine)
+
+    def schedule_started(self, trainer: pl.Trainer, engine: SparseEngine,
+                         planned: list[int] | None, stop_source: str, step: int) -> None:
+        """Keep the planned rewirings; print the schedule line (rank 0) and log it as
+        TensorBoard text, if the selection summary is enabled."""
+        self.planned = planned
+        if not self.selection_summary or not trainer.is_global_zero or engine.schedule is None:
+            return
+        line = format_schedule_line(engine.schedule, planned, stop_source,
+                                    done=engine.rewirings, step=step,
+                                    sparsity=engine.sparsity)
+        self._show(trainer, f"DynamicSparsityCallback{self.tag} schedule: {line}",
+                   SCHEDULE_TAG)
+
+    def fit_ended(self, trainer: pl.Trainer, engine: SparseEngine, steps: int | None,
+                  title: str) -> dict[str, Any]:
+        """The account of the run: its totals into ``trainer.callback_metrics``; printed
+        (rank 0) and logged as TensorBoard text if ``fit_end_summary``. Returns its figures
+        (:func:`~lightning_ggr.callbacks.account.account_figures`)."""
+        figures = account_figures(engine, self.account, self.planned, steps)
+        metrics = trainer.callback_metrics
+        for name, value in account_metrics(figures).items():
+            metrics[self.key("rewiring", name)] = torch.tensor(value)
+        if self.fit_end_summary and trainer.is_global_zero:
+            shapes = {name: tuple(p.shape) for name, p in engine.params.items()}
+            self._show(trainer, format_account(figures, shapes, title), ACCOUNT_TAG)
+        return figures
+
+    def _show(self, trainer: pl.Trainer, text: str, tag: str) -> None:
+        """Print ``text`` (rank 0) and log it to TensorBoard's Text tab."""
+        rank_zero_info(text)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Indented four spaces: TensorBoard renders the text as Markdown code.
+                indented = "\n".join("    " + row for row in text.splitlines())
+                logger.experiment.add_text(f"{tag}{self.tag}", indented,
+                                           global_step=trainer.global_step)
 
     def rewired(self, trainer: pl.Trainer, engine: SparseEngine, report: RewiringReport,
                 step: int) -> None:
@@ -219,12 +262,13 @@ class SparsityReporter:
         ``step`` is the schedule's step (the optimizer holding the sparse weights); metrics
         are logged at ``trainer.global_step``, the x-axis of every other metric.
         """
+        self.account.record(report)
         if report.skipped:
             due = engine.pending_step if engine.pending_step is not None else step
+            reason = report.skip_reason or "unusable sparse gradients"
             rank_zero_warn(
-                f"step {step}: non-finite sparse gradients (or none, for a method that grows "
-                f"by gradient): the rewiring due at step {due} is postponed to the next step "
-                "with usable gradients"
+                f"step {step}: {reason}: the rewiring due at step {due} is postponed to the "
+                "next step with usable gradients"
             )
             metrics = {self.key("rewiring", "skipped"): float(engine.skipped_rewirings)}
         else:
@@ -241,7 +285,11 @@ class SparsityReporter:
             logger.log_metrics(metrics, step=trainer.global_step)
         if not report.skipped:
             self.log_densities(trainer, engine, trainer.global_step)
+            # At the step where the last epoch ended: these views replace the epoch's.
+            self._epoch_views_pending = False
             self.log_views(trainer, engine, moved=report.moved)
+        else:
+            self.weights_about_to_change(trainer, engine)
 
     def batch_ended(self, pl_module: pl.LightningModule) -> None:
         """Show the global density on the progress bar, only when it changed: Lightning
@@ -255,7 +303,17 @@ class SparsityReporter:
                       logger=False, on_step=True, on_epoch=False)
 
     def epoch_ended(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
-        self.log_views(trainer, engine)
+        """The epoch's views are drawn just before the next optimizer step changes the
+        weights (:meth:`weights_about_to_change`), or at train end: a rewiring at that step,
+        logged at the same global step (the first step of the next epoch), draws them
+        instead, once, with its changes. Drawing both put two images at one step."""
+        self._epoch_views_pending = True
+
+    def weights_about_to_change(self, trainer: pl.Trainer, engine: SparseEngine) -> None:
+        """Draw the views an epoch end left pending (the weights are still the epoch's)."""
+        if self._epoch_views_pending:
+            self._epoch_views_pending = False
+            self.log_views(trainer, engine)
 
     # ------------------------------------------------------------------------ pieces
     def log_densities(self, trainer: pl.Trainer, engine: SparseEngine, step: int) -> None:
@@ -300,14 +358,17 @@ class SparsityReporter:
                                    histograms=histograms)
 
     def write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                      engine: SparseEngine, config: Mapping[str, Any]) -> None:
+                      engine: SparseEngine, config: Mapping[str, Any],
+                      steps: int | None = None) -> None:
         """Write ``lightning_ggr_summary<tag>.json`` into the logger's folder (rank 0).
 
         A run without a logger leaves no file behind. Testing after fitting in the same run
-        keeps the fit's metrics (``val/*``) and adds the new ones. Every rank must call it:
-        ``trainer.log_dir`` is a broadcast, and a sharded run's analysis is computed from
-        every rank's shards; FLOPs are not counted under sharding (a forward pass on rank 0
-        alone would wait for the other ranks' shards).
+        keeps the fit's metrics (``val/*``) and adds the new ones. The ``rewiring`` section is
+        the account of the run (:func:`~lightning_ggr.callbacks.account.account_figures`
+        less its ``layers``, which the ``layers`` section holds); ``steps``: optimizer steps
+        trained. Every rank must call it: ``trainer.log_dir`` is a broadcast, and a sharded
+        run's analysis is computed from every rank's shards; FLOPs are not counted under
+        sharding (a forward pass on rank 0 alone would wait for the other ranks' shards).
         """
         if not trainer.loggers:
             return
@@ -339,6 +400,8 @@ class SparsityReporter:
             summary["metrics"] = metrics
         if self.selection_record is not None:
             summary["selection"] = self.selection_record
+        figures = account_figures(engine, self.account, self.planned, steps)
+        summary["rewiring"] = {k: v for k, v in figures.items() if k != "layers"}
         stem, suffix = SUMMARY_FILENAME.rsplit(".", 1)
         path = Path(log_dir) / f"{stem}{self.tag}.{suffix}"
         if path == self._summary_path and path.exists():

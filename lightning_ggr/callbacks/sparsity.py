@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ggr.callbacks.account import RunAccount
 from lightning_ggr.callbacks.clock import ClockSettings, RewiringClock
 from lightning_ggr.callbacks.compatibility import (
     check_strategy,
@@ -55,10 +56,11 @@ class DynamicSparsityCallback(Callback):
     schedule, each rewiring drops the weakest active weights and grows as many new ones
     where the chosen method says (paper: Parger et al., ICML 2022, sections 3.2-3.3).
 
-    Sparse by default: the ``weight`` of every ``Linear`` and (transposed) ``Conv`` layer and
-    MultiheadAttention's projections, when they require grad and the optimizer holds them; a
-    tied weight is one sparse tensor. Everything else stays dense, and the selection summary
-    printed at fit start says why for each tensor (:mod:`lightning_ggr.sparse.selection`).
+    Sparse by default: the ``weight`` of every ``Linear`` and (transposed) ``Conv`` layer, of
+    transformers' ``Conv1D`` (GPT-2) and MultiheadAttention's projections, when they require
+    grad and the optimizer holds them; a tied weight is one sparse tensor. Everything else
+    stays dense, and the selection summary printed at fit start says why for each tensor
+    (:mod:`lightning_ggr.sparse.selection`).
 
     Args:
         method: ``"ggr"`` (global gradient allocation, 50:50 gradient/random insertion),
@@ -95,7 +97,15 @@ class DynamicSparsityCallback(Callback):
             images (default: the first three sparse convolutions that are not depthwise).
         selection_summary: at fit start, print (rank 0) and log as TensorBoard text the table
             of every parameter tensor: sparse or dense, shape, initial density, active
-            count, and why each dense one is dense.
+            count, and why each dense one is dense; when training starts, the schedule in one
+            line (every how many steps or epochs, the stop point and where it comes from, the
+            rewirings planned, the drop fraction and its decay).
+        fit_end_summary: at fit end, print (rank 0) and log as TensorBoard text the account
+            of the run: rewirings done of planned, postponed ones and why, weights grown and
+            moved between layers, each layer's density at initialization and now. Its totals
+            go to ``trainer.callback_metrics`` (``rewiring/count``, ``rewiring/planned``,
+            ``rewiring/skipped``, ``rewiring/grown_total``, ``rewiring/removed_total``,
+            ``rewiring/moved_net``) and the run summary's ``rewiring`` section either way.
         update_grown_weights: let the optimizer step of a rewiring step also update the
             weights it grew (``-lr * g``). Default ``False``: their gradient is zeroed, so they
             start the next step at ``init_value`` (RigL's reference applies no gradient on
@@ -133,6 +143,7 @@ class DynamicSparsityCallback(Callback):
         update_grown_weights: bool = False,
         reinit_regrown: bool = False,
         dsr_initial_threshold: float | None = 1e-3,
+        fit_end_summary: bool = True,
     ) -> None:
         super().__init__()
         # The same checks the engine and the schedule run, here so that a bad argument fails
@@ -160,8 +171,9 @@ class DynamicSparsityCallback(Callback):
         self.dsr_initial_threshold = check_positive_or_none("dsr_initial_threshold",
                                                             dsr_initial_threshold)
         self.selection_summary = check_bool("selection_summary", selection_summary)
+        self.fit_end_summary = check_bool("fit_end_summary", fit_end_summary)
         self.reporter = SparsityReporter(self.log_figures, self.mask_layers,
-                                         self.selection_summary)
+                                         self.selection_summary, self.fit_end_summary)
         #: Every parameter tensor, sparse or dense with its reason (from ``on_fit_start``).
         self.selection: Selection | None = None
         self.reporter.global_density = 1.0 - self.sparsity
@@ -280,6 +292,7 @@ class DynamicSparsityCallback(Callback):
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
             self._loaded_state = None
         self.clock.restore(loaded)
+        self.reporter.account = RunAccount.from_state((loaded or {}).get("account"))
         self._warned = set()
         self._run_id = str((loaded or {}).get("run_id") or uuid.uuid4().hex)
         self._attach_step_hook(trainer, params)
@@ -309,6 +322,8 @@ class DynamicSparsityCallback(Callback):
         # position) and Lightning restored global_step: the length and the clock are known.
         self.engine.schedule = self.clock.start(trainer, pl_module.automatic_optimization,
                                                 self.engine)
+        self.reporter.schedule_started(trainer, self.engine, self.clock.planned,
+                                       self.clock.stop_source, self.clock.steps or 0)
         self.reporter.training_started(trainer, self.engine)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,6 +338,7 @@ class DynamicSparsityCallback(Callback):
         if optimizer is not self._optimizer and not self._follow_optimizer(trainer, optimizer):
             return
         if self.clock.steps is None:  # no schedule yet (a step outside the fit loop): mask only
+            self.reporter.weights_about_to_change(trainer, self.engine)
             self.engine.mask_gradients()
             return
         step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
@@ -332,6 +348,8 @@ class DynamicSparsityCallback(Callback):
             self.last_report = report
             self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
+        else:
+            self.reporter.weights_about_to_change(trainer, self.engine)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -345,6 +363,7 @@ class DynamicSparsityCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self.engine
+        self.reporter.weights_about_to_change(trainer, engine)  # the last epoch's views
         if engine.pending_step is not None:
             rank_zero_warn(
                 f"the rewiring due at step {engine.pending_step} was postponed (non-finite or "
@@ -363,11 +382,15 @@ class DynamicSparsityCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
             self._remask_kept_model(trainer)
-            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config())
+            self.reporter.fit_ended(trainer, self.engine, self.clock.steps,
+                                    self._title("at fit end") + f", step {self.clock.steps}:")
+            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config(),
+                                        self.clock.steps)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
-            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config())
+            self.reporter.write_summary(trainer, pl_module, self.engine, self.run_config(),
+                                        self.clock.steps)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._step_hook is not None:
@@ -393,6 +416,7 @@ class DynamicSparsityCallback(Callback):
             # restored, training never started
             state["schedule"] = dict(self.clock.saved_schedule)
         state.update(self.clock.state())
+        state["account"] = self.reporter.account.state()
         if self._run_id is not None:
             state["run_id"] = self._run_id
         return state
@@ -464,6 +488,7 @@ class DynamicSparsityCallback(Callback):
         # A sharded checkpoint loaded the masks in place into the model's buffers.
         self.engine.load_state_dict({**loaded, "masks": saved or self.engine.masks})
         self.clock.restore(loaded)
+        self.reporter.account = RunAccount.from_state(loaded.get("account"))
         self._run_id = str(loaded.get("run_id") or self._run_id)
         self.reporter.global_density = self.engine.global_density()
 
@@ -503,10 +528,14 @@ class DynamicSparsityCallback(Callback):
         return ClockSettings(self.sparsity, self.interval, self.update_interval, self.stop_step,
                              self.stop_fraction, self.drop_fraction)
 
-    def _title(self) -> str:
+    def _title(self, when: str = "") -> str:
+        """``DynamicSparsityCallback: ggr, sparsity 0.9, erk; what is sparse:``, or with
+        ``when``: ``DynamicSparsityCallback at fit end: ggr, sparsity 0.9, erk``."""
         method = self.method if self.sparsity > 0 else "dense"
-        return (f"DynamicSparsityCallback: {method}, sparsity {self.sparsity:g}, "
-                f"{self.distribution}; what is sparse:")
+        settings = f"{method}, sparsity {self.sparsity:g}, {self.distribution}"
+        if when:
+            return f"DynamicSparsityCallback{self.reporter.tag} {when}: {settings}"
+        return f"DynamicSparsityCallback: {settings}; what is sparse:"
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -9,8 +9,14 @@ Layout (``format_version`` 1)::
       "layers": {name: {"active", "total", "density", "initial_active"}},
       "analysis": {"overall": {...}, "layers": {...}},   # SparsityAnalysis.to_dict()
       "flops": {"sparse": int, "dense": int},            # when a module and input are given
-      "metrics": {"test/acc": 0.61, ...}                  # floats; NaN and inf -> null
+      "metrics": {"test/acc": 0.61, ...},                 # floats; NaN and inf -> null
+      "selection": {...}, "rewiring": {...}               # written by the callback
     }
+
+``rewiring`` (the account of the run, from version 0.1.0 on; older summaries lack it):
+``planned``, ``done``, ``postponed``, ``postponed_reasons``, ``pending_step``,
+``not_reached``, ``steps``, ``stop_step``, ``grown``, ``removed``, ``recorded_rewirings``,
+``moved_net`` (see :func:`lightning_ggr.callbacks.account.account_figures`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +43,7 @@ FORMAT_VERSION = 1
 
 _RESERVED = frozenset(
     {"format_version", "lightning_ggr_version", "created", "global_density", "layers",
-     "analysis", "flops", "metrics"}
+     "analysis", "flops", "metrics", "selection", "rewiring"}
 )
 
 
@@ -133,12 +139,14 @@ def _metric(value: Any) -> float | None:
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` (made plain by :func:`to_plain`) as indented JSON, atomically: to a
     temporary file in the same folder (created if missing), then ``os.replace``. A reader
-    never sees half a file, even if the writer is killed."""
+    never sees half a file, even if the writer is killed. The file gets the permissions
+    ``open()`` would give it (``0o666`` less the umask, as the other logs)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_plain(data), indent=2, sort_keys=False, allow_nan=False)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                         dir=target.parent)
+    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    # Not tempfile.mkstemp: its files are 0o600 whatever the umask.
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text + "\n")

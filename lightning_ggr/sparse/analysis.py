@@ -12,8 +12,9 @@ Pure PyTorch (no Lightning). The quantities follow the paper's Table 4 and Figur
   empty neuron and every empty input is removed from each tensor:
   ``sum_l (out_l - e_out_l) * (in_l - e_in_l) * K_l``.
 
-Grouped and transposed convolutions need the module to be read correctly (pass ``module``
-to :func:`analyze_masks`); see :func:`analyze_masks` for the rule.
+Grouped and transposed convolutions, and linear maps stored ``(in, out)`` (transformers'
+``Conv1D``), need the module to be read correctly (pass ``module`` to :func:`analyze_masks`);
+see :func:`analyze_masks` for the rule.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ggr.sparse.selection import CONV_MODULES as _CONV_TYPES
+from lightning_ggr.sparse.selection import is_transposed_linear
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -169,12 +171,15 @@ class SparsityAnalysis:
 
 
 def layer_layouts(module: nn.Module) -> dict[str, tuple[int, bool]]:
-    """``weight`` name -> ``(groups, transposed)`` of every convolution in ``module``."""
+    """``weight`` name -> ``(groups, transposed)`` of every convolution in ``module``, and of
+    every linear map stored ``(in, out)`` (transformers' ``Conv1D``: one group, transposed)."""
     layouts = {}
     for module_name, child in module.named_modules():
+        name = f"{module_name}.weight" if module_name else "weight"
         if isinstance(child, _CONV_TYPES):
-            name = f"{module_name}.weight" if module_name else "weight"
             layouts[name] = (int(child.groups), bool(child.transposed))
+        elif is_transposed_linear(child):
+            layouts[name] = (1, True)
     return layouts
 
 
@@ -253,8 +258,8 @@ def analyze_masks(
         params: optional name -> weight; when given, each layer also reports
             ``mean_abs_active``, the mean ``|w|`` over its active weights.
         module: optional model the names belong to; needed to read grouped and transposed
-            convolutions correctly (without it every weight is ``(out, in, *kernel)`` with one
-            group).
+            convolutions and transformers' ``Conv1D`` (a linear map stored ``(in, out)``)
+            correctly (without it every weight is ``(out, in, *kernel)`` with one group).
 
     Grouped convolutions: neuron ``o`` of group ``g`` only sees the input channels of group
     ``g``, so the input channel ``g * in_g + j`` is empty when no neuron of group ``g`` uses
@@ -285,14 +290,15 @@ def sparse_flops(
 ) -> tuple[int, int]:
     """Multiply-adds of one forward pass of ``example_input``: ``(sparse, dense)``.
 
-    Counted for every ``nn.Linear`` and (transposed) convolution the forward pass calls,
-    from the output sizes seen by forward hooks:
+    Counted for every ``nn.Linear``, transformers' ``Conv1D`` and (transposed) convolution
+    the forward pass calls, from the output sizes seen by forward hooks:
 
     - convolution: ``n_w * prod(output spatial size)`` per sample, ``n_w`` the weights used
       (the weight's shape already holds ``in / groups``, so grouped and depthwise
       convolutions come out right); a transposed convolution:
       ``n_w * prod(input spatial size)``;
-    - linear: ``n_w`` per output row (times any extra leading dimensions).
+    - linear (``Conv1D`` too, whatever the orientation of its weight): ``n_w`` per output
+      row (times any extra leading dimensions).
 
     ``n_w`` is the active count ``mask.sum()`` for the sparse number and ``weight.numel()``
     for the dense one; a layer without mask counts dense in both. Biases, normalization,
@@ -308,7 +314,7 @@ def sparse_flops(
         name = names.get(id(weight))
         dense = weight.numel()
         sparse = int(masks[name].sum()) if name in masks else dense
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, nn.Linear) or is_transposed_linear(layer):
             positions = output.numel() // max(int(output.shape[-1]), 1)
         elif getattr(layer, "transposed", False):
             source = inputs[0]
@@ -322,7 +328,7 @@ def sparse_flops(
     handles = [
         child.register_forward_hook(hook)
         for child in module.modules()
-        if isinstance(child, (nn.Linear, *_CONV_TYPES))
+        if isinstance(child, (nn.Linear, *_CONV_TYPES)) or is_transposed_linear(child)
     ]
     modes = {child: child.training for child in module.modules()}
     parameter = next(module.parameters(), None)

@@ -54,6 +54,10 @@ from lightning_ggr.sparse.sharded import (
     select_across_shards,
 )
 
+#: Why a due rewiring is postponed (``RewiringReport.skip_reason``).
+NONFINITE_GRADIENTS = "non-finite sparse gradients"
+MISSING_GRADIENTS = "no sparse gradients (the method grows by gradient)"
+
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -315,12 +319,16 @@ class SparseEngine:
         (one read of the device)."""
         return self._agreed(self._gradient_checks())[0]
 
-    def _check_gradients(self) -> bool:
-        """:meth:`gradients_usable`, warning once when a method that grows by gradient is
-        about to rewire with gradients that are zero everywhere."""
+    def _check_gradients(self) -> str | None:
+        """Why this step's gradients cannot drive a rewiring (``None``: they can; see
+        :meth:`gradients_usable`), warning once when a method that grows by gradient is about
+        to rewire with gradients that are zero everywhere. Under ``torch.distributed`` the
+        reason is this process's view: gradients missing here, else non-finite somewhere."""
         needs = self.rewiring.needs_gradients
         present = any(param.grad is not None for param in self._param_list)
         usable, signal = self._agreed(self._gradient_checks(), present or not needs)
+        if not usable:
+            return MISSING_GRADIENTS if needs and not present else NONFINITE_GRADIENTS
         if usable and needs and not signal and not self._warned_no_signal:
             self._warned_no_signal = True
             warnings.warn(
@@ -329,7 +337,7 @@ class SparseEngine:
                 "ran since the gradients were zeroed (zero_grad(set_to_none=False) without a "
                 "backward, a skipped step) or the network is dead (no signal reaches its "
                 "sparse layers)", UserWarning, stacklevel=3)
-        return usable
+        return None
 
     def gradients_usable(self) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
@@ -376,17 +384,19 @@ class SparseEngine:
         or after ``stop_step`` (the stop bounds when rewirings are scheduled, not when a
         postponed one completes).
 
-        Returns the rewiring's report, a report with ``skipped=True`` when a due rewiring was
-        postponed, or ``None`` when none was due.
+        Returns the rewiring's report, a report with ``skipped=True`` and its ``skip_reason``
+        when a due rewiring was postponed, or ``None`` when none was due.
         """
         report = None
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            if not self._check_gradients():
+            reason = self._check_gradients()
+            if reason is not None:
                 self.skipped_rewirings += 1
                 self.pending_step = int(due_step)
-                report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True)
+                report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True,
+                                        skip_reason=reason)
             else:
                 report = self.rewire(drop_fraction, optimizers)
                 self.last_rewiring_step, self.last_rewiring_epoch = int(step), int(epoch)

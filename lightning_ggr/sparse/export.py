@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ggr.sparse.selection import is_transposed_linear
+
 #: Value of the ``format`` key of a saved sparse model.
 FORMAT = "lightning_ggr.sparse_model"
 FORMAT_VERSION = 1
@@ -113,6 +115,18 @@ _MAX_POOLS: tuple[type[nn.Module], ...] = (
 _AVG_POOLS: tuple[type[nn.Module], ...] = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED = (nn.Linear, *_CONVS)
+
+
+def _is_weighted(layer: nn.Module) -> bool:
+    """A layer compaction slices: ``nn.Linear``, ``nn.Conv1d/2d/3d``, transformers' ``Conv1D``."""
+    return isinstance(layer, _WEIGHTED) or is_transposed_linear(layer)
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    """The layer's weight as ``(out, in, *kernel)``: transformers' ``Conv1D`` stores it
+    ``(in, out)``."""
+    weight = layer.weight.detach()
+    return weight.t() if is_transposed_linear(layer) else weight
 SUPPORTED_BETWEEN = (*_ELEMENTWISE, *_DROPOUT, *_NORMS, *_MAX_POOLS, *_AVG_POOLS, nn.Flatten)
 
 
@@ -130,8 +144,11 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
 
 def _used(layer: nn.Module, mask: Tensor | None) -> Tensor:
     """Weights that take part: active in the mask (if any) and not exactly zero."""
-    used = layer.weight.detach() != 0
-    return used if mask is None else used & mask.to(used.device, torch.bool)
+    used = _weight(layer) != 0
+    if mask is None:
+        return used
+    mask = mask.to(used.device, torch.bool)
+    return used & (mask.t() if is_transposed_linear(layer) else mask)
 
 
 @dataclass
@@ -193,9 +210,10 @@ def _constant_through(
 def _plan(
     leaves: list[tuple[str, nn.Module]], masks: Mapping[str, Tensor]
 ) -> tuple[list[int], list[_Boundary]]:
-    weighted = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _WEIGHTED)]
+    weighted = [i for i, (_, m) in enumerate(leaves) if _is_weighted(m)]
     if not weighted:
-        raise ValueError("compact_sequential found no nn.Linear or nn.Conv1d/2d/3d to compact")
+        raise ValueError("compact_sequential found no nn.Linear, nn.Conv1d/2d/3d or "
+                         "transformers Conv1D to compact")
     for index in weighted:
         name, layer = leaves[index]
         if isinstance(layer, _CONVS) and layer.groups != 1:
@@ -257,11 +275,11 @@ def _zero_padded(conv: nn.Module) -> bool:
 
 
 def _out_features(layer: nn.Module) -> int:
-    return int(layer.weight.shape[0])
+    return int(_weight(layer).shape[0])
 
 
 def _in_features(layer: nn.Module) -> int:
-    return int(layer.weight.shape[1])
+    return int(_weight(layer).shape[1])
 
 
 @torch.no_grad()
@@ -283,7 +301,7 @@ def _decide(boundary: _Boundary, leaves: list[tuple[str, nn.Module]],
     consumed = _used(consumer, masks.get(f"{consumer_name}.weight"))
     channels, group = boundary.channels, boundary.group
     row_empty = ~produced.reshape(channels, -1).any(dim=1)
-    weight = consumer.weight.detach()
+    weight = _weight(consumer)
     out = weight.shape[0]
     column_used = consumed.reshape(out, channels, group, -1).any(dim=(0, 2, 3))
     bias = producer.bias.detach() if producer.bias is not None else torch.zeros(
@@ -309,7 +327,7 @@ def _decide(boundary: _Boundary, leaves: list[tuple[str, nn.Module]],
 
 def _slice_weighted(layer: nn.Module, keep_out: Tensor | None, keep_in: Tensor | None,
                     group: int, fold: Tensor | None) -> nn.Module:
-    weight = layer.weight.detach()
+    weight = _weight(layer)
     bias = layer.bias.detach() if layer.bias is not None else None
     if fold is not None:
         bias = fold.clone() if bias is None else bias + fold
@@ -321,9 +339,14 @@ def _slice_weighted(layer: nn.Module, keep_out: Tensor | None, keep_in: Tensor |
         weight = weight[keep_out]
         bias = bias[keep_out] if bias is not None else None
     factory = {"device": weight.device, "dtype": weight.dtype}
+    if is_transposed_linear(layer):  # the same type, its weight stored (in, out) again
+        new: nn.Module = copy.deepcopy(layer)
+        new.weight = nn.Parameter(weight.t().contiguous())
+        new.bias = None if bias is None else nn.Parameter(bias.clone())
+        new.nx, new.nf = int(weight.shape[1]), int(weight.shape[0])
+        return new
     if isinstance(layer, nn.Linear):
-        new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                                   **factory)
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **factory)
     else:
         new = type(layer)(
             weight.shape[1], weight.shape[0], layer.kernel_size, stride=layer.stride,
@@ -364,10 +387,12 @@ def compact_sequential(module: nn.Sequential, masks: Mapping[str, Tensor]) -> nn
     """A dense copy of ``module`` with its empty neurons and inputs removed.
 
     ``module`` is a (possibly nested) ``nn.Sequential`` of ``nn.Linear`` /
-    ``nn.Conv1d/2d/3d`` (``groups=1``) layers, with only elementwise activations, dropout,
-    ``BatchNorm1d/2d/3d``, max / average / adaptive pooling and ``Flatten`` between two of
-    them (anything before the first or after the last weighted layer is copied as is). Names
-    are those of ``module.named_parameters()``, as for the masks.
+    ``nn.Conv1d/2d/3d`` (``groups=1``) layers and transformers' ``Conv1D`` (a linear map
+    stored ``(in, out)``, sliced in that orientation and kept a ``Conv1D``), with only
+    elementwise activations, dropout, ``BatchNorm1d/2d/3d``, max / average / adaptive pooling
+    and ``Flatten`` between two of them (anything before the first or after the last
+    weighted layer is copied as is). Names are those of ``module.named_parameters()``, as
+    for the masks.
 
     Between two weighted layers, channel ``c`` is removed (the producer's output ``c``, the
     batch-norm entries ``c``, the consumer's input ``c``; after a ``Flatten`` all ``H*W``

@@ -65,6 +65,9 @@ class RewiringReport:
     active: dict[str, int]
     threshold: float | None = None
     skipped: bool = False
+    #: Why a due rewiring was postponed (``skipped``): a short phrase such as
+    #: ``"non-finite sparse gradients"``; ``None`` when it ran.
+    skip_reason: str | None = None
 
     @property
     def total_removed(self) -> int:

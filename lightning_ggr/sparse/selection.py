@@ -8,6 +8,9 @@ The default rule. A tensor is sparse when it is a linear map the optimizer train
 
 - the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``
   (subclasses included: ``LazyLinear`` once materialized, MultiheadAttention's ``out_proj``);
+- the ``weight`` of Hugging Face transformers' ``Conv1D`` (GPT-2's attention and MLP): a
+  linear map stored ``(in, out)`` (:func:`is_transposed_linear`), recognised without
+  importing transformers;
 - the projections of ``nn.MultiheadAttention``: ``in_proj_weight`` (Q, K and V stacked, shape
   ``(3E, E)``: **one** sparse layer, one mask, one ERK score of its own shape, so its ERK
   density is 2/3 that of an ``(E, E)`` projection), or ``q_proj_weight``, ``k_proj_weight``,
@@ -89,6 +92,9 @@ NORM_MODULES: tuple[type[nn.Module], ...] = (
 
 #: Embedding layers: their weight is dense (reason ``embedding``) unless tied to a layer weight.
 EMBEDDING_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+#: The role of transformers' ``Conv1D`` weight in the selection summary.
+TRANSPOSED_LINEAR_ROLE = "Conv1D (transformers, linear stored in x out)"
 
 #: The reason a selected tensor is left dense because no optimizer holds it.
 NOT_IN_OPTIMIZER = "not in the optimizer"
@@ -238,6 +244,8 @@ def _role(owner: nn.Module, module_name: str, attr: str, tensor: Tensor,
         if child == "out_proj" and isinstance(modules.get(parent_name), nn.MultiheadAttention):
             return f"MultiheadAttention out_proj ({base})", ""
         return (base if kind == base else f"{kind} ({base})"), ""
+    if attr == "weight" and is_transposed_linear(owner):
+        return TRANSPOSED_LINEAR_ROLE, ""
     if isinstance(owner, DEFAULT_SPARSE_MODULES) and attr == "weight_g":
         return None, "weight_norm magnitude g (hook-based weight_norm)"
     if isinstance(owner, DEFAULT_SPARSE_MODULES) and attr == "weight_v":
@@ -501,7 +509,8 @@ def select_sparse_parameters(
     """The parameters to train sparse, keyed by their ``named_parameters()`` names.
 
     By default every trainable linear map: the ``weight`` of each linear and (transposed)
-    convolution layer and MultiheadAttention's projections; a tied weight once. Biases,
+    convolution layer, of transformers' ``Conv1D`` (GPT-2) and MultiheadAttention's
+    projections; a tied weight once. Biases,
     normalization layers, embeddings and frozen tensors stay dense (the module docstring of
     :mod:`lightning_ggr.sparse.selection` has the whole rule; :func:`plan_selection` gives
     the reason for each dense tensor). ``include`` replaces the default with the parameters

@@ -12,7 +12,8 @@
 Short ``class_path`` names resolve for the package's classes (``ImageClassifier``,
 ``CIFAR100DataModule``, ``TinyImageNetDataModule``, ``DigitsDataModule``,
 ``DynamicSparsityCallback``) and for Lightning's own. After ``fit`` the command prints the
-final metrics, each sparse layer's density and where the logs are; with
+final metrics, each sparse layer's density (unless the callback's fit-end account, printed
+just before, already gave it) and where the logs are; with
 ``--test_after_fit true`` it first tests the final weights (so the run summary holds
 ``test/acc``). ``--num_threads N`` calls ``torch.set_num_threads(N)`` before anything is
 built.
@@ -159,10 +160,21 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
 
 
+def _account_printed(trainer: Trainer) -> bool:
+    """Whether a ``DynamicSparsityCallback`` printed its fit-end account (which holds every
+    sparse layer's final density)."""
+    return any(isinstance(callback, DynamicSparsityCallback) and callback.fit_end_summary
+               and callback.engine is not None
+               for callback in trainer.callbacks)  # type: ignore[attr-defined]
+
+
 @rank_zero_only
 def _print_summary(trainer: Trainer, module: LightningModule, metrics: Mapping[str, float]) -> None:
+    account = _account_printed(trainer)
+    if account:  # the rewiring counts were just printed in the account
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("rewiring")}
     print("\nFinal metrics: " + format_metrics(metrics))
-    densities = _printed_densities(trainer, module)
+    densities = {} if account else _printed_densities(trainer, module)
     if densities:
         print("Per-layer density (active weights / all weights of each sparse layer):")
         print(format_density_table(densities, module))

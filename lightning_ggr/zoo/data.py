@@ -1,18 +1,24 @@
-"""Data modules of the benchmark: CIFAR-100, Tiny-ImageNet-200 and scikit-learn's digits.
+"""Data modules of the benchmark: CIFAR-100, Tiny-ImageNet-200 and the 8x8 digits.
 
 CIFAR-100 and Tiny-ImageNet read the real datasets with torchvision (``CIFAR100``,
 ``ImageFolder``) and download them on request; ``fake_data=True`` replaces both splits by
 ``torchvision.datasets.FakeData`` of the right image size and class count (no files read
-or written), for smoke runs. The digits come with scikit-learn (no download).
+or written), for smoke runs. The digits ship with the package (``digits.npz``, 45 KB: the
+set scikit-learn bundles; no download).
 
 Splits: ``val_split`` holds out that fraction of the training set (seeded, evaluated with
 the test-time transform) for validation; with ``val_split=0`` (the default) validation
 runs on the test split, as the paper reports test accuracy at the end of training.
 Tiny-ImageNet's test split has no labels: its labelled validation set is the test split.
+
+``CIFAR100DataModule(on_device=True)`` holds the images on the training device and crops,
+flips and normalizes whole batches there (:func:`random_crop_flip`): no loader worker
+processes, no per-image Python, no host-to-device image copies.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -33,6 +39,8 @@ __all__ = [
     "DatasetUnavailableError",
     "DigitsDataModule",
     "TinyImageNetDataModule",
+    "device_indices",
+    "random_crop_flip",
     "relayout_tiny_imagenet_val",
 ]
 
@@ -44,6 +52,101 @@ TINY_IMAGENET_STD = (0.2770, 0.2691, 0.2821)
 
 class DatasetUnavailableError(RuntimeError):
     """A dataset is missing or corrupt and cannot be downloaded; the message says where and how."""
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Random crop with ``padding`` zero padding and random horizontal flip, per image, of a
+    whole batch ``(N, C, H, W)`` at once (one gather, no Python loop over images).
+
+    The distribution of torchvision's ``RandomCrop(H, padding)`` + ``RandomHorizontalFlip()``:
+    each image's offset is uniform over the ``(2 * padding + 1) ** 2`` positions and it is
+    flipped with probability 1/2. The zeros padded in are zeros of ``images``' own values
+    (black for raw ``uint8`` pixels, as torchvision pads before normalizing). Runs on
+    ``images``' device; ``generator`` must be on that device. For a given generator state
+    the draws are fixed: offsets ``(N, 1)`` rows, then columns, then flips.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1, device=device),
+                            torch.arange(w, device=device))
+    return padded[torch.arange(n, device=device).view(n, 1, 1, 1),
+                  torch.arange(c, device=device).view(1, c, 1, 1),
+                  rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def device_indices(indices: Any, device: torch.device) -> Tensor:
+    """A batch of sample indices (a list, as a sampler yields them) as a tensor on ``device``
+    without a host-device synchronisation: on CUDA the indices are copied from pinned memory,
+    asynchronously (a plain copy of a Python list, as ``tensor[list]`` makes, blocks the host
+    until the GPU has finished its queued work, once per batch)."""
+    index = torch.as_tensor(indices, dtype=torch.long)
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+class _DeviceImages(Dataset):
+    """One split as ``uint8`` images and labels on one device, served a batch at a time.
+
+    ``DataLoader`` hands ``__getitems__`` a batch's indices (any sampler, Lightning's
+    ``DistributedSampler`` included); the batch is gathered, cropped and flipped when
+    ``augment`` (with :attr:`generator`, on the device), then normalized as torchvision's
+    ``ToDtype(float32, scale=True)`` + ``Normalize`` do it.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], padding: int | None) -> None:
+        self.images = images
+        self.labels = labels
+        self.padding = padding
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        #: The augmentation's random stream, on the images' device (set by the datamodule).
+        self.generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = device_indices(indices, self.images.device)
+        images = self.images[index]
+        if self.padding is not None:
+            if self.generator is None:
+                raise RuntimeError("the training split's generator is set by "
+                                   "train_dataloader(); build the loader with it")
+            images = random_crop_flip(images, self.generator, self.padding)
+        return images.to(torch.float32).mul_(1.0 / 255).sub(self.mean).div_(self.std), \
+            self.labels[index]
+
+
+def _whole_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``collate_fn`` of the on-device loaders: ``__getitems__`` already made the batch."""
+    return batch
+
+
+def _as_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """The ``uint8`` images ``(N, C, H, W)`` and labels of an untransformed image dataset:
+    torchvision's ``CIFAR100`` (its arrays, no PIL), a ``Subset`` of one, or any dataset of
+    (PIL image, label) pairs (``FakeData``)."""
+    if isinstance(dataset, Subset):
+        images, labels = _as_tensors(dataset.dataset)
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        return images[index], labels[index]
+    if isinstance(dataset, CIFAR100):
+        return (torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(),
+                torch.as_tensor(dataset.targets, dtype=torch.long))
+    pairs = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return (torch.stack([v2.functional.pil_to_tensor(image) for image, _ in pairs]),
+            torch.as_tensor([label for _, label in pairs], dtype=torch.long))
 
 
 class _Transformed(Dataset):
@@ -68,6 +171,45 @@ def _check_loader_args(batch_size: int, num_workers: int, val_split: float) -> N
         raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
     if not 0 <= val_split < 1:
         raise ValueError(f"val_split must be in [0, 1), got {val_split!r}")
+
+
+#: The 8x8 digits shipped with the package (source and licence: digits_NOTICE.txt beside it).
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """The 1,797 8x8 handwritten digits shipped with the package: images ``(1797, 8, 8)``
+    ``uint8`` with pixels 0..16, labels ``(1797,)`` ``int64`` 0..9. The test set of UCI's
+    "Optical Recognition of Handwritten Digits" (Alpaydin and Kaynak, CC BY 4.0), as
+    scikit-learn's ``load_digits`` has it, without needing scikit-learn."""
+    import numpy as np
+
+    with np.load(DIGITS_FILE) as arrays:
+        return (torch.from_numpy(arrays["images"].copy()),
+                torch.from_numpy(arrays["labels"].astype(np.int64)))
+
+
+def stratified_split(labels: Tensor, test_fraction: float, seed: int
+                     ) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(len(labels))`` into (train, test) indices, both sorted, with
+    every class in the test part in proportion: ``ceil(test_fraction * n)`` test indices,
+    handed out to the classes by largest remainder, drawn at random within each class."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    total = math.ceil(test_fraction * len(labels))
+    exact = counts.double() * total / len(labels)
+    share = exact.floor().long()
+    for index in torch.argsort(exact - share, descending=True, stable=True)[
+            :total - int(share.sum())]:
+        share[index] += 1
+    generator = torch.Generator().manual_seed(seed)
+    test = []
+    for label, size in zip(classes.tolist(), share.tolist(), strict=True):
+        members = (labels == label).nonzero().squeeze(1)
+        test.append(members[torch.randperm(len(members), generator=generator)[:size]])
+    test_index = torch.cat(test).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[test_index] = False
+    return keep.nonzero().squeeze(1), test_index
 
 
 def _split(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -136,27 +278,57 @@ class _ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.test_dataset is None:
-            self.test_dataset = _Transformed(self._base(train=False), self.eval_transform())
+            self.test_dataset = self._split_dataset(self._base(train=False), train=False)
         if stage == "test" or self.train_dataset is not None:
             return
         train = self._base(train=True)
         if self.val_split > 0:
             train_idx, val_idx = _split(len(train), self.val_split, self.seed)
-            self.train_dataset = _Transformed(Subset(train, train_idx), self.train_transform())
-            self.val_dataset = _Transformed(Subset(train, val_idx), self.eval_transform())
+            self.train_dataset = self._split_dataset(Subset(train, train_idx), train=True)
+            self.val_dataset = self._split_dataset(Subset(train, val_idx), train=False)
         else:
-            self.train_dataset = _Transformed(train, self.train_transform())
+            self.train_dataset = self._split_dataset(train, train=True)
             self.val_dataset = self.test_dataset
+
+    #: Hold the images on the training device (``CIFAR100DataModule(on_device=True)``).
+    on_device: bool = False
+
+    def _split_dataset(self, base: Dataset, train: bool) -> Dataset:
+        """One split, transformed per image on the host, or held on the device."""
+        if not self.on_device:
+            return _Transformed(base, self.train_transform() if train else self.eval_transform())
+        images, labels = _as_tensors(base)
+        device = self.device
+        return _DeviceImages(images.to(device), labels.to(device), self.mean, self.std,
+                             padding=self.image_size // 8 if train else None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``on_device`` holds the images: the attached Trainer's device (its root
+        device under DDP: each process holds a copy), else the CPU."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before the dataloaders")
+        if isinstance(dataset, _DeviceImages):  # whole batches made on the device
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                              num_workers=0, collate_fn=_whole_batch)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        dataset = self.train_dataset
+        if isinstance(dataset, _DeviceImages) and dataset.generator is None:
+            # Seeded by the process's torch seed (``seed_everything``), one stream per rank,
+            # kept across reloads of the loader.
+            trainer = getattr(self, "trainer", None)
+            rank = trainer.global_rank if trainer is not None else 0
+            dataset.generator = torch.Generator(device=dataset.images.device).manual_seed(
+                (torch.initial_seed() + rank) % 2**63)
+        return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
@@ -183,6 +355,15 @@ class CIFAR100DataModule(_ImageDataModule):
         fake_data: use random images of the right size instead (256 train, 64 test);
             nothing is read or downloaded.
         seed: seed of the validation split.
+        on_device: hold every split on the training device (the Trainer's, when the
+            datamodule is attached to one; else the CPU) as ``uint8`` images (150 MB for
+            CIFAR-100's 50,000 training images) and make each batch there at once: the same
+            augmentation (random crop with padding 4, zero padding before normalization,
+            horizontal flip) and normalization as the host path, drawn from a generator on
+            the device seeded by the process's torch seed (``seed_everything``) and rank.
+            No loader worker processes (``num_workers`` is not used) and no image copies to
+            the device. Lightning's ``DistributedSampler`` shards it under DDP like the host
+            path (each process holds a copy of the images).
     """
 
     dataset_name = "cifar100"
@@ -194,8 +375,11 @@ class CIFAR100DataModule(_ImageDataModule):
 
     def __init__(self, data_dir: str = "data", batch_size: int = 128, num_workers: int = 4,
                  val_split: float = 0.0, download: bool = True, fake_data: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, on_device: bool = False) -> None:
+        if not isinstance(on_device, bool):
+            raise TypeError(f"on_device must be True or False, got {on_device!r}")
         super().__init__(data_dir, batch_size, num_workers, val_split, download, fake_data, seed)
+        self.on_device = on_device
 
     def prepare_data(self) -> None:
         if not self.fake_data:
@@ -368,7 +552,8 @@ class TinyImageNetDataModule(_ImageDataModule):
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes): no download.
+    """The 8x8 handwritten digits shipped with the package (1,797 images, 10 classes; the set
+    scikit-learn bundles, see :func:`load_digits`): no download, no scikit-learn.
 
     Pixels are scaled to [0, 1] and standardized with the training mean and std; no
     augmentation. A stratified, seeded 20% of the images form the test split. Meant for
@@ -410,16 +595,9 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
-        import numpy as np
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        train_idx, test_idx = train_test_split(
-            np.arange(len(labels)), test_size=0.2, stratify=labels.numpy(),
-            random_state=self.seed)
+        pixels, labels = load_digits()
+        images = pixels.float().unsqueeze(1) / 16.0
+        train_idx, test_idx = stratified_split(labels, 0.2, self.seed)
         mean, std = images[train_idx].mean(), images[train_idx].std()
         images = (images - mean) / std
         if self.image_size != 8:

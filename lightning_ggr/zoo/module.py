@@ -161,9 +161,14 @@ class ImageClassifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
         self.train_acc(logits, targets)
-        self.log("train/loss", loss, prog_bar=True)
+        # On the progress bar only when there is one: Lightning turns progress-bar values
+        # into Python numbers after every step, which makes the host wait for the GPU.
+        self.log("train/loss", loss, prog_bar=self.trainer.progress_bar_callback is not None)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # A tensor filled on the device: logging the Python float would copy it to the GPU
+        # with a blocking copy (a synchronisation) at every step.
+        self.log("train/lr", torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"],
+                                        device=loss.device))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -150,6 +150,31 @@ def is_dense(run: Mapping[str, Any]) -> bool:
     return str(run.get("method", "")).lower() == DENSE or float(run.get("sparsity", 0) or 0) == 0
 
 
+#: How a run that names no dataset (or model) is shown: its summary holds ``null`` (a
+#: LightningModule with its own dataloaders and no ``dataset_name``) or lacks the key.
+UNNAMED = "?"
+
+
+def _name(run: Mapping[str, Any], key: str) -> str:
+    """The run's ``dataset`` or ``model`` as shown, :data:`UNNAMED` when it names none."""
+    value = run.get(key)
+    return UNNAMED if value is None or value == "" else str(value)
+
+
+def unnamed_notes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A note for the runs that name no dataset or model (shown as ``?``), and how to name
+    them."""
+    notes = []
+    for key, how in (("dataset", "a `dataset_name` attribute on the LightningModule or "
+                                 "DataModule"),
+                     ("model", "a `model_name` attribute on the LightningModule")):
+        count = sum(1 for run in runs if _name(run, key) == UNNAMED)
+        if count:
+            notes.append(f"{count} run(s) name no {key} (shown as {UNNAMED!r}): give them "
+                         f"{how}")
+    return notes
+
+
 def _method(run: Mapping[str, Any]) -> str:
     return DENSE if is_dense(run) else str(run.get("method", "?")).lower()
 
@@ -222,8 +247,8 @@ def _settings(
     for run, value in zip(runs, values, strict=True):
         if value is None and not without_accuracy:
             continue
-        key = (str(run.get("dataset", "?")), str(run.get("model", "?")), _method(run),
-               _sparsity(run), _distribution(run))
+        key = (_name(run, "dataset"), _name(run, "model"), _method(run), _sparsity(run),
+               _distribution(run))
         groups[key].append((run, value))
     return groups
 
@@ -395,7 +420,7 @@ def extra_scenarios(runs: Sequence[Mapping[str, Any]]) -> list[Scenario]:
     """The (dataset, model) scenarios of ``runs`` on the paper's data sets that its Table 1
     does not have, such as the zoo's VGG16 on CIFAR-100 and ResNet-18 on Tiny-ImageNet:
     extras, not in the paper's grid."""
-    found = {(str(r.get("dataset", "?")), str(r.get("model", "?"))) for r in runs}
+    found = {(_name(r, "dataset"), _name(r, "model")) for r in runs}
     return sorted(s for s in found if s[0] in PAPER_DATASETS and s not in PAPER_SCENARIOS)
 
 
@@ -570,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     runs = latest_of_each_run(summaries)
     _, notes = accuracies(runs, args.metric, scale=args.accuracy_scale)
+    notes += unnamed_notes(runs)
     if len(runs) < len(summaries):
         notes.insert(0, f"{len(summaries) - len(runs)} summary file(s) are earlier fits of a "
                      "resumed run (same run_id): each run counts once, with its latest summary")

@@ -141,6 +141,30 @@ def test_figures_histograms_and_summary_come_out_of_a_real_run(tmp_path):
     assert summary["global_density"] == pytest.approx(round(0.2 * total) / total)
 
 
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_views_are_drawn_once_per_step_when_a_rewiring_follows_an_epoch_end(tmp_path, interval):
+    """Epochs of 8 steps; a rewiring at step 8 (the first step of epoch 1) is logged at the
+    global step where epoch 0 ended: the epoch's images were drawn there too (issue 17). Now
+    each step has one set: train start, the rewiring at 8 (with its changes, in place of epoch
+    0's end), the ends of epochs 1 and 2 (steps 16 and 24, the last at train end)."""
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    drawn = []
+    logger.experiment.add_image = lambda tag, image, step=None, **kwargs: drawn.append(
+        (tag, step))
+    moved = []
+    add_scalar = logger.experiment.add_scalar
+    logger.experiment.add_scalar = lambda tag, value, step=None, **kwargs: (
+        moved.append(step) if tag.startswith("moved/") else add_scalar(tag, value, step))
+    sparse = DynamicSparsityCallback(sparsity=0.8, interval=interval,
+                                     update_interval=1 if interval == "epoch" else 8,
+                                     stop_step=9, mask_layers=["net.0.weight"])
+    trainer(tmp_path, [sparse], logger=logger, max_epochs=3).fit(TinyModule(), loader())
+    steps = [0, 8, 16, 24]
+    assert drawn == [(tag, step) for step in steps
+                     for tag in ("sparsity/density_per_layer", "masks/net.0.weight")]
+    assert sorted(set(moved)) == [8]  # the views at step 8 are the rewiring's
+
+
 def test_unknown_mask_layer_fails_before_training(tmp_path):
     sparse = DynamicSparsityCallback(sparsity=0.5, mask_layers=["nope.*"])
     with pytest.raises(ValueError, match="mask_layers"):

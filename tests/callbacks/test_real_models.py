@@ -1,4 +1,5 @@
-"""A matrix of real models nobody here wrote (issue 11, item 10).
+"""A matrix of real models nobody here wrote (issue 11, item 10; Hugging Face transformers
+and timm models built from configs, no download: issue 17, item 6).
 
 Small configurations on the CPU, a few GGR steps with two rewirings. Each model checks:
 
@@ -8,6 +9,8 @@ Small configurations on the CPU, a few GGR steps with two rewirings. Each model 
 - the density requested over the selected tensors (``round(0.1 * N)`` active weights);
 - the rewirings happened;
 - the optimizer state (Adam moments, SGD momentum) exactly 0 at masked positions.
+
+transformers and timm come with the ``dev`` extra; without them their tests skip.
 """
 
 from __future__ import annotations
@@ -257,3 +260,85 @@ def test_compiled_module(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(module.net(x), eager(x), atol=1e-6)
+
+
+# ------------------------------------------------- transformers and timm (issue 17, item 6)
+class CausalLM(Wrap):
+    """A Hugging Face causal language model on (tokens, next tokens): its logits."""
+
+    def forward(self, x):
+        return self.net(input_ids=x).logits
+
+
+def test_hugging_face_gpt2(tmp_path):
+    """GPT-2's attention and MLP are transformers' Conv1D (weight stored in x out): all 8 are
+    sparse, with the tied embedding / output layer; sparsity 0.9 covers them all. Analysis
+    and FLOPs read the Conv1D weights in their orientation."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_ggr.sparse.analysis import analyze_masks, sparse_flops
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16,
+                                     vocab_size=100, bos_token_id=0, eos_token_id=0)
+    net = transformers.GPT2LMHeadModel(config)
+    module = CausalLM(net)
+    callback = fit_sparse(tmp_path, module, tokens(100))
+    blocks = [f"net.transformer.h.{i}." for i in (0, 1)]
+    conv1d = [b + w for b in blocks for w in ("attn.c_attn.weight", "attn.c_proj.weight",
+                                               "mlp.c_fc.weight", "mlp.c_proj.weight")]
+    assert set(callback.selection.params) == {"net.transformer.wte.weight", *conv1d}
+    for name in conv1d:
+        assert callback.selection[name].reason == "Conv1D (transformers, linear stored in x out)"
+        assert callback.layer_densities()[name] < 0.2, name
+    tied = callback.selection["net.lm_head.weight"]
+    assert tied.name == "net.transformer.wte.weight" and tied.reason == (
+        "tied: net.transformer.wte.weight (Embedding) = net.lm_head.weight (Linear)")
+    assert net.lm_head.weight is net.transformer.wte.weight
+    assert callback.selection.dense["net.transformer.wpe.weight"] == "embedding (Embedding)"
+    assert dense_reasons(callback) == {"bias", "norm (LayerNorm)", "embedding (Embedding)"}
+    check_invariants(callback, module)
+    masks = callback.masks
+    c_attn = analyze_masks(masks, module=module).layers["net.transformer.h.0.attn.c_attn.weight"]
+    assert (c_attn.neurons, c_attn.inputs, c_attn.transposed) == (96, 32, True)
+    x = torch.randint(0, 100, (1, 8))
+    per_token = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 100 * 32  # lm_head too
+    assert sparse_flops(module, masks, x) == (8 * callback.engine.total_active, 8 * per_token)
+
+
+def test_hugging_face_llama_style_model(tmp_path):
+    """A Llama-style model (nn.Linear projections, grouped K/V, gated MLP, untied head)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    module = CausalLM(transformers.LlamaForCausalLM(config))
+    callback = fit_sparse(tmp_path, module, tokens(100))
+    per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert set(callback.selection.params) == {
+        *(f"net.model.layers.{i}.{p}.weight" for i in (0, 1) for p in per_layer),
+        "net.lm_head.weight"}
+    dense = callback.selection.dense
+    assert dense["net.model.embed_tokens.weight"] == "embedding (Embedding)"
+    assert dense_reasons(callback) == {"embedding (Embedding)", "1-D"}  # the RMSNorm scales
+    check_invariants(callback, module)
+
+
+def test_timm_vision_transformer(tmp_path):
+    """timm's ViT (pretrained=False): patch embedding, fused qkv, projections, MLP, head."""
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                            patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=10)
+    module = Wrap(net)
+    callback = fit_sparse(tmp_path, module, images(32))
+    blocks = [f"net.blocks.{i}." for i in (0, 1)]
+    assert set(callback.selection.params) == {
+        "net.patch_embed.proj.weight", "net.head.weight",
+        *(b + w for b in blocks for w in ("attn.qkv.weight", "attn.proj.weight",
+                                           "mlp.fc1.weight", "mlp.fc2.weight"))}
+    dense = callback.selection.dense
+    assert dense["net.cls_token"] == (
+        "not a Linear/Conv/attention weight (VisionTransformer.cls_token)")
+    assert dense_reasons(callback) - {dense["net.cls_token"], dense["net.pos_embed"]} == {
+        "bias", "norm (LayerNorm)"}
+    check_invariants(callback, module)

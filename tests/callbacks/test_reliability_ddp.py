@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 from tests.helpers.setups import UnevenRanks
 
 WORLD = 2
@@ -196,6 +197,7 @@ def test_engine_broadcasts_rank_0_topology_and_agrees_on_skips(tmp_path):
     assert result == {"moved": [True, True], "last_slot": 2}
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_masks_and_growth_do_not_depend_on_the_global_rng():
     """The callback's own generator decides: draws from the global RNG change nothing."""
 

@@ -24,6 +24,8 @@ from tests.helpers.models import make_trainer
 from tests.helpers.setups import (
     BATCH,
     MLP,
+    CleanGradient,
+    PoisonGradient,
     RewiringLog,
     Stream,
     TwoOptimizers,
@@ -229,28 +231,6 @@ def test_an_optimizer_evaluating_its_closure_twice_is_refused_at_its_first_step(
 
 
 # -------------------------------------------------------- postponed rewirings
-class PoisonGradient(pl.Callback):
-    """Listed before the sparse callback: a NaN in one sparse gradient at the given steps."""
-
-    def __init__(self, cb, steps) -> None:
-        self.cb, self.steps = cb, set(steps)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step in self.steps:
-            name, mask = next(iter(self.cb.masks.items()))
-            grad = dict(pl_module.named_parameters())[name].grad
-            grad[mask.nonzero()[0].unbind()] = float("nan")
-
-
-class CleanGradient(pl.Callback):
-    """Listed after the sparse callback: NaN gradients -> 0, as GradScaler's skip would."""
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        for p in pl_module.parameters():
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0)
-
-
 def test_a_rewiring_postponed_at_the_last_due_step_runs_after_the_stop(tmp_path):
     cb = sparse(interval="step", update_interval=4, stop_step=9)  # due at 4 and 8
     log = RewiringLog(cb)
@@ -279,7 +259,8 @@ def test_a_step_without_gradients_postpones_a_rewiring_that_grows_by_gradient(tm
     at all; growth by gradient then scored every position 0 and grew arbitrarily."""
     cb = sparse(method=method)  # interval="epoch": due at step 8 (stop 16)
     log = RewiringLog(cb)
-    with pytest.warns(UserWarning, match=r"or none.*due at step 8 is postponed"):
+    with pytest.warns(UserWarning, match=r"step 8: no sparse gradients \(the method grows by "
+                                         r"gradient\): the rewiring due at step 8 is postponed"):
         make_trainer(tmp_path, [cb, log], max_epochs=4).fit(MLP(none_at_step=8), loader())
     assert log.steps == [9]
     # Magnitude-only methods need no gradient: SET rewires on time.

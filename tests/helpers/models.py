@@ -134,3 +134,24 @@ def make_trainer(root, callbacks, **kwargs) -> pl.Trainer:
         enable_model_summary=False,
         **kwargs,
     )
+
+
+class Conv1D(nn.Module):
+    """A stand-in for Hugging Face transformers' ``Conv1D`` (GPT-2's attention and MLP), so
+    tests of its orientation run without transformers installed: ``y = x @ weight + bias``
+    with ``weight`` stored ``(in, out)``. Its module name starts with ``transformers`` as the
+    real one's does (``test_conv1d_stand_in_is_transformers_conv1d`` compares the two)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"

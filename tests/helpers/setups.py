@@ -176,6 +176,28 @@ class RewiringLog(pl.Callback):
             self.own_count += 1
 
 
+class PoisonGradient(pl.Callback):
+    """Listed before the sparse callback: a NaN in one sparse gradient at the given steps."""
+
+    def __init__(self, cb: DynamicSparsityCallback, steps) -> None:
+        self.cb, self.steps = cb, set(steps)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step in self.steps:
+            name, mask = next(iter(self.cb.masks.items()))
+            grad = dict(pl_module.named_parameters())[name].grad
+            grad[mask.nonzero()[0].unbind()] = float("nan")
+
+
+class CleanGradient(pl.Callback):
+    """Listed after the sparse callback: NaN gradients -> 0, as GradScaler's skip would."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0)
+
+
 def masked_nonzero(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, float]:
     """Largest |weight| at masked positions, per sparse parameter (0 when the masks hold)."""
     params = dict(model.named_parameters())

@@ -237,3 +237,30 @@ def test_flops_leave_training_state_and_statistics_alone():
     assert model.training and model[1].training and not model[2].training
     assert torch.equal(model[1].running_mean, before)
     assert not model[0]._forward_hooks
+
+
+def test_conv1d_reads_neurons_from_its_columns():
+    """transformers' Conv1D stores its weight (in, out): with the module, neurons are columns
+    and inputs rows (without it, the mask would be read the other way round)."""
+    from tests.helpers.models import Conv1D
+
+    model = nn.Sequential(Conv1D(3, 2))  # weight (in=2, out=3)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 0] = mask[1, 2] = True  # input 1 -> outputs 0 and 2
+    layer = analyze_masks({"0.weight": mask}, module=model).layers["0.weight"]
+    assert layer.transposed
+    assert (layer.neurons, layer.empty_neurons) == (3, 1)
+    assert (layer.inputs, layer.empty_inputs) == (2, 1)
+    assert layer.params_star == 2 * 1
+    plain = analyze_masks({"0.weight": mask}).layers["0.weight"]
+    assert (plain.neurons, plain.inputs) == (2, 3)
+
+
+def test_flops_count_conv1d_like_a_linear_layer():
+    from tests.helpers.models import Conv1D
+
+    model = nn.Sequential(Conv1D(5, 10), Conv1D(2, 5))  # weights (10, 5) and (5, 2)
+    mask = torch.zeros(10, 5, dtype=torch.bool)
+    mask[:4, 0] = True
+    x = torch.randn(1, 3, 10)  # 3 positions
+    assert sparse_flops(model, {"0.weight": mask}, x) == (3 * (4 + 10), 3 * (50 + 10))

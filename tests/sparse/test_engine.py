@@ -14,6 +14,7 @@ from lightning_ggr.sparse import (
     SparseEngine,
     select_sparse_parameters,
 )
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 
 
 def tiny_net():
@@ -79,6 +80,7 @@ def test_masks_are_exact_and_reproducible():
     assert all(m.dtype == torch.bool for m in a.masks.values())
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_growth_only_at_inactive_positions_and_from_the_dense_gradient():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -98,6 +100,7 @@ def test_growth_only_at_inactive_positions_and_from_the_dense_gradient():
             assert others.numel() == 0 or grown_min >= others.max()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_nonfinite_gradients_postpone_the_rewiring():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -109,14 +112,17 @@ def test_nonfinite_gradients_postpone_the_rewiring():
     params["0.weight"].grad[0, 0, 0, 0] = float("nan")
     report = engine.before_optimizer_step(2, 0)
     assert report is not None and report.skipped
+    assert report.skip_reason == "non-finite sparse gradients"
     assert all(torch.equal(masks[n], engine.masks[n]) for n in masks)
     params["0.weight"].grad.nan_to_num_(0.0)
     report = engine.before_optimizer_step(3, 0)  # same slot: retried on the next step
     assert report is not None and not report.skipped and report.total_removed > 0
+    assert report.skip_reason is None
     assert engine.before_optimizer_step(4, 0) is not None  # next slot
     assert engine.before_optimizer_step(5, 0) is None
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_state_dict_round_trip():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -157,6 +163,7 @@ def test_per_step_masking_allocates_nothing_and_clears_nan():
     assert (grad[~engine.masks["5.weight"]] == 0).all()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_from_state_dict_adopts_the_saved_masks_without_drawing_new_ones(monkeypatch):
     import lightning_ggr.sparse.engine as engine_module
 
@@ -188,6 +195,7 @@ def _backward(model):
                                 torch.randint(0, 10, (4,))).backward()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_a_postponed_rewiring_stays_pending_past_the_stop_and_survives_a_checkpoint():
     model = tiny_net()
     params = select_sparse_parameters(model)
@@ -212,6 +220,7 @@ def test_a_postponed_rewiring_stays_pending_past_the_stop_and_survives_a_checkpo
         assert candidate.before_optimizer_step(10, 0) is None
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 @pytest.mark.parametrize(("method", "postponed"), [("rigl", True), ("ggr", True),
                                                    ("set", False), ("dsr", False)])
 def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(method,
@@ -221,6 +230,8 @@ def test_a_step_without_gradients_postpones_only_methods_that_grow_by_gradient(m
                           schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
     report = engine.before_optimizer_step(2, 0)  # every .grad is None
     assert report.skipped is postponed
+    assert report.skip_reason == (
+        "no sparse gradients (the method grows by gradient)" if postponed else None)
     assert (engine.pending_step == 2) is postponed
 
 
@@ -256,6 +267,7 @@ def test_one_zero_gradient_layer_among_others_is_usable():
     assert engine.gradients_usable()
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_the_schedule_position_survives_a_change_of_interval():
     """The position is the step and epoch of the last rewiring, not a slot of the old unit."""
     model = tiny_net()

@@ -274,3 +274,34 @@ def test_compact_sequential_is_exact_through_an_average_pool_with_divisor_overri
     compact = compact_sequential(net, masks)
     with torch.no_grad():
         assert torch.allclose(compact(x), net(x), atol=1e-5)
+
+
+def test_compact_conv1d_chain_in_its_own_orientation():
+    """transformers' Conv1D (weight stored (in, out)): empty neurons are empty columns,
+    empty inputs empty rows; the compact copy keeps the type and the orientation."""
+    from tests.helpers.models import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU(), Conv1D(5, 6), nn.Tanh(), nn.Linear(5, 2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.bias.uniform_(-1, 1)
+    masks = {"0.weight": torch.ones(4, 6, dtype=torch.bool),
+             "2.weight": torch.ones(6, 5, dtype=torch.bool),
+             "4.weight": torch.ones(2, 5, dtype=torch.bool)}
+    masks["0.weight"][:, [1, 3]] = False  # neurons 1 and 3 of the first layer are empty
+    masks["2.weight"][4] = False  # the second layer never reads channel 4
+    masks["2.weight"][:, 0] = False  # neuron 0 of the second layer is empty
+    compact = compact_sequential(model, masks)
+    assert isinstance(compact[0], Conv1D) and isinstance(compact[2], Conv1D)
+    # channels 1, 3 (empty rows: their bias folds into the consumer) and 4 (unread) go
+    assert tuple(compact[0].weight.shape) == (4, 3) and compact[0].nf == 3
+    assert tuple(compact[2].weight.shape) == (3, 4) and (compact[2].nx, compact[2].nf) == (3, 4)
+    assert compact[4].in_features == 4
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in masked.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+        x = torch.randn(3, 7, 4)
+        torch.testing.assert_close(compact(x), masked(x))

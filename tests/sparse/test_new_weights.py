@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_ggr.sparse import METHODS, SparseEngine
 from lightning_ggr.sparse.rewiring import ThresholdRemoval, initial_threshold
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 
 INIT = 1e-10
 
@@ -111,6 +112,7 @@ def dsr_engine(**kwargs):
     return SparseEngine(params, sparsity=0.5, method="dsr", seed=0, **kwargs), params
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_dsr_starts_its_threshold_at_its_reference_value_by_default():
     engine, _ = dsr_engine()
     assert engine.dsr_initial_threshold == 1e-3
@@ -120,6 +122,7 @@ def test_dsr_starts_its_threshold_at_its_reference_value_by_default():
     assert report.threshold == 2e-3
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_dsr_starts_from_the_data_when_asked():
     engine, params = dsr_engine(dsr_initial_threshold=None)
     masks = {n: m.clone() for n, m in engine.masks.items()}
@@ -131,6 +134,7 @@ def test_dsr_starts_from_the_data_when_asked():
     assert report.threshold == start
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 def test_dsr_restarts_a_non_finite_threshold():
     engine, _ = dsr_engine()
     engine.load_state_dict({**engine.state_dict(), "threshold": float("nan")})
@@ -139,6 +143,7 @@ def test_dsr_restarts_a_non_finite_threshold():
 
 
 # ------------------------------------------------------------ non-finite active weights
+@REWIRES_WITHOUT_OPTIMIZER
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_active_weights_are_dropped_first_and_counts_kept(method, bad):

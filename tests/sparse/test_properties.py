@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_ggr.sparse import METHODS, SparseEngine, get_method
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
+from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 
 shape = st.lists(st.integers(1, 7), min_size=1, max_size=4).map(tuple)
 engine_settings = settings(max_examples=80, deadline=None,
@@ -127,6 +128,7 @@ def test_counts_are_conserved_and_masks_exact(shapes, sparsity, method, distribu
                 param.nan_to_num_(0.5, 0.5, -0.5).mul_(engine.masks[name])
 
 
+@REWIRES_WITHOUT_OPTIMIZER
 @engine_settings
 @given(
     shapes=st.lists(shape, min_size=1, max_size=3),

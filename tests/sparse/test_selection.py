@@ -350,3 +350,44 @@ def test_is_transposed_linear_recognises_transformers_conv1d_without_importing_i
     assert not is_transposed_linear(conv1d_class("my_project.layers")(4, 3))
     assert not is_transposed_linear(nn.Conv1d(3, 4, 1))
     assert not is_transposed_linear(nn.Linear(3, 4))
+
+
+# ------------------------------------------------ transformers' Conv1D (issue 17, item 6)
+def test_conv1d_stand_in_is_transformers_conv1d():
+    """The tests' stand-in (no transformers needed) computes what the real class does and is
+    recognised the same way."""
+    transformers_utils = pytest.importorskip("transformers.pytorch_utils")
+    from lightning_ggr.sparse.selection import is_transposed_linear
+    from tests.helpers.models import Conv1D
+
+    real, stand_in = transformers_utils.Conv1D(6, 4), Conv1D(6, 4)
+    stand_in.load_state_dict(real.state_dict())
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(real(x), stand_in(x))
+    assert tuple(real.weight.shape) == tuple(stand_in.weight.shape) == (4, 6)
+    assert is_transposed_linear(real) and is_transposed_linear(stand_in)
+
+
+def test_conv1d_weight_is_sparse_by_default_with_its_role():
+    from tests.helpers.models import Conv1D
+
+    model = nn.Sequential(Conv1D(8, 4), nn.ReLU(), Conv1D(3, 8), nn.LayerNorm(3))
+    selection = plan_selection(model)
+    assert list(selection.params) == ["0.weight", "2.weight"]
+    assert selection["0.weight"].reason == "Conv1D (transformers, linear stored in x out)"
+    assert selection.dense == {"0.bias": "bias", "2.bias": "bias", "3.weight": "norm (LayerNorm)",
+                               "3.bias": "bias"}
+
+
+def test_erk_density_of_a_linear_map_does_not_depend_on_its_orientation():
+    """ERK's score sum(shape) / prod(shape) is symmetric in a 2-D weight's dimensions: a
+    Conv1D stored (in, out) gets the density of the Linear stored (out, in)."""
+    from tests.helpers.models import Conv1D
+
+    torch.manual_seed(0)
+    transposed = SparseEngine(select_sparse_parameters(
+        nn.Sequential(Conv1D(40, 10), Conv1D(5, 40))), sparsity=0.8)
+    plain = SparseEngine(select_sparse_parameters(
+        nn.Sequential(nn.Linear(10, 40), nn.Linear(40, 5))), sparsity=0.8)
+    assert transposed.initial_counts == plain.initial_counts
+    assert erk_score((10, 40)) == erk_score((40, 10))

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -136,9 +137,10 @@ SMOKE = [
 
 
 @pytest.mark.parametrize(("base", "method"), SMOKE)
-def test_fast_dev_run_on_fake_data(tmp_path, monkeypatch, capsys, base, method):
+def test_fast_dev_run_on_fake_data(tmp_path, monkeypatch, capsys, caplog, base, method):
     monkeypatch.chdir(tmp_path)  # fast_dev_run logs nothing; nothing may land in the repo
-    cli = LightningGGRCLI(args=["fit", *config_args(base, method), *smoke_args(tmp_path)])
+    with caplog.at_level(logging.INFO):
+        cli = LightningGGRCLI(args=["fit", *config_args(base, method), *smoke_args(tmp_path)])
     trainer = cli.trainer
     assert trainer.global_step == 1
     assert trainer.datamodule.fake_data and not (tmp_path / "data").exists()
@@ -148,24 +150,32 @@ def test_fast_dev_run_on_fake_data(tmp_path, monkeypatch, capsys, base, method):
     assert callback.method == method or (method == "dense" and callback.sparsity == 0.0)
     out = capsys.readouterr().out
     assert "Final metrics: " in out and "test/acc" in out
-    global_row = next(line for line in out.splitlines() if line.startswith("global "))
+    # The callback's fit-end account gives the final densities; the CLI does not repeat them.
+    assert "Per-layer density" not in out
+    (account,) = [r.getMessage() for r in caplog.records
+                  if "DynamicSparsityCallback at fit end" in r.getMessage()]
+    total_row = next(line for line in account.splitlines() if "all sparse layers" in line)
     expected = 1.0 if method == "dense" else 0.1
-    assert float(global_row.split()[-1]) == pytest.approx(expected, abs=1e-3)
+    assert float(total_row.split("|")[-1]) == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.mark.slow
-def test_quickstart_trains_and_reports(tmp_path, monkeypatch, capsys):
+def test_quickstart_trains_and_reports(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)
-    cli = LightningGGRCLI(args=["fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "3",
-                                "--trainer.enable_progress_bar", "false"])
+    with caplog.at_level(logging.INFO):
+        cli = LightningGGRCLI(args=["fit", "--config", str(QUICKSTART), "--trainer.max_epochs",
+                                    "3", "--trainer.enable_progress_bar", "false"])
     assert cli.final_metrics["test/acc"] > 0.7  # 3 of the 10 epochs already learn the digits
     out = capsys.readouterr().out
     assert f"test/acc {cli.final_metrics['test/acc']:.4f}" in out
-    table = out[out.index("Per-layer density"):].splitlines()
-    assert table[1].split() == ["parameter", "shape", "active", "total", "density"]
-    assert any(line.startswith("model.features.0.weight") for line in table)
-    assert float(next(line for line in table if line.startswith("global")).split()[-1]) == (
-        pytest.approx(0.1, abs=1e-3))
+    assert "Per-layer density" not in out  # the callback's account has them, printed once
+    (account,) = [r.getMessage() for r in caplog.records
+                  if "DynamicSparsityCallback at fit end" in r.getMessage()]
+    table = account.splitlines()
+    assert any(line.split("|")[1].strip() == "model.features.0.weight" for line in table
+               if "|" in line)
+    total_row = next(line for line in table if "all sparse layers" in line)
+    assert float(total_row.split("|")[-1]) == pytest.approx(0.1, abs=1e-3)
     log_dir = tmp_path / "runs" / "digits_quickstart" / "version_0"
     assert "TensorBoard logs: runs/digits_quickstart/version_0" in out
     assert list(log_dir.glob("events.out.tfevents.*"))
@@ -299,6 +309,30 @@ def test_fit_of_a_users_own_module_prints_its_metrics_and_needs_no_data(tmp_path
                 if ln.startswith("Final metrics:"))
     shown = dict(item.rsplit(" ", 1) for item in line.removeprefix("Final metrics: ").split(", "))
     assert {"loss", "val_loss", "density"} <= set(shown)
+
+
+@pytest.mark.parametrize("account", [True, False])
+def test_the_cli_prints_layer_densities_once(tmp_path, capsys, caplog, account):
+    """The callback's fit-end account holds each layer's final density: the CLI prints its
+    own density table only when the account is turned off."""
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--model", f"{__name__}.OwnModule", "--trainer.max_steps", "4",
+              "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+              "false", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+              "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.callbacks", "DynamicSparsityCallback",
+              "--trainer.callbacks.init_args.interval", "step",
+              "--trainer.callbacks.init_args.stop_step", "3",
+              "--trainer.callbacks.init_args.log_figures", "false",
+              "--trainer.callbacks.init_args.fit_end_summary", str(account).lower()])
+    printed_account = [r for r in caplog.records
+                       if "DynamicSparsityCallback at fit end" in r.getMessage()]
+    assert len(printed_account) == (1 if account else 0)
+    out = capsys.readouterr().out
+    assert ("Per-layer density" in out) is not account
+    final = next(line for line in out.splitlines() if line.startswith("Final metrics:"))
+    assert ("rewiring/count" in final) is not account  # nor the account's counts
 
 
 def test_no_metric_at_all_is_said_so():

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,21 @@ def test_write_and_read_run_summary(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_run_summary(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_run_summary_gets_the_permissions_of_the_other_logs(tmp_path, umask):
+    """It was written 0o600 (tempfile.mkstemp) while the logger's files were 0o644: now
+    0o666 less the umask, as open() gives (issue 17, item 9)."""
+    previous = os.umask(umask)
+    try:
+        written = write_run_summary(tmp_path / "run", {"a": 1})
+        other = tmp_path / "run" / "events.log"
+        other.write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(other.stat().st_mode)
 
 
 # -------------------------------------------------------------------------------- tables
@@ -426,3 +443,38 @@ def test_report_counts_a_resumed_run_once(tmp_path, capsys, single_thread):
     out, err = capsys.readouterr()
     assert "(n=2)" not in out
     assert "1 summary file(s) are earlier fits of a resumed run" in err
+
+
+# ------------------------------------------------- a user's own module names no dataset
+def test_a_run_of_a_users_own_module_shows_no_literal_none(tmp_path, capsys, single_thread):
+    """A LightningModule fitted on dataloaders passed to fit (no DataModule, no
+    dataset_name): its summary's dataset is null, and the tables printed a literal 'None'
+    (issue 17, item 9). Now '?', with a note saying how to name it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_ggr import DynamicSparsityCallback
+    from tests.helpers.setups import MLP, loader
+
+    class WithAccuracy(MLP):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    torch.manual_seed(0)
+    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2,
+               callbacks=[DynamicSparsityCallback(sparsity=0.8, log_figures=False,
+                                                  selection_summary=False,
+                                                  fit_end_summary=False)],
+               logger=CSVLogger(tmp_path / "runs"), enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False,
+               ).fit(WithAccuracy(), loader(), loader())
+    (run,) = collect_runs([tmp_path / "runs"])
+    assert run["dataset"] is None and run["model"] == "WithAccuracy"
+    capsys.readouterr()
+    assert main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert "None" not in out
+    assert "| ? | WithAccuracy | ggr |" in out
+    assert ("1 run(s) name no dataset (shown as '?'): give them a `dataset_name` attribute "
+            "on the LightningModule or DataModule") in err

@@ -19,7 +19,9 @@ from lightning_ggr.zoo.data import (
     DatasetUnavailableError,
     DigitsDataModule,
     TinyImageNetDataModule,
+    load_digits,
     relayout_tiny_imagenet_val,
+    stratified_split,
 )
 
 # ----------------------------------------------------------------------------- CIFAR-100
@@ -332,6 +334,45 @@ def test_digits():
     assert train_images.mean().abs() < 1e-4 and (train_images.std() - 1).abs() < 1e-3
     test_labels = torch.stack([label for _, label in dm.test_dataset])
     assert torch.bincount(test_labels).min() >= 35  # stratified: ~36 per class
+
+
+def test_the_shipped_digits_are_the_1797_images_and_their_notice():
+    """The quick-start's data ships in the package (scikit-learn is no dependency): 1,797
+    8x8 images with pixels 0..16 and their labels, pinned by content, with the source and
+    licence beside them."""
+    images, labels = load_digits()
+    assert (images.shape, images.dtype, labels.shape, labels.dtype) == (
+        (1797, 8, 8), torch.uint8, (1797,), torch.int64)
+    assert int(images.max()) == 16 and int(labels.max()) == 9
+    assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174,
+                                               180]
+    digest = hashlib.sha256(images.numpy().tobytes() + labels.to(torch.uint8).numpy()
+                            .tobytes()).hexdigest()
+    assert digest == "87ff0c9e40dc7e2c0e34e7257799c2e3f3aec1a016363bb11cad869ec428a826"
+    notice = data_module.DIGITS_FILE.with_name("digits_NOTICE.txt").read_text()
+    assert "CC BY 4.0" in notice and "Alpaydin" in notice
+
+
+def test_the_shipped_digits_equal_scikit_learns():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images, labels = load_digits()
+    assert np.array_equal(images.numpy(), digits.images)
+    assert np.array_equal(labels.numpy(), digits.target)
+
+
+def test_stratified_split_gives_every_class_its_share():
+    """ceil(0.2 * 1797) = 360 test images; class c gets 360 * n_c / 1797 rounded by
+    largest remainder: the floors (35, 36, 35, 36, 36, 36, 36, 35, 34, 36) sum to 355, and
+    the 5 left go to the largest remainders: 7 (.86), 8 (.86), 3 (.66), 0 (.66) and, of the
+    tied 1 and 5 (.46, 182 images each), the first."""
+    _, labels = load_digits()
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert len(test) == 360 and len(train) == 1437
+    assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(1797))
+    assert torch.bincount(labels[test]).tolist() == [36, 37, 35, 37, 36, 36, 36, 36, 35, 36]
+    again, other = stratified_split(labels, 0.2, seed=0)[1], stratified_split(labels, 0.2, 1)[1]
+    assert torch.equal(again, test) and not torch.equal(other, test)
 
 
 def test_digits_upsampled_rgb_and_validation_split():

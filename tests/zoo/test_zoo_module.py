@@ -64,6 +64,51 @@ def test_steps_per_epoch_counts_accumulation(tmp_path):
     assert record.lrs == pytest.approx([0.2, 0.2, 0.4, 0.4])
 
 
+class CountHostReads(Callback):
+    """Counts the tensor-to-Python conversions (``aten::_local_scalar_dense``: on a GPU each
+    one waits for the device) from the start of batch 2 to the start of batch 6."""
+
+    def __init__(self):
+        self.reads = None
+        self._profile = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 2:
+            self._profile = torch.profiler.profile(activities=[
+                torch.profiler.ProfilerActivity.CPU])
+            self._profile.__enter__()
+        elif batch_idx == 6:
+            self._profile.__exit__(None, None, None)
+            self.reads = sum(e.name == "aten::_local_scalar_dense"
+                             for e in self._profile.events())
+
+
+class RecordLoggedLR(Callback):
+    def __init__(self):
+        self.logged, self.set = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.set.append(trainer.optimizers[0].param_groups[0]["lr"])  # the step's rate
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append(trainer.callback_metrics["train/lr"])  # read after the fit
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_training_steps_read_nothing_back_without_a_progress_bar(tmp_path, progress_bar):
+    """Without a progress bar a training step converts no tensor to a Python number (each
+    conversion is a GPU synchronisation); with one, the loss is on it (and is read)."""
+    count, lrs = CountHostReads(), RecordLoggedLR()
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=7, limit_val_batches=0,
+                  enable_progress_bar=progress_bar, callbacks=[count, lrs])
+    fit.fit(digits_classifier(milestones=[]), DigitsDataModule(batch_size=16))
+    assert (count.reads > 0) if progress_bar else (count.reads == 0)
+    assert ("train/loss" in fit.progress_bar_metrics) is progress_bar
+    # train/lr is logged as a float32 tensor on the model's device, the rate of the step.
+    assert [(v.dtype, v.device.type, float(v)) for v in lrs.logged] == [
+        (torch.float32, "cpu", pytest.approx(lr)) for lr in lrs.set]
+
+
 def test_logs_the_documented_keys_and_learns(tmp_path):
     module = digits_classifier(lr=0.05, milestones=[])
     fit = trainer(tmp_path, max_epochs=2)
