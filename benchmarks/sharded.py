@@ -3,9 +3,13 @@
 For the same model (a stack of ``--layers`` linear layers ``width x width``, AdamW) and the
 engine in a plain loop, each configuration runs in 2 fresh processes, one torch thread each:
 
-- per-rank peak memory: the growth of each process's peak resident memory
-  (``ru_maxrss``) from before the model is built to after ``--steps`` training steps that
-  include one rewiring; dense rows (no engine) give the reference of each strategy;
+- per-rank peak memory from before the model is built to after ``--steps`` training steps
+  that include one rewiring: the peak of the bytes torch holds in tensors (the running sum
+  of the allocations and frees ``torch.profiler`` records: parameters, gradients,
+  optimizer state, masks, communication buffers; not a CPU ``topk``'s internal work
+  vector), and the growth of the peak resident memory (``ru_maxrss``, which also counts
+  what the allocator keeps after a free); dense rows (no engine) give each strategy's
+  reference;
 - per rewiring and method: the payload handed to collectives by one rank (the bytes of
   every tensor passed to ``all_reduce``, ``all_gather``, ``broadcast``, ``gather``) and the
   wall time (median of ``--rewirings``), over the same weights and gradients.
@@ -80,10 +84,14 @@ def _worker(rank: int, world: int, store: str, strategy: str, sparse: bool, args
             record: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from torch.profiler import ProfilerActivity, profile
+
     from lightning_ggr import SparseEngine, select_sparse_parameters
     from lightning_ggr.sparse.schedules import RewiringSchedule
 
     before = peak_mib()
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    profiler.__enter__()
     model = build(args["width"], args["layers"])
     if strategy == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -112,7 +120,14 @@ def _worker(rank: int, world: int, store: str, strategy: str, sparse: bool, args
             engine.before_optimizer_step(step, 0, [optimizer])
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
-    peak = peak_mib() - before
+    profiler.__exit__(None, None, None)
+    level = tensors = 0
+    for event in sorted((e for e in profiler.events() if e.self_cpu_memory_usage),
+                        key=lambda e: e.time_range.start):
+        level += event.self_cpu_memory_usage
+        tensors = max(tensors, level)
+    del profiler
+    peak = {"rss": peak_mib() - before, "tensors": tensors / 2**20}
     rewirings = {}
     if sparse:
         for method in METHODS:
@@ -173,14 +188,16 @@ def main() -> None:
           "sparsity 0.9 (ERK), drop fraction 0.3. No GPU measured here.")
     results = {(s, sparse): run(s, sparse, args) for s in ("ddp", "fsdp2")
                for sparse in (False, True)}
-    print("\n| strategy | training | peak memory rank 0 (MiB) | rank 1 (MiB) | "
-          "ratio to dense, same strategy |")
+    print("\n| strategy | training | peak tensor memory per rank (MiB, rank 0 / 1) | "
+          "ratio to DDP dense | peak RSS growth (MiB, rank 0 / 1) |")
     print("|---|---|---:|---:|---:|")
+    reference = max(p["tensors"] for p in results[("ddp", False)]["peaks"])
     for (strategy, sparse), result in results.items():
-        dense = max(results[(strategy, False)]["peaks"])
         peaks = result["peaks"]
+        tensors = max(p["tensors"] for p in peaks)
         print(f"| {strategy.upper()} | {'sparse (GGR)' if sparse else 'dense'} | "
-              f"{peaks[0]:.0f} | {peaks[1]:.0f} | {max(peaks) / dense:.2f} |")
+              f"{peaks[0]['tensors']:.0f} / {peaks[1]['tensors']:.0f} | "
+              f"{tensors / reference:.2f} | {peaks[0]['rss']:.0f} / {peaks[1]['rss']:.0f} |")
     print("\n| method | strategy | payload per rank per rewiring | collectives | "
           "rewiring time (ms, median) |")
     print("|---|---|---:|---:|---:|")
