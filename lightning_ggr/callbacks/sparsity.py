@@ -183,6 +183,7 @@ class DynamicSparsityCallback(Callback):
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._warned: set[str] = set()
+        self._sharded = False  # ModelParallelStrategy (set in setup)
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
         self.clock = RewiringClock(self._clock_settings(), self._warn_once)
@@ -299,6 +300,12 @@ class DynamicSparsityCallback(Callback):
         refuse_closure_optimizers(self._optimizer)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        if self._sharded and self.engine.layout is None:
+            rank_zero_warn(
+                f"{type(trainer.strategy).__name__} runs, but no sparse parameter is sharded "
+                "(no DTensor): apply torch.distributed.fsdp.fully_shard in the "
+                "LightningModule's configure_model. Without it nothing synchronises the "
+                "processes' gradients, and their weights drift apart")
         if self.engine.layout is not None:
             # Sharded: the masks become buffers of the model, so that Lightning's
             # distributed checkpoint saves them shard by shard with it (no rank holds a

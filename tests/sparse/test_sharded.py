@@ -383,6 +383,11 @@ def test_sharded_masks_checkpoint_with_the_model_and_consolidate(tmp_path):
         for name, mask in saved.items():
             assert torch.equal(full(engine.masks[name]), mask)
         assert engine.active_counts() == {n: int(m.sum()) for n, m in saved.items()}
+        # a single-device state (whole masks) resumes on shards: each process takes its rows
+        whole = {**engine.state_dict(), "masks": saved}
+        adopted = SparseEngine.from_state_dict(engine.params, whole, sparsity=0.7, seed=1)
+        for name, mask in saved.items():
+            assert torch.equal(full(adopted.masks[name]), mask)
     masks = consolidate_masks(tmp_path / "checkpoint", tmp_path / "masks.pt", prefix="model.")
     assert set(masks) == set(saved)  # the buffers and the engine's state name the same
     for name, mask in saved.items():
