@@ -300,12 +300,7 @@ class DynamicSparsityCallback(Callback):
         refuse_closure_optimizers(self._optimizer)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
-        if self._sharded and self.engine.layout is None:
-            rank_zero_warn(
-                f"{type(trainer.strategy).__name__} runs, but no sparse parameter is sharded "
-                "(no DTensor): apply torch.distributed.fsdp.fully_shard in the "
-                "LightningModule's configure_model. Without it nothing synchronises the "
-                "processes' gradients, and their weights drift apart")
+        self._warn_if_not_sharded(trainer)
         if self.engine.layout is not None:
             # Sharded: the masks become buffers of the model, so that Lightning's
             # distributed checkpoint saves them shard by shard with it (no rank holds a
@@ -479,6 +474,16 @@ class DynamicSparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------- internals
+    def _warn_if_not_sharded(self, trainer: pl.Trainer) -> None:
+        """ModelParallelStrategy without ``fully_shard``: nothing is sharded, and nothing
+        synchronises the processes' gradients either."""
+        if self._sharded and self.engine.layout is None:
+            rank_zero_warn(
+                f"{type(trainer.strategy).__name__} runs, but no sparse parameter is sharded "
+                "(no DTensor): apply torch.distributed.fsdp.fully_shard in the "
+                "LightningModule's configure_model. Without it nothing synchronises the "
+                "processes' gradients, and their weights drift apart")
+
     def _adopt_restored_state(self) -> None:
         """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
         the model, its mask buffers included, after on_fit_start): the engine adopts the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -247,3 +248,18 @@ def test_budget_of_exactly_one_weight_per_layer_is_accepted():
     assert engine.active_counts() == dict.fromkeys(SPARSE_NAMES, 1)
     with pytest.raises(ValueError, match="leaves 2 active weights for the 3 sparse layers"):
         SparseEngine(params, sparsity=1 - 2 / 312, method="ggr")
+
+
+def test_model_parallel_without_fully_shard_warns():
+    """Nothing sharded under ModelParallelStrategy: the user forgot fully_shard."""
+    sparse = DynamicSparsityCallback()
+    sparse._sharded = True
+    sparse.engine = SimpleNamespace(layout=None)
+    run = SimpleNamespace(strategy=SimpleNamespace())
+    with pytest.warns(UserWarning, match="no sparse parameter is sharded .* apply "
+                                         "torch.distributed.fsdp.fully_shard"):
+        sparse._warn_if_not_sharded(run)
+    sparse.engine = SimpleNamespace(layout=object())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse._warn_if_not_sharded(run)

@@ -199,23 +199,3 @@ def test_ddp_with_a_logger_writes_the_summary_without_a_rank_0_only_collective(t
     run.fit(TinyModule(), tiny_dataloader(samples=32))
     assert len(list(tmp_path.glob("lightning_logs/*/lightning_ggr_summary.json"))) == 1
     assert not dist.is_initialized()
-
-
-class Unsharded(TinyTransformer):
-    def configure_model(self) -> None:  # forgets fully_shard
-        pass
-
-
-def _fit_unsharded(rank: int, world: int, root: str) -> None:
-    sparse = DynamicSparsityCallback(sparsity=0.5, interval="step", stop_fraction=1.0,
-                                     log_figures=False, selection_summary=False)
-    with pytest.warns(UserWarning, match="no sparse parameter is sharded .* apply "
-                                         "torch.distributed.fsdp.fully_shard"):
-        trainer(root, [sparse], world, max_steps=2).fit(Unsharded(), token_dataloader())
-    assert sparse.engine.layout is None
-    Path(root, "record.json").write_text("{}")
-
-
-def test_model_parallel_without_fully_shard_warns(tmp_path):
-    spawn_lightning(_fit_unsharded, str(tmp_path), world=1)
-    assert (tmp_path / "record.json").exists()
