@@ -8,6 +8,7 @@ ResNet-18 (CIFAR) at its ERK density for sparsity 0.9.
 
     python benchmarks/draws.py            # the table
     python benchmarks/draws.py --quick    # fc1 at density 0.08 and ResNet-18 only
+    python benchmarks/draws.py --tiny     # a 64x128 layer instead: checks that it runs
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def resnet18_layers() -> list[tuple[str, tuple[int, ...], int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     import lightning_ggr
@@ -77,14 +79,17 @@ def main() -> None:
     print(f"CPU ({platform.processor() or platform.machine()}), 1 thread, torch "
           f"{torch.__version__}, lightning_ggr {lightning_ggr.__version__}")
     densities = (0.08,) if args.quick else (0.01, 0.08, 0.5)
-    numel = VGG16_FC1[0] * VGG16_FC1[1]
+    shape, label = ((64, 128), "a 64x128 layer") if args.tiny else (VGG16_FC1, "VGG16 fc1")
+    numel = shape[0] * shape[1]
     print("| layer | shape | active | time (s) | peak extra memory (MiB) |")
     print("|---|---|---:|---:|---:|")
     for density in densities:
         active = round(density * numel)
-        row = measure(VGG16_FC1, active, args.reps)
-        print(f"| VGG16 fc1, density {density:g} | 4096x25088 | {active:,} | "
+        row = measure(shape, active, args.reps)
+        print(f"| {label}, density {density:g} | {shape[0]}x{shape[1]} | {active:,} | "
               f"{row['seconds']:.3f} | {row['peak_mib']:.0f} |", flush=True)
+    if args.tiny:
+        return
     total_time = 0.0
     peak = 0.0
     for _name, shape, active in resnet18_layers():
