@@ -79,6 +79,14 @@ class SparseEngine:
     active counts are kept on the host, so reading them never waits for the device; change
     the masks only through the engine (:meth:`load_state_dict`).
 
+    Sharded parameters (DTensors of FSDP2's ``fully_shard``, split along dim 0 over one
+    device mesh) are detected (:attr:`layout`): each mask is then a bool DTensor placed like
+    its parameter, the per-step pass works on the local shards (no collective), and every
+    rewiring selects across the processes with a few collectives on small tensors
+    (:mod:`lightning_ggr.sparse.sharded`); every process must make the same calls. The
+    masks are the same as one process would draw for the same seed, and a rewiring gives
+    the single-process result wherever the scores do not tie at a cut.
+
     Args:
         params: name -> parameter to train sparse (see ``select_sparse_parameters``).
         sparsity: fraction of zeros over all sparse parameters, in ``[0, 1)``.
