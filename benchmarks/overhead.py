@@ -19,6 +19,10 @@ Sections (``--sections``):
              not move with the host's speed: cudaLaunchKernel calls and device time
              (CUDA; on a CPU the operations), topk calls
   build      ``SparseEngine`` construction time (ResNet-18, VGG16)
+  every_step the cost of ``enforce_masks_every_step=True`` (masks applied before the forward
+             pass and after every step, whatever writes into the weights): the per-step work
+             alone against a dense plain-loop step (isolated ratio, wall and CPU time), and
+             Trainer steps dense / default callback / with the setting, interleaved in rounds
 
 ``--suite gpu`` runs loop, trainer, pass, rewiring and build on CUDA (ResNet-18 CIFAR, batch
 128, sparsity 0.9) and prints the goals of issue 13 met or missed.
@@ -312,7 +316,8 @@ def _classifier(s: Settings, init_state: dict | None, channels_last: bool):
 
 
 def _fit_step_times(s: Settings, variant: str, method: str, precision: str,
-                    init_state: dict | None, steps: int) -> tuple[list[float], list[float]]:
+                    init_state: dict | None, steps: int,
+                    every_step: bool = False) -> tuple[list[float], list[float]]:
     """Step times (wall, CPU) of one Trainer fit: batch start to batch end, after warm-up."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
@@ -346,7 +351,7 @@ def _fit_step_times(s: Settings, variant: str, method: str, precision: str,
         # No rewiring inside the timed window: this measures the per-step cost.
         callbacks.append(DynamicSparsityCallback(
             method=method, sparsity=s.sparsity, interval="step", stop_step=10**9,
-            update_interval=10**8, log_figures=False))
+            update_interval=10**8, log_figures=False, enforce_masks_every_step=every_step))
     elif variant == "rigl-torch":
         callbacks.append(RigLTorchPeer())
     trainer = pl.Trainer(
@@ -452,6 +457,82 @@ def run_isolated(s: Settings) -> list[dict]:
     h_wall, h_cpu = (statistics.median(t[i] for t in hot) for i in (0, 1))
     return [{"dense": d_wall, "dense_cpu": d_cpu, "hot": h_wall, "hot_cpu": h_cpu,
              "isolated": (d_wall + h_wall) / d_wall, "isolated_cpu": (d_cpu + h_cpu) / d_cpu}]
+
+
+# ------------------------------------------------------------- enforce_masks_every_step
+def run_every_step(s: Settings) -> list[dict]:
+    """What ``enforce_masks_every_step=True`` costs per step, in one process.
+
+    Isolated: a dense plain-loop step (forward, backward, SGD step with momentum) against the
+    callback's per-step work with SGD, by default (the gradient pass) and with the setting
+    (the weights masked before the forward pass, the gradient pass, weights and momentum
+    masked after the step), in ``rounds`` interleaved rounds (a block of ``steps`` dense
+    steps, then ``pass_calls`` calls of each work): per round the ratio (dense + work) /
+    dense of the medians, wall and CPU time; the median and range over rounds. Trainer:
+    median step of a fit dense, with the default callback and with the setting, interleaved
+    over ``trainer_rounds`` rounds; ratios to the dense fit of the same round.
+    """
+    _quiet_lightning()
+    model = make_model(s, s.model).to(s.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(s.batch_size, 3, s.input_size, s.input_size, generator=g).to(s.device)
+    y = torch.randint(0, s.num_classes, (s.batch_size,), generator=g).to(s.device)
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    for _ in range(s.warmup):
+        step()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=s.sparsity, method="ggr")
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()  # momentum everywhere, as in training
+
+    def default() -> None:  # SGD keeps masked weights at 0: the gradient pass only
+        engine.mask_gradients()
+
+    def every_step() -> None:
+        engine.apply_masks()  # before the forward pass
+        engine.mask_gradients()
+        engine.enforce_masks([optimizer])  # after the step: weights and momentum
+
+    works = {"default": default, "every_step": every_step}
+    for fn in works.values():
+        fn()
+    per_round: dict[str, list[tuple[float, float]]] = {"dense": [], **{k: [] for k in works}}
+    for _ in range(s.rounds):
+        dense = [timed(step, s.device) for _ in range(s.steps)]
+        per_round["dense"].append(tuple(statistics.median(t[i] for t in dense)
+                                        for i in (0, 1)))
+        for name, fn in works.items():
+            times = [timed(fn, s.device) for _ in range(s.pass_calls)]
+            per_round[name].append(tuple(statistics.median(t[i] for t in times)
+                                         for i in (0, 1)))
+    dense_wall = [d[0] for d in per_round["dense"]]
+    dense_cpu = [d[1] for d in per_round["dense"]]
+    row: dict = {"dense": summary(dense_wall), "dense_cpu": summary(dense_cpu)}
+    for name in works:
+        wall = [w[0] for w in per_round[name]]
+        cpu = [w[1] for w in per_round[name]]
+        row[name] = {
+            "wall": summary(wall), "cpu": summary(cpu),
+            "isolated": summary([(d + w) / d for d, w in zip(dense_wall, wall, strict=True)]),
+            "isolated_cpu": summary([(d + w) / d for d, w in zip(dense_cpu, cpu, strict=True)]),
+        }
+    medians: dict[str, list[float]] = {"dense": [], "default": [], "every_step": []}
+    for _ in range(s.trainer_rounds):
+        for variant in medians:
+            wall, _ = _fit_step_times(s, "dense" if variant == "dense" else "engine", "ggr",
+                                      "fp32", None, s.trainer_steps,
+                                      every_step=variant == "every_step")
+            medians[variant].append(statistics.median(wall))
+    row["trainer"] = {variant: summary(values) for variant, values in medians.items()}
+    row["trainer_ratios"] = {variant: summary([v / d for v, d in zip(
+        values, medians["dense"], strict=True)]) for variant, values in medians.items()
+        if variant != "dense"}
+    return [row]
 
 
 # ------------------------------------------------------------------------ isolated pass
@@ -743,6 +824,25 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
                 f"| {r['dense'] * 1e3:.1f} | {r['hot'] * 1e3:.2f} | {r['isolated']:.4f} | "
                 f"{r['dense_cpu'] * 1e3:.1f} | {r['hot_cpu'] * 1e3:.2f} | "
                 f"{r['isolated_cpu']:.4f} |", ""]
+    for r in results.get("every_step", []):
+        out += [f"`enforce_masks_every_step`, {s.rounds} interleaved rounds: dense plain-loop "
+                f"step {_range(r['dense'], 1e3, '{:.1f}')} ms, CPU time "
+                f"{_range(r['dense_cpu'], 1e3, '{:.1f}')} ms.", "",
+                "| per-step work (SGD, momentum) | ms | isolated ratio | CPU time (ms) "
+                "| isolated ratio, CPU time |", "|---|---:|---:|---:|---:|"]
+        for name, label in (("default", "default: gradient pass"),
+                            ("every_step", "enforce_masks_every_step=True: weights before "
+                                           "the forward, gradients, weights + momentum after")):
+            w = r[name]
+            out.append(f"| {label} | {_range(w['wall'], 1e3, '{:.2f}')} | "
+                       f"{_range(w['isolated'], fmt='{:.4f}')} | "
+                       f"{_range(w['cpu'], 1e3, '{:.2f}')} | "
+                       f"{_range(w['isolated_cpu'], fmt='{:.4f}')} |")
+        out += ["", f"Trainer, {s.trainer_rounds} round(s) of {s.trainer_steps} steps: dense step "
+                f"{_range(r['trainer']['dense'], 1e3, '{:.1f}')} ms; default callback "
+                f"{_range(r['trainer_ratios']['default'], fmt='x{:.3f}')}; "
+                "enforce_masks_every_step=True "
+                f"{_range(r['trainer_ratios']['every_step'], fmt='x{:.3f}')}.", ""]
     steps = results.get("loop", []) + results.get("trainer", [])
     if steps:
         out += [f"{s.rounds} rounds (Trainer: {s.trainer_rounds}) of {s.steps} steps "
@@ -834,7 +934,7 @@ def goals(results: dict) -> list[str]:
 
 SECTIONS = {"methods": run_methods, "isolated": run_isolated, "loop": run_loop,
             "trainer": run_trainer, "pass": run_pass, "rewiring": run_rewiring,
-            "build": run_build}
+            "build": run_build, "every_step": run_every_step}
 GPU_SUITE = ["loop", "trainer", "pass", "rewiring", "build"]
 
 
@@ -865,7 +965,7 @@ def main(argv: list[str] | None = None) -> str:
                                  or args.tiny else ["methods"])
     if args.tiny:
         s = Settings.tiny(device)
-    elif sections in (["methods"], ["isolated"]):
+    elif sections in (["methods"], ["isolated"], ["every_step"]):
         s = Settings.cpu_table(device)
     else:
         s = Settings(device)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -165,6 +167,10 @@ def _worker(rank: int, world: int, store: str, strategy: str, sparse: bool, args
     if rank == 0:
         Path(record).write_text(json.dumps({"peaks": peaks, "rewirings": rewirings}))
     dist.destroy_process_group()
+    # A gloo rank that used DTensors sometimes aborts while the interpreter finalizes
+    # (SIGABRT, after everything above): exit at once, the work is recorded.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run(strategy: str, sparse: bool, args: dict) -> dict:

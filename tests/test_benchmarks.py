@@ -24,14 +24,15 @@ def run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
 
 def test_overhead_suite_runs_tiny_on_cpu():
     done = run("--device", "cpu", "--tiny", "--threads", "1", "--sections", "methods",
-               "isolated", "loop", "trainer", "pass", "rewiring", "build")
+               "isolated", "loop", "trainer", "pass", "rewiring", "build", "every_step")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.startswith("Device: ")
     for heading in ("| method | step (ms) | ratio to dense", "| dense step (ms) | per-step pass",
                     "| set-up | dense step",
                     "| model | sparse layers | us per pass", "| model | method | one rewiring",
-                    "| model | sparse weights", "Goals (issue 13):"):
+                    "| model | sparse weights", "Goals (issue 13):",
+                    "| enforce_masks_every_step=True: weights before the forward"):
         assert heading in out, heading
     for setup in ("plain loop, fp32", "plain loop, bf16", "Lightning Trainer, fp32",
                   "Lightning Trainer, bf16"):

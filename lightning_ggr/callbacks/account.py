@@ -3,15 +3,15 @@ rewirings did, printed at fit end and stored in ``trainer.callback_metrics`` and
 summary.
 
 Everything here reads the engine and the clock and never changes them. The figures that only
-a running tally knows (weights grown, why rewirings were postponed) live in a
-:class:`RunAccount`, which the callback checkpoints so that a resumed run accounts for the
-whole run.
+a running tally knows (weights grown and removed) live in a :class:`RunAccount`, which the
+callback checkpoints so that a resumed run accounts for the whole run; why rewirings were
+postponed is the engine's tally (``SparseEngine.skip_reasons``, checkpointed with it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lightning_ggr.sparse.engine import SparseEngine
@@ -32,29 +32,23 @@ class RunAccount:
             checkpoint saved without an account).
         grown: weights grown over those rewirings.
         removed: weights removed over those rewirings.
-        postponed: reason -> number of due steps whose rewiring was postponed for it
-            (``RewiringReport.skip_reason``).
     """
 
     rewirings: int = 0
     grown: int = 0
     removed: int = 0
-    postponed: dict[str, int] = field(default_factory=dict)
 
     def record(self, report: RewiringReport) -> None:
-        """Count one report: a rewiring that ran, or a postponed one and its reason."""
-        if report.skipped:
-            reason = report.skip_reason or "unusable gradients"
-            self.postponed[reason] = self.postponed.get(reason, 0) + 1
-        else:
+        """Count one report: a rewiring that ran (a postponed one is the engine's to count,
+        with its reason)."""
+        if not report.skipped:
             self.rewirings += 1
             self.grown += report.total_grown
             self.removed += report.total_removed
 
     def state(self) -> dict[str, Any]:
         """Plain Python, for a checkpoint."""
-        return {"rewirings": self.rewirings, "grown": self.grown, "removed": self.removed,
-                "postponed": dict(self.postponed)}
+        return {"rewirings": self.rewirings, "grown": self.grown, "removed": self.removed}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None) -> RunAccount:
@@ -62,8 +56,7 @@ class RunAccount:
         if not state:
             return cls()
         return cls(int(state.get("rewirings", 0)), int(state.get("grown", 0)),
-                   int(state.get("removed", 0)),
-                   {str(k): int(v) for k, v in (state.get("postponed") or {}).items()})
+                   int(state.get("removed", 0)))
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[str]],
@@ -152,10 +145,11 @@ def account_figures(engine: SparseEngine, account: RunAccount, planned: Sequence
     rewiring that never ran, else ``None``), ``not_reached`` (planned steps the training did
     not reach), ``steps`` (optimizer steps trained), ``stop_step``, ``grown`` and ``removed``
     (over ``recorded_rewirings`` rewirings), ``moved_net`` (weights that changed layer since
-    initialization: the sum of the layers' gains in active weights), ``layers`` (name ->
-    ``initial_active``, ``active``, ``total``).
+    initialization: the sum of the layers' gains in active weights), ``stray_weights_zeroed``
+    (name -> masked weights found written by other code and zeroed again), ``layers`` (name
+    -> ``initial_active``, ``active``, ``total``).
     """
-    reasons = dict(account.postponed)
+    reasons = dict(engine.skip_reasons)
     unrecorded = engine.skipped_rewirings - sum(reasons.values())
     if unrecorded > 0:
         reasons[UNRECORDED] = reasons.get(UNRECORDED, 0) + unrecorded
@@ -182,6 +176,7 @@ def account_figures(engine: SparseEngine, account: RunAccount, planned: Sequence
         "recorded_rewirings": account.rewirings,
         "moved_net": sum(max(0, layer["active"] - layer["initial_active"])
                          for layer in layers.values()),
+        "stray_weights_zeroed": {name: int(n) for name, n in engine.stray_weights_zeroed.items()},
         "layers": layers,
     }
 
@@ -231,6 +226,11 @@ def format_account(figures: Mapping[str, Any], shapes: Mapping[str, Sequence[int
                   "resumed from did not count the earlier ones)")
     lines.append(f"{grown}; net {figures['moved_net']:,} weights moved between layers "
                  "(active weights each layer gained since initialization)")
+    stray = figures.get("stray_weights_zeroed") or {}
+    if stray:
+        lines.append(f"masked weights written by other code and zeroed again: "
+                     f"{sum(stray.values()):,} ("
+                     + ", ".join(f"{name}: {count:,}" for name, count in stray.items()) + ")")
     rows = []
     initial_sum = active_sum = total_sum = 0
     for index, (name, layer) in enumerate(figures["layers"].items()):

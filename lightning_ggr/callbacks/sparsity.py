@@ -40,6 +40,8 @@ from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS
 from lightning_ggr.sparse.selection import (
+    FROZEN,
+    NOT_IN_OPTIMIZER,
     Selection,
     check_selection_patterns,
     plan_selection,
@@ -111,8 +113,15 @@ class DynamicSparsityCallback(Callback):
             start the next step at ``init_value`` (RigL's reference applies no gradient on
             mask-update steps; weight decay, if any, still applies).
         reinit_regrown: restart a weight dropped and regrown in the same rewiring at
-            ``init_value`` with zero optimizer state. Default ``False``: it keeps its value
+            ``init_value`` with fresh optimizer state. Default ``False``: it keeps its value
             and state (RigL's reference, ``reinit_when_same=False``).
+        enforce_masks_every_step: keep masked weights at exactly 0 at every step, whatever
+            writes into them (weight noise, a re-initialisation, an EMA copy written back):
+            the masks are applied to the weights right before the training forward pass
+            (a forward pre-hook on the sparse layers, armed in ``on_train_batch_start``) and
+            to weights and optimizer state after every optimizer step. Default ``False``:
+            such writes are found and zeroed again, with a warning, at each rewiring and each
+            epoch end (the per-step cost is measured in docs/benchmarks.md).
         dsr_initial_threshold: DSR's first threshold ``H``, finite and > 0 (default
             ``1e-3``, DSR's reference), or ``None`` to start at the ``K``-th smallest active
             magnitude of the first rewiring.
@@ -143,6 +152,7 @@ class DynamicSparsityCallback(Callback):
         update_grown_weights: bool = False,
         reinit_regrown: bool = False,
         dsr_initial_threshold: float | None = 1e-3,
+        enforce_masks_every_step: bool = False,
         fit_end_summary: bool = True,
     ) -> None:
         super().__init__()
@@ -171,6 +181,8 @@ class DynamicSparsityCallback(Callback):
         self.dsr_initial_threshold = check_positive_or_none("dsr_initial_threshold",
                                                             dsr_initial_threshold)
         self.selection_summary = check_bool("selection_summary", selection_summary)
+        self.enforce_masks_every_step = check_bool("enforce_masks_every_step",
+                                                   enforce_masks_every_step)
         self.fit_end_summary = check_bool("fit_end_summary", fit_end_summary)
         self.reporter = SparsityReporter(self.log_figures, self.mask_layers,
                                          self.selection_summary, self.fit_end_summary)
@@ -184,6 +196,20 @@ class DynamicSparsityCallback(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._warned: set[str] = set()
         self._sharded = False  # ModelParallelStrategy (set in setup)
+        #: Sparse tensors left out of the last rewiring (frozen), and dense layer weights
+        #: that were frozen or held by no optimizer at fit start.
+        self._frozen_now: set[str] = set()
+        self._untrained_at_start: dict[str, str] = {}
+        self._look_for_unfrozen = False
+        #: enforce_masks_every_step: forward pre-hooks on the sparse layers, and whether
+        #: they still have to apply the masks before this batch's forward pass.
+        self._forward_hooks: list[Any] = []
+        self._mask_before_forward = False
+        #: Manual optimization: whether the last backward gave a sparse weight a gradient
+        #: (post-accumulate-grad hooks), and backward passes that did since the last step.
+        self._grad_hooks: list[Any] = []
+        self._backward_touched = False
+        self._backwards_this_step = 0
         #: The schedule's clock: steps of the optimizer holding the sparse weights
         #: (checkpointed), the stop point, whose epochs count under DDP.
         self.clock = RewiringClock(self._clock_settings(), self._warn_once)
@@ -298,6 +324,11 @@ class DynamicSparsityCallback(Callback):
         self._run_id = str((loaded or {}).get("run_id") or uuid.uuid4().hex)
         self._attach_step_hook(trainer, params)
         refuse_closure_optimizers(self._optimizer)
+        self._check_optimizer()
+        self._frozen_now = set()
+        self._untrained_at_start = self._dense_untrained_weights()
+        self._attach_forward_hooks(pl_module)
+        self._attach_gradient_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self._warn_if_not_sharded(trainer)
@@ -318,7 +349,9 @@ class DynamicSparsityCallback(Callback):
             )
             self.engine.apply_masks()
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
-        # without our masks (or an optimizer reused across fits) must be masked once here.
+        # without our masks (or an optimizer reused across fits) must be masked once here,
+        # and a restored state's layout checked.
+        self._check_optimizer()
         self.engine.enforce_masks([self._optimizer])
         # FitLoop.run has just set up the train dataloader (restoring a resumable one's
         # position) and Lightning restored global_step: the length and the clock are known.
@@ -330,6 +363,32 @@ class DynamicSparsityCallback(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.clock.epoch_started(trainer, self.engine)
+        # BaseFinetuning unfreezes layers in its own on_train_epoch_start (maybe after this
+        # one): look at the epoch's first step.
+        self._look_for_unfrozen = True
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Manual optimization: Lightning's documented pattern is manual_backward ->
+        # clip_gradients -> opt.step(), and this hook runs at the end of manual_backward, before
+        # the clipping: growth must read the gradient here (not yet clipped) and the masked
+        # gradients go now (so they are not in the clipping norm). Automatic optimization
+        # does both in on_before_optimizer_step, which runs before its clipping.
+        if pl_module.automatic_optimization or self.engine is None or self.clock.steps is None:
+            return
+        touched, self._backward_touched = self._backward_touched, False
+        if not touched:  # a backward that gave the sparse weights no gradient (a GAN's other net)
+            return
+        self._backwards_this_step += 1
+        if self._backwards_this_step > 1:  # accumulation by hand: the step was handled
+            self._warn_once(
+                "manual accumulation",
+                "manual optimization with several backward passes before a step of the "
+                "optimizer holding the sparse weights: each pass's masked gradients are zeroed "
+                "right after it (so gradient clipping never counts them), and a rewiring due "
+                "at that step grew from the first pass's gradient")
+            self.engine.mask_gradients()
+            return
+        self._optimizer_step_work(trainer, self._optimizer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -343,15 +402,37 @@ class DynamicSparsityCallback(Callback):
             self.reporter.weights_about_to_change(trainer, self.engine)
             self.engine.mask_gradients()
             return
+        if self._backwards_this_step:  # manual optimization: done after its backward
+            self.engine.mask_gradients()
+        else:
+            self._optimizer_step_work(trainer, optimizer)
+        self._backwards_this_step = 0
+        self.clock.advance()
+
+    def _optimizer_step_work(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer
+                             ) -> None:
+        """A step of the optimizer holding the sparse weights: rewire if due, mask the
+        gradients, report."""
+        if self._look_for_unfrozen:
+            self._look_for_unfrozen = False
+            self._warn_if_dense_tensors_unfrozen()
         step, epoch = self.clock.position(trainer, self.engine, type(self._optimizer).__name__)
         report = self.engine.before_optimizer_step(step, epoch, [optimizer])
-        self.clock.advance()
         if report is not None:
             self.last_report = report
+            self._warn_stray(report.stray_weights, f"at step {step}")
+            if not report.skipped:
+                self._say_frozen(report)
             self._warn_if_nothing_removed(report)
             self.reporter.rewired(trainer, self.engine, report, step)
         else:
             self.reporter.weights_about_to_change(trainer, self.engine)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        # Armed here, applied by the first sparse layer's forward: after every other
+        # on_train_batch_start (the module's runs after the callbacks').
+        self._mask_before_forward = self.enforce_masks_every_step and self.engine is not None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -359,6 +440,9 @@ class DynamicSparsityCallback(Callback):
         self.reporter.batch_ended(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None:  # after the stop point too: nothing else would look
+            self._warn_stray(self.engine.zero_stray_weights([self._optimizer]),
+                             f"at the end of epoch {trainer.current_epoch}")
         if not pl_module.automatic_optimization:
             self.clock.check_one_step_per_batch(trainer)
         self.reporter.epoch_ended(trainer, self.engine)
@@ -369,7 +453,7 @@ class DynamicSparsityCallback(Callback):
         if engine.pending_step is not None:
             rank_zero_warn(
                 f"the rewiring due at step {engine.pending_step} was postponed (non-finite or "
-                "missing sparse gradients) and training ended before a step with usable "
+                "missing gradients) and training ended before a step with usable "
                 "gradients: it did not run"
             )
         elif (engine.rewirings == 0 and engine.schedule is not None
@@ -398,6 +482,9 @@ class DynamicSparsityCallback(Callback):
         if stage == "fit" and self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        if stage == "fit":
+            self._remove_forward_hooks()
+            self._remove_gradient_hooks()
         # A state loaded but not adopted is not a run to resume and must not leak into a later
         # fit: one restored for test/validate/predict, or one a learning-rate search restored
         # in the middle of a fit (LearningRateFinder reloads its own checkpoint).
@@ -470,6 +557,7 @@ class DynamicSparsityCallback(Callback):
             "update_grown_weights": self.update_grown_weights,
             "reinit_regrown": self.reinit_regrown,
             "dsr_initial_threshold": self.dsr_initial_threshold,
+            "enforce_masks_every_step": self.enforce_masks_every_step,
             "run_id": self._run_id,
         }
 
@@ -582,18 +670,82 @@ class DynamicSparsityCallback(Callback):
 
     def _remask_kept_model(self, trainer: pl.Trainer) -> None:
         """The model the user keeps respects the final masks, whatever wrote into it last."""
-        engine = self.engine
-        stray = sum(engine.stray_counts().values())
+        stray = self.engine.zero_stray_weights()
         if not stray:
             return
-        engine.apply_masks()
         writers = [type(cb).__name__ for cb in trainer.callbacks
                    if "Averag" in type(cb).__name__] or ["another callback or the module"]
         rank_zero_warn(
-            f"{stray} weights at masked positions were non-zero at the end of fit (written by "
-            f"{', '.join(writers)}): they are zeroed again, so the model respects the final "
-            "masks. With weight averaging, start averaging at or after the stop point"
+            f"{sum(stray.values())} weights at masked positions were non-zero at the end of fit "
+            f"({_per_layer(stray)}; written by {', '.join(writers)}): they are zeroed again, so "
+            "the model respects the final masks. With weight averaging, start averaging at or "
+            "after the stop point"
         )
+
+    def _warn_stray(self, stray: Mapping[str, int], when: str) -> None:
+        """Masked weights something else wrote into (found and zeroed by the engine): say
+        so once per layer, with the counts (not with enforce_masks_every_step, which zeroes
+        them before every forward pass anyway)."""
+        if self.enforce_masks_every_step:
+            return
+        new = {name: count for name, count in stray.items()
+               if f"stray {name}" not in self._warned}
+        if not new:
+            return
+        self._warned.update(f"stray {name}" for name in new)
+        rank_zero_warn(
+            f"{sum(new.values())} masked weights were not 0 {when} ({_per_layer(new)}): "
+            "something else writes into them (weight noise, a re-initialisation, an EMA copy "
+            "written back), so they took part in the forward pass since they were last "
+            "zeroed; zeroed again now (and at each rewiring and epoch end). To keep them 0 at "
+            "every step, pass enforce_masks_every_step=True"
+        )
+
+    def _attach_forward_hooks(self, pl_module: pl.LightningModule) -> None:
+        """enforce_masks_every_step: a forward pre-hook on the module and on every module
+        holding a sparse parameter (directly or through a parametrization): the first to run
+        after ``on_train_batch_start`` applies the masks, right before the forward pass."""
+        self._remove_forward_hooks()
+        if not self.enforce_masks_every_step or self.engine is None:
+            return
+        sparse = {id(p) for p in self.engine.params.values()}
+        owners = [pl_module] + [
+            module for module in pl_module.modules()
+            if any(id(p) in sparse for p in module.parameters(recurse=False))
+            or any(id(p) in sparse for p in getattr(module, "parametrizations", {}) and
+                   module.parametrizations.parameters())]
+        self._forward_hooks = [module.register_forward_pre_hook(self._before_forward)
+                               for module in dict.fromkeys(owners)]
+
+    def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:
+        """Manual optimization: know which backward passes give the sparse weights a
+        gradient (``on_after_backward`` runs after every one, a GAN's other network's too)."""
+        self._remove_gradient_hooks()
+        if pl_module.automatic_optimization or self.engine is None:
+            return
+        self._grad_hooks = [param.register_post_accumulate_grad_hook(self._gradient_arrived)
+                            for param in self.engine.params.values()]
+
+    def _gradient_arrived(self, param: Tensor) -> None:
+        self._backward_touched = True
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        self._backward_touched = False
+        self._backwards_this_step = 0
+
+    def _remove_forward_hooks(self) -> None:
+        for handle in self._forward_hooks:
+            handle.remove()
+        self._forward_hooks = []
+        self._mask_before_forward = False
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._mask_before_forward:
+            self._mask_before_forward = False
+            self.engine.apply_masks()
 
     def _warn_if_already_sparse(self, params: Mapping[str, Tensor]) -> None:
         """New masks over a model that already is sparse (a trained sparse run, fine-tuned
@@ -651,10 +803,57 @@ class DynamicSparsityCallback(Callback):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        if not preserves_zeros(self._optimizer):
+        if self.enforce_masks_every_step or not preserves_zeros(self._optimizer):
             # Fires only when a step really ran (GradScaler may skip it). Standard optimizers
-            # keep masked weights at 0 on their own, which saves one pass per step.
+            # keep masked weights at 0 on their own, which saves one pass per step, unless
+            # something else writes into them (enforce_masks_every_step).
             self._step_hook = self._optimizer.register_step_post_hook(self._after_step)
+
+    def _dense_untrained_weights(self) -> dict[str, str]:
+        """Dense layer weights (a Linear's, a Conv's) that no optimizer step would update
+        now, name -> why: frozen, or held by no optimizer."""
+        held = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        return {entry.name: FROZEN if not entry.tensor.requires_grad else NOT_IN_OPTIMIZER
+                for entry in self.selection.entries
+                if not entry.sparse and entry.role is not None
+                and (not entry.tensor.requires_grad or id(entry.tensor) not in held)}
+
+    def _warn_if_dense_tensors_unfrozen(self) -> None:
+        """A layer weight dense because frozen at fit start and trained now (BaseFinetuning
+        unfroze it and added it to the optimizer) stays dense: say so once."""
+        if not self._untrained_at_start:
+            return
+        now = self._dense_untrained_weights()
+        for name, why in self._untrained_at_start.items():
+            if name not in now:
+                self._warn_once(
+                    f"unfrozen {name}",
+                    f"{name} was {why} at fit start, so it was left dense; it is trained now "
+                    "(unfrozen, e.g. by BaseFinetuning) and stays dense: the masks cover the "
+                    "tensors chosen at fit start. To train it sparse, have it trainable and in "
+                    "the optimizer when fit starts (freeze it by zeroing its learning rate)")
+
+    def _say_frozen(self, report: RewiringReport) -> None:
+        """Say once per tensor that a sparse tensor frozen mid-fit is left out of rewiring,
+        and when it takes part again."""
+        frozen = set(report.frozen)
+        for name in report.frozen:
+            self._warn_once(
+                f"frozen {name}",
+                f"{name} is frozen (requires_grad=False) or held by no optimizer since the "
+                "fit started: its mask and weights are kept as they are and it takes no part "
+                "in rewiring (nor in GGR's global budget) while it stays so")
+        back = sorted(self._frozen_now - frozen)
+        if back:
+            rank_zero_info(f"DynamicSparsityCallback: {', '.join(back)} trained again: "
+                           "rewired again from this rewiring on")
+        self._frozen_now = frozen
+
+    def _check_optimizer(self) -> None:
+        """Refuse an optimizer whose state cannot follow each weight; say once when where
+        it starts a fresh parameter could not be found (grown weights then start at 0)."""
+        for warning in self.engine.check_optimizers([self._optimizer]):
+            self._warn_once(f"fresh state {type(self._optimizer).__name__}", warning)
 
     def _follow_optimizer(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` is now the one holding the sparse weights: the trainer's
@@ -665,6 +864,7 @@ class DynamicSparsityCallback(Callback):
             return False
         self._attach_step_hook(trainer, self.engine.params)  # raises if no single owner
         refuse_closure_optimizers(self._optimizer)
+        self._check_optimizer()
         self.engine.enforce_masks([self._optimizer])
         rank_zero_info(
             f"DynamicSparsityCallback: the optimizers were replaced; now following "
@@ -689,6 +889,10 @@ class DynamicSparsityCallback(Callback):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.engine is not None:
             self.engine.after_optimizer_step([optimizer])
+
+
+def _per_layer(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in counts.items())
 
 
 def _normalized(include: Sequence[str] | None,

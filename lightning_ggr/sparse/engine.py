@@ -33,12 +33,16 @@ from lightning_ggr.sparse.draws import draw_key, key_dtype, layer_key, random_ke
 from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
+    device_scalar,
     mask_optimizer_state_,
-    optimizer_state_tensors,
     random_mask,
-    reset_optimizer_state_,
 )
 from lightning_ggr.sparse.methods import get_method
+from lightning_ggr.sparse.optimizer_state import (
+    FreshState,
+    check_optimizer_state,
+    reset_optimizer_state_,
+)
 from lightning_ggr.sparse.rewiring import (
     DSR_REFERENCE_THRESHOLD,
     RewiringReport,
@@ -55,8 +59,13 @@ from lightning_ggr.sparse.sharded import (
 )
 
 #: Why a due rewiring is postponed (``RewiringReport.skip_reason``).
-NONFINITE_GRADIENTS = "non-finite sparse gradients"
-MISSING_GRADIENTS = "no sparse gradients (the method grows by gradient)"
+SKIP_NONFINITE = "non-finite sparse gradients"
+SKIP_NO_GRADIENTS = "no sparse gradients (the method grows by gradient)"
+SKIP_OPTIMIZER_NONFINITE = ("non-finite gradients of other parameters of the optimizer "
+                            "(a grad scaler skips this step)")
+#: The same reasons under the names the fit-end account uses.
+NONFINITE_GRADIENTS = SKIP_NONFINITE
+MISSING_GRADIENTS = SKIP_NO_GRADIENTS
 
 
 def _distributed() -> bool:
@@ -105,7 +114,7 @@ class SparseEngine:
             they start the next step at ``init_value`` (weight decay aside: the step still
             applies it, e.g. SGD leaves ``init_value * (1 - lr * weight_decay)``).
         reinit_regrown: restart a weight dropped and regrown in the same rewiring at
-            ``init_value`` with zero optimizer state. ``False`` (default, RigL's reference
+            ``init_value`` with fresh optimizer state. ``False`` (default, RigL's reference
             ``reinit_when_same=False``): it keeps its value and state, as if never dropped.
         dsr_initial_threshold: DSR's first threshold ``H`` (default 1e-3, DSR's reference);
             ``None`` starts it at the ``K``-th smallest active magnitude.
@@ -180,6 +189,13 @@ class SparseEngine:
         self._warned_no_optimizer = False
         self._warned_no_signal = False
         self.skipped_rewirings = 0
+        #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
+        self.skip_reasons: dict[str, int] = {}
+        #: Masked weights found non-zero (written by something else) and zeroed again, per
+        #: layer, over the run: checkpointed.
+        self.stray_weights_zeroed: dict[str, int] = {}
+        #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
+        self.fresh_state = FreshState()
         self._refresh_lists()
         self.broadcast_topology()
         self.apply_masks()
@@ -243,21 +259,6 @@ class SparseEngine:
                               strict=True))
         self._active = counts
 
-    def stray_counts(self) -> dict[str, int]:
-        """name -> non-zero weights at masked positions (0 while the masks are respected),
-        over the whole layer: summed over the shards of a sharded one (one all-reduce)."""
-        counts = {}
-        for name, param in self.params.items():
-            if self.layout is None:
-                weight, mask = param.detach(), self.masks[name]
-            else:
-                shard = self.layout.layers[name]
-                weight, mask = owned(param.detach(), shard), owned(self.masks[name], shard)
-            counts[name] = int(torch.count_nonzero(weight[~mask.to(weight.device)]))
-        if self.layout is not None:
-            counts = dict(zip(counts, all_sum(list(counts.values()), self.layout), strict=True))
-        return counts
-
     @property
     def total_active(self) -> int:
         return sum(self._active.values())
@@ -286,58 +287,132 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.gradients_()
 
-    def _gradient_checks(self) -> list[Tensor]:
-        """Per device, ``[every gradient there is finite, one of them has a nonzero entry]``
-        as a 2-element tensor: an infinity norm per gradient (one multi-tensor operation; NaN
-        propagates through it), nothing read."""
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for param in self._param_list:
-            if param.grad is not None:
+    def _stray_count(self, name: str) -> Tensor:
+        """How many masked weights of ``name`` are not 0 (something wrote into them), as a
+        0-dim device tensor: nothing read. Sharded: this process's part (its rows; a
+        replicated layer on rank 0), which :meth:`_agreed` sums."""
+        weight, mask = self.params[name].detach(), self.masks[name]
+        if self.layout is not None:
+            shard = self.layout.layers[name]
+            weight, mask = owned(weight, shard), owned(mask, shard)
+        zero = device_scalar(0.0, weight.dtype, weight.device)
+        return torch.count_nonzero(torch.where(mask, zero, weight))
+
+    def _gradient_checks(self, optimizers: Iterable[torch.optim.Optimizer] = (),
+                         strays: bool = False) -> list[tuple[list[str], Tensor]]:
+        """Per device, ``[the sparse gradients there are finite, the optimizers' other
+        gradients there are finite, a sparse gradient has a nonzero entry]`` as an int64
+        tensor, followed (``strays``) by the number of non-zero masked weights of each sparse
+        layer there, whose names come with it: an infinity norm per gradient (one
+        multi-tensor operation over all of them; NaN propagates through it), nothing read.
+        Sharded gradients are checked on this process's shards."""
+        optimizers = list(optimizers)
+        frozen = set(self.frozen(optimizers))
+        by_device: dict[torch.device, tuple[list[Tensor], list[Tensor], list[str]]] = {}
+        for name, param in self.params.items():
+            lists = by_device.setdefault(local_tensor(param).device, ([], [], []))
+            if strays:
+                lists[2].append(name)
+            if param.grad is not None and name not in frozen:
                 grad = local_tensor(param.grad)
                 if grad.numel():  # a process may hold no row of a short sharded layer
-                    by_device.setdefault(grad.device, []).append(grad)
+                    lists[0].append(grad)
+        # A frozen sparse layer's stale gradient (taken out of the optimizer) counts nowhere.
+        seen = {id(param) for param in self._param_list}
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    grad = param.grad
+                    if id(param) in seen or grad is None or grad.is_sparse:
+                        continue
+                    seen.add(id(param))
+                    grad = local_tensor(grad)
+                    if grad.numel():
+                        by_device.setdefault(grad.device, ([], [], []))[1].append(grad)
         checks = []
-        for grads in by_device.values():
-            norms = torch.stack(torch._foreach_norm(grads, math.inf))
-            checks.append(torch.stack([torch.isfinite(norms).all(), (norms > 0).any()]))
+        for device, (ours, others, names) in by_device.items():
+            if ours or others:
+                norms = torch.stack(torch._foreach_norm(ours + others, math.inf))
+                finite = torch.isfinite(norms)
+                flags = [finite[:len(ours)].all(), finite[len(ours):].all(),
+                         (norms[:len(ours)] > 0).any()]
+            else:
+                flags = [torch.ones((), dtype=torch.bool, device=device)] * 2 + [
+                    torch.zeros((), dtype=torch.bool, device=device)]
+            values = [flag.to(torch.int64) for flag in flags]
+            values += [self._stray_count(name) for name in names]
+            checks.append((names, torch.stack(values)))
         return checks
 
-    def _agreed(self, checks: list[Tensor], local: bool = True) -> tuple[bool, bool]:
-        """(``local`` and every gradient finite, some gradient nonzero), read back once (per
-        device), and under ``torch.distributed`` agreed over all processes by one all-reduce
-        (finite everywhere, nonzero somewhere)."""
+    def _agreed(self, checks: list[tuple[list[str], Tensor]], present: bool = True
+                ) -> tuple[str | None, bool, dict[str, int]]:
+        """Why this step's gradients cannot drive a rewiring (``None``: they can), whether
+        some sparse gradient is nonzero, and the non-zero masked weights of each layer that
+        has any; read back once (per device) and, under ``torch.distributed``, agreed over
+        all processes by one all-reduce (gradients present, and finite, everywhere; signal
+        somewhere; the most strays of any process)."""
+        names = list(self.params)
         if _distributed():
             device = self._distributed_device()
-            # MIN over [usable, 1 - signal]: usable everywhere, signal somewhere.
-            flags = torch.ones(2, dtype=torch.int32, device=device)
-            flags[0].fill_(int(local))
-            for check in checks:
-                check = check.to(device, torch.int32)
-                flags[0].bitwise_and_(check[0])
-                flags[1].bitwise_and_(1 - check[1])
+            # MIN over [present, sparse finite, others finite, 1 - signal, -strays...].
+            flags = torch.zeros(4 + len(names), dtype=torch.int64, device=device)
+            flags[:3].fill_(1)
+            flags[0].fill_(int(present))
+            # Sharded layers' strays are counted shard by shard: summed, in a second
+            # all-reduce (only when strays are counted: the same on every process).
+            summed = self.layout is not None and any(layers for layers, _ in checks)
+            counts = torch.zeros(len(names), dtype=torch.int64, device=device)
+            for layers, check in checks:
+                check = check.to(device)
+                flags[1:3].bitwise_and_(check[:2])
+                flags[3].bitwise_or_(check[2])
+                for position, name in enumerate(layers):
+                    target = counts[names.index(name)] if summed else flags[4 + names.index(name)]
+                    target.sub_(check[3 + position])
+            flags[3].neg_().add_(1)  # 1 - signal
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-            usable, silent = flags.tolist()
-            return bool(usable), not silent
-        values = [check.tolist() for check in checks]
-        finite = all(value[0] for value in values)
-        return local and finite, any(value[1] for value in values)
+            if summed:
+                torch.distributed.all_reduce(counts, group=self.layout.group)
+                flags[4:] = counts
+            values = flags.tolist()
+            present, finite, others = (bool(v) for v in values[:3])
+            signal = not values[3]
+            stray = {name: -count for name, count in zip(names, values[4:], strict=True)
+                     if count}
+        else:
+            read = [(layers, check.tolist()) for layers, check in checks]
+            finite = all(value[0] for _, value in read)
+            others = all(value[1] for _, value in read)
+            signal = any(value[2] for _, value in read)
+            stray = {name: count for layers, value in read
+                     for name, count in zip(layers, value[3:], strict=True) if count}
+        if not present:
+            reason = SKIP_NO_GRADIENTS
+        elif not finite:
+            reason = SKIP_NONFINITE
+        elif not others:
+            reason = SKIP_OPTIMIZER_NONFINITE
+        else:
+            reason = None
+        return reason, signal, stray
 
-    def gradients_finite(self) -> bool:
-        """Whether every sparse parameter's gradient is finite, agreed over all processes
-        (one read of the device)."""
-        return self._agreed(self._gradient_checks())[0]
+    def gradients_finite(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
+        """Whether every sparse parameter's gradient is finite, and every other gradient of
+        ``optimizers`` too, agreed over all processes (one read of the device)."""
+        return self._agreed(self._gradient_checks(optimizers))[0] is None
 
-    def _check_gradients(self) -> str | None:
-        """Why this step's gradients cannot drive a rewiring (``None``: they can; see
-        :meth:`gradients_usable`), warning once when a method that grows by gradient is about
-        to rewire with gradients that are zero everywhere. Under ``torch.distributed`` the
-        reason is this process's view: gradients missing here, else non-finite somewhere."""
+    def _due_step_checks(self, optimizers: list[torch.optim.Optimizer]
+                         ) -> tuple[str | None, dict[str, int]]:
+        """:meth:`gradients_usable`'s reason, and the layers whose masked weights something
+        wrote into (counts), in the same read; warns once when a method that grows by
+        gradient is about to rewire with sparse gradients that are zero everywhere."""
         needs = self.rewiring.needs_gradients
-        present = any(param.grad is not None for param in self._param_list)
-        usable, signal = self._agreed(self._gradient_checks(), present or not needs)
-        if not usable:
-            return MISSING_GRADIENTS if needs and not present else NONFINITE_GRADIENTS
-        if usable and needs and not signal and not self._warned_no_signal:
+        present = self._gradients_present(optimizers)
+        reason, signal, stray = self._agreed(self._gradient_checks(optimizers, strays=True),
+                                             present or not needs)
+        taking_part = len(self.frozen(optimizers)) < len(self.params)
+        if (reason is None and needs and taking_part and not signal
+                and not self._warned_no_signal):
             self._warned_no_signal = True
             warnings.warn(
                 "every sparse gradient is zero at this rewiring: growth by gradient has no "
@@ -345,22 +420,32 @@ class SparseEngine:
                 "ran since the gradients were zeroed (zero_grad(set_to_none=False) without a "
                 "backward, a skipped step) or the network is dead (no signal reaches its "
                 "sparse layers)", UserWarning, stacklevel=3)
-        return None
+        return reason, stray
 
-    def gradients_usable(self) -> bool:
+    def gradients_usable(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
         """Whether this step's gradients can drive a rewiring, agreed over all processes.
 
         Every sparse gradient present must be finite, and a method that grows by gradient
         (RigL, GGR) needs at least one: a step without any (``training_step`` returned
-        ``None``) would score every position 0 and grow arbitrarily. Gradients that are all
-        zero (no backward since ``zero_grad(set_to_none=False)``, or a dead network) cannot be
-        told apart from a real step: they are usable, with a warning at the rewiring. One
-        read of the device (not one per layer) and one all-reduce, only on a step where a
-        rewiring is due.
+        ``None``) would score every position 0 and grow arbitrarily. Every other gradient of
+        ``optimizers`` (a dense bias's) must be finite too: a grad scaler skips such a step
+        (``precision="16-mixed"``), and without one the step writes non-finite values.
+        Gradients that are all zero (no backward since ``zero_grad(set_to_none=False)``, or a
+        dead network) cannot be told apart from a real step: they are usable, with a warning
+        at the rewiring. One read of the device (not one per layer) and one all-reduce, only
+        on a step where a rewiring is due.
         """
+        optimizers = list(optimizers)
         needs = self.rewiring.needs_gradients
-        present = any(param.grad is not None for param in self._param_list)
-        return self._agreed(self._gradient_checks(), present or not needs)[0]
+        present = self._gradients_present(optimizers)
+        return self._agreed(self._gradient_checks(optimizers), present or not needs)[0] is None
+
+    def _gradients_present(self, optimizers: list[torch.optim.Optimizer]) -> bool:
+        """Whether a sparse layer that takes part has a gradient (every layer frozen: there
+        is nothing to grow, and the rewiring passes its slot moving nothing)."""
+        frozen = set(self.frozen(optimizers))
+        trained = [p for name, p in self.params.items() if name not in frozen]
+        return not trained or any(param.grad is not None for param in trained)
 
     @property
     def last_slot(self) -> int:
@@ -386,22 +471,28 @@ class SparseEngine:
     ) -> RewiringReport | None:
         """Rewire if the schedule says so (on this step's dense gradient), then mask gradients.
 
-        A due rewiring whose gradients are unusable (non-finite, or missing for a method that
-        grows by gradient) is postponed: ``pending_step`` keeps the step it was due at, and
-        the next step with usable gradients runs it, with that step's drop fraction, even at
-        or after ``stop_step`` (the stop bounds when rewirings are scheduled, not when a
-        postponed one completes).
+        A due rewiring whose gradients are unusable (see :meth:`gradients_usable`: a sparse
+        gradient non-finite, or none for a method that grows by gradient, or a non-finite
+        gradient of another parameter of ``optimizers``) is postponed: ``pending_step``
+        keeps the step it was due at, and the next step with usable gradients runs it, with
+        that step's drop fraction, even at or after ``stop_step`` (the stop bounds when
+        rewirings are scheduled, not when a postponed one completes).
 
-        Returns the rewiring's report, a report with ``skipped=True`` and its ``skip_reason``
-        when a due rewiring was postponed, or ``None`` when none was due.
+        Returns the rewiring's report, a report with ``skipped=True`` and its
+        ``skip_reason`` when a due rewiring was postponed, or ``None`` when none was due.
         """
         report = None
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            reason = self._check_gradients()
+            optimizers = list(optimizers)
+            reason, stray = self._due_step_checks(optimizers)
+            if stray:  # written into by something else: zeroed before the rewiring reads them
+                self._count_strays(stray)
+                self.enforce_masks(optimizers)
             if reason is not None:
                 self.skipped_rewirings += 1
+                self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
                 self.pending_step = int(due_step)
                 report = RewiringReport(drop_fraction, {}, {}, {}, skipped=True,
                                         skip_reason=reason)
@@ -409,8 +500,57 @@ class SparseEngine:
                 report = self.rewire(drop_fraction, optimizers)
                 self.last_rewiring_step, self.last_rewiring_epoch = int(step), int(epoch)
                 self.pending_step = None
+            report.stray_weights = stray
         self.mask_gradients()
         return report
+
+    def zero_stray_weights(self, optimizers: Iterable[torch.optim.Optimizer] = ()
+                           ) -> dict[str, int]:
+        """Find the masked weights something else wrote into (weight noise, a
+        re-initialisation, an EMA copy written back), and zero them again with the
+        optimizers' state there.
+
+        Returns name -> how many were not 0, for the layers that had any (counted in
+        :attr:`stray_weights_zeroed`). One read of the device (per device); a due rewiring
+        does the same within its gradient check, at no extra read.
+        """
+        found: dict[str, int] = {}
+        for layers, values in self._stray_tensors():
+            found.update(zip(layers, (int(v) for v in values.tolist()), strict=True))
+        if self.layout is not None:  # counted shard by shard (every process calls this)
+            found = dict(zip(found, all_sum(list(found.values()), self.layout), strict=True))
+        counts = {name: count for name, count in found.items() if count}
+        if counts:
+            self._count_strays(counts)
+            self.enforce_masks(optimizers)
+        return counts
+
+    def _stray_tensors(self) -> list[tuple[list[str], Tensor]]:
+        by_device: dict[torch.device, list[str]] = {}
+        for name, param in self.params.items():
+            by_device.setdefault(local_tensor(param).device, []).append(name)
+        return [(names, torch.stack([self._stray_count(name) for name in names]))
+                for names in by_device.values()]
+
+    def _count_strays(self, counts: Mapping[str, int]) -> None:
+        for name, count in counts.items():
+            self.stray_weights_zeroed[name] = self.stray_weights_zeroed.get(name, 0) + count
+
+    def check_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
+        """Check, before training, that each optimizer's state can follow each weight.
+
+        Raises ``ValueError`` for per-weight state laid out otherwise than the parameter
+        (see :func:`~lightning_ggr.sparse.optimizer_state.check_optimizer_state`); returns
+        the warnings to give (an optimizer whose fresh state could not be probed: grown
+        weights then start its per-weight state at 0). Probes each optimizer once, which
+        the rewirings then reuse.
+        """
+        found = []
+        for optimizer in optimizers:
+            warning = check_optimizer_state(optimizer, self.params, self.fresh_state)
+            if warning is not None:
+                found.append(warning)
+        return found
 
     def enforce_masks(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero masked weights and the optimizers' state there, whatever happened before.
@@ -438,13 +578,17 @@ class SparseEngine:
     ) -> RewiringReport:
         """One rewiring now, with the gradients currently in ``.grad``.
 
-        Masks and weights change in place; the optimizer state is zeroed at every masked
-        position and at every new one (a weight dropped and regrown keeps its value and state
-        unless ``reinit_regrown``); unless ``update_grown_weights``, the gradient of every new
-        weight is zeroed too, so the optimizer step that follows leaves it at
-        ``init_value``. Under ``torch.distributed`` the new topology is broadcast from
-        rank 0. Host reads: one for GGR's allocation or DSR's removal counts, none for SET
-        and RigL (and one more for a data-driven DSR start).
+        Masks and weights change in place; the optimizers' per-weight state is zeroed at
+        every masked position and set, at every new one, to where that optimizer starts a
+        fresh parameter (Rprop's step size ``lr``, Adagrad's ``initial_accumulator_value``,
+        0 for momentum and Adam's moments; per-tensor state such as Adam's ``step`` stays
+        shared; see :mod:`~lightning_ggr.sparse.optimizer_state`). A weight dropped and
+        regrown keeps its value and state unless ``reinit_regrown``. Unless
+        ``update_grown_weights``, the gradient of every new weight is zeroed too, so the
+        optimizer step that follows leaves it at ``init_value``. Under ``torch.distributed``
+        the new topology is broadcast from rank 0. Host reads: one for GGR's allocation or
+        DSR's removal counts, none for SET and RigL (and one more for a data-driven DSR
+        start).
         """
         optimizers = list(optimizers)
         if not optimizers and not self._warned_no_optimizer:
@@ -459,30 +603,46 @@ class SparseEngine:
         def own(name: str, tensor: Tensor) -> Tensor:  # the part this process decides
             return tensor if layout is None else owned(tensor, layout.layers[name])
 
+        # A layer frozen (or taken out of the optimizer) mid-fit keeps its mask and weights
+        # and takes no part: neither removal nor allocation (GGR's global budget) sees it.
+        frozen = set(self.frozen(optimizers))
+        names = [name for name in self.params if name not in frozen]
         gradients = None
         if self.rewiring.needs_gradients:
             # A layer unused in this step (aux head, conditional branch) has no gradient:
             # it scores 0 everywhere, so it gets weights only where nothing scores higher.
-            gradients = {name: None if param.grad is None else own(name, param.grad)
-                         for name, param in self.params.items()}
-        # Tensors that follow each weight: zero at dropped and new positions.
+            gradients = {name: None if self.params[name].grad is None
+                         else own(name, self.params[name].grad) for name in names}
+        # Tensors that follow each weight: zero at dropped positions; at new ones, the
+        # optimizer's per-weight state starts where it starts a fresh parameter.
         states = {}
-        for name, param in self.params.items():
-            follow = [value for optimizer in optimizers
-                      for value in optimizer_state_tensors(optimizer, param)]
+        for name in names:
+            param = self.params[name]
+            follow: list[tuple[Tensor, Tensor | float]] = [
+                pair for optimizer in optimizers
+                for pair in self.fresh_state.starts(optimizer, param)]
             if not self.update_grown_weights and param.grad is not None:
-                follow.append(param.grad)
-            states[name] = [own(name, value) for value in follow]
-        report = self.rewiring(
-            {name: own(name, p.detach()) for name, p in self.params.items()},
-            {name: own(name, mask) for name, mask in self.masks.items()},
-            gradients,
-            drop_fraction,
-            generator=self.generator,
-            active=self._active,
-            states=states,
-            layout=layout,
-        )
+                follow.append((param.grad, 0.0))
+            states[name] = [(own(name, value), start) for value, start in follow]
+        if names:
+            report = self.rewiring(
+                {name: own(name, self.params[name].detach()) for name in names},
+                {name: own(name, self.masks[name]) for name in names},
+                gradients,
+                drop_fraction,
+                generator=self.generator,
+                active={name: self._active[name] for name in names},
+                states=states,
+                layout=layout,
+            )
+        else:  # everything frozen: the slot passes, nothing moves
+            report = RewiringReport(drop_fraction, {}, {}, {},
+                                    threshold=getattr(self.rewiring.removal, "threshold", None))
+        report.removed = {name: report.removed.get(name, 0) for name in self.params}
+        report.grown = {name: report.grown.get(name, 0) for name in self.params}
+        report.active = {name: report.active.get(name, self._active[name])
+                         for name in self.params}
+        report.frozen = tuple(name for name in self.params if name in frozen)
         self._active = dict(report.active)
         if layout is not None:
             # Replicated layers of a partly sharded model: rank 0 decided, the others follow.
@@ -493,7 +653,8 @@ class SparseEngine:
             self.broadcast_topology()
             # Had this rank grown differently, rank 0's new positions start afresh here too.
             for name, mask in self.masks.items():
-                reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name])
+                reset_optimizer_state_(optimizers, self.params[name], mask & ~local[name],
+                                       self.fresh_state)
         else:
             self._refresh_lists()
         # Every masked position's state is zero already (the rewiring zeroed the dropped
@@ -501,6 +662,19 @@ class SparseEngine:
         mask_optimizer_state_(optimizers, self._param_list, self._mask_list, self._pass)
         self.rewirings += 1
         return report
+
+    def frozen(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[str]:
+        """Sparse parameters no rewiring touches now: frozen (``requires_grad=False``) or,
+        when ``optimizers`` are given, held by none of them (progressive freezing,
+        ``BaseFinetuning``). Their masks and weights stay as they are and they take no part in
+        removal or allocation (GGR's global budget) until they are trained again."""
+        optimizers = list(optimizers)
+        held = None
+        if optimizers:
+            held = {id(p) for optimizer in optimizers for group in optimizer.param_groups
+                    for p in group["params"]}
+        return [name for name, param in self.params.items()
+                if not param.requires_grad or (held is not None and id(param) not in held)]
 
     def _distributed_device(self) -> torch.device:
         backend = torch.distributed.get_backend()
@@ -551,7 +725,7 @@ class SparseEngine:
         self._broadcast(names)
         for name in names:
             new = self.masks[name] & ~before[name]
-            reset_optimizer_state_(optimizers, self.params[name], new)
+            reset_optimizer_state_(optimizers, self.params[name], new, self.fresh_state)
             grad = self.params[name].grad
             if not self.update_grown_weights and grad is not None:
                 grad.masked_fill_(new, 0)
@@ -586,6 +760,9 @@ class SparseEngine:
             },
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
+            "skip_reasons": {reason: int(n) for reason, n in self.skip_reasons.items()},
+            "stray_weights_zeroed": {name: int(n)
+                                     for name, n in self.stray_weights_zeroed.items()},
             "threshold": self.threshold,
             "generator_state": self.generator.get_state(),
             "initial_counts": dict(self.initial_counts),
@@ -651,6 +828,10 @@ class SparseEngine:
         self.pending_step = None if pending is None else int(pending)
         self.rewirings = int(state.get("rewirings", 0))
         self.skipped_rewirings = int(state.get("skipped_rewirings", 0))
+        self.skip_reasons = {str(reason): int(n)
+                             for reason, n in (state.get("skip_reasons") or {}).items()}
+        self.stray_weights_zeroed = {
+            str(name): int(n) for name, n in (state.get("stray_weights_zeroed") or {}).items()}
         self.rewiring.load_state_dict({"threshold": state.get("threshold")})
         self.generator.set_state(state["generator_state"])
         self.apply_masks()

@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.draws import draw_key, top_keys_mask
+
+# Their home is optimizer_state.py; imported here for the names' earlier users.
+from lightning_ggr.sparse.optimizer_state import (  # noqa: F401
+    optimizer_state_tensors,
+    reset_optimizer_state_,
+)
 from lightning_ggr.sparse.sharded import local_tensor
 
 #: The integer type of each floating type's width: a tensor's bits are viewed as these to
@@ -202,26 +208,6 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s step keeps masked weights at 0 by itself (see above)."""
     return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
-
-
-def optimizer_state_tensors(
-    optimizer: torch.optim.Optimizer, param: Tensor
-) -> Iterable[Tensor]:
-    """State tensors of ``param`` in ``optimizer`` shaped like it (momentum, Adam moments)."""
-    state = optimizer.state.get(param, {})
-    for value in state.values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            yield value
-
-
-@torch.no_grad()
-def reset_optimizer_state_(
-    optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor
-) -> None:
-    """Zero the optimizer state of ``param`` at ``positions``: a new weight starts afresh."""
-    for optimizer in optimizers:
-        for value in optimizer_state_tensors(optimizer, param):
-            value.masked_fill_(positions, 0)
 
 
 @torch.no_grad()

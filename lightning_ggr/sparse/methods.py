@@ -99,7 +99,7 @@ class MethodSpec:
             init_value: value of a newly grown weight (finite).
             dsr_tolerance: DSR's tolerance around its target removal count, ``(0, 1)``.
             reinit_regrown: restart a weight dropped and regrown in the same rewiring at
-                ``init_value`` with zero state (``False``: it keeps both, as RigL's reference).
+                ``init_value`` with fresh state (``False``: it keeps both, as RigL's reference).
             dsr_initial_threshold: DSR's first threshold ``H`` (finite, > 0; its reference:
                 1e-3), or ``None`` to start at the ``K``-th smallest active magnitude.
         """

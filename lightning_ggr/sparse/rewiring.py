@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -66,8 +66,14 @@ class RewiringReport:
     threshold: float | None = None
     skipped: bool = False
     #: Why a due rewiring was postponed (``skipped``): a short phrase such as
-    #: ``"non-finite sparse gradients"``; ``None`` when it ran.
+    #: ``"non-finite sparse gradients"`` (the engine's ``SKIP_*``); ``None`` when it ran.
     skip_reason: str | None = None
+    #: Sparse parameters left out because frozen or held by no optimizer (they keep their
+    #: masks and weights and take no part in removal or allocation).
+    frozen: tuple[str, ...] = ()
+    #: Masked weights found non-zero at this due step (written by something else), per
+    #: layer that had any: the engine zeroed them again before rewiring.
+    stray_weights: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_removed(self) -> int:
@@ -121,6 +127,11 @@ def _single_process(what: str) -> None:
             f"{what} selects within one tensor and cannot run across shards: a sharded "
             "rewiring selects for all layers at once (an insertion's select(), the "
             "removals and allocations of lightning_ggr.sparse.rewiring)")
+
+
+def _with_start(entry: Tensor | tuple[Tensor, Tensor | float]) -> tuple[Tensor, Tensor | float]:
+    """A ``states`` entry as ``(tensor, start)``: a bare tensor starts new weights at 0."""
+    return (entry, 0.0) if isinstance(entry, Tensor) else (entry[0], entry[1])
 
 
 def _empty_index(like: Tensor) -> Tensor:
@@ -832,9 +843,9 @@ class Rewiring:
     Dropped weights become 0 and grown ones ``init_value``. Positions dropped in a rewiring
     may be grown again in the same rewiring (as in RigL): with ``reinit_regrown=False``
     (RigL's reference, ``reinit_when_same=False``) such a weight keeps its value and its
-    state, as if it had never left; with ``True`` it restarts at ``init_value`` with zero
-    state. The total active count is conserved. State (DSR's threshold) lives in the removal
-    and is saved by :meth:`state_dict`.
+    state, as if it had never left; with ``True`` it restarts at ``init_value`` with its
+    state's start values (``states``). The total active count is conserved. State (DSR's
+    threshold) lives in the removal and is saved by :meth:`state_dict`.
 
     Args:
         removal: which active weights go.
@@ -907,9 +918,12 @@ class Rewiring:
             active: name -> active count of each mask, when the caller knows it (else it is
                 read back from the masks, one transfer).
             states: name -> tensors shaped like the weight that follow it (optimizer state,
-                a gradient not to apply to new weights): zeroed at every dropped and every
-                new position; a regrown position keeps its entries unless
-                ``reinit_regrown``.
+                a gradient not to apply to new weights), each a tensor or a ``(tensor,
+                start)`` pair: zeroed at every dropped position, set to ``start`` (a number
+                or a 0-dim tensor on its device; 0 for a bare tensor) at every new one (the
+                value the optimizer gives a fresh parameter, see
+                :mod:`lightning_ggr.sparse.optimizer_state`); a regrown position keeps its
+                entries unless ``reinit_regrown``.
             on_grow: called with each layer's name and its new positions (a bool tensor:
                 grown ones, regrown ones too when ``reinit_regrown``), e.g. to reset their
                 optimizer state. Builds one bool tensor per layer: prefer ``states``.
@@ -917,7 +931,8 @@ class Rewiring:
         if self.needs_gradients and gradients is None:
             raise ValueError("this method grows by gradient: pass the dense gradients")
         names = list(masks)
-        states = states or {}
+        following = {name: [_with_start(entry) for entry in entries]
+                     for name, entries in (states or {}).items()}
         active = _active_or_count(masks, active)
         dropped = self.removal(weights, masks, drop_fraction, active=active)
         dropped = {n: _as_index(dropped[n]) for n in names}
@@ -927,7 +942,8 @@ class Rewiring:
         for name in names:
             index = dropped[name]
             if keep and index.numel():
-                saved[name] = [_gather(t, index) for t in (weights[name], *states.get(name, ()))]
+                saved[name] = [_gather(t, index) for t in
+                               (weights[name], *(t for t, _ in following.get(name, ())))]
             _write_(masks[name], index, False)
         survivors = {n: active[n] - removed[n] for n in names}
         result = self.allocation(masks, gradients, removed, survivors)
@@ -954,17 +970,17 @@ class Rewiring:
             _write_(mask, new, True)
             index = dropped[name]
             regrown = _gather(mask, index) if index.numel() else None
-            targets = [(weights[name], self.init_value)]
-            targets += [(state, 0.0) for state in states.get(name, ())]
+            targets = [(weights[name], self.init_value), *following.get(name, ())]
             for position, (tensor, value) in enumerate(targets):
-                _write_(tensor, new, value)
+                if isinstance(value, Tensor):  # a 0-dim tensor on the device: no host read
+                    start = value
+                    _write_(tensor, new, value.expand(new.numel()))
+                else:
+                    start = device_scalar(value, tensor.dtype, tensor.device)
+                    _write_(tensor, new, value)
                 if regrown is not None:
                     zero = device_scalar(0.0, tensor.dtype, tensor.device)
-                    if keep:
-                        back = torch.where(regrown, saved[name][position], zero)
-                    else:
-                        start = device_scalar(value, tensor.dtype, tensor.device)
-                        back = torch.where(regrown, start, zero)
+                    back = torch.where(regrown, saved[name][position] if keep else start, zero)
                     _write_(tensor, index, back)
             if on_grow is not None:
                 positions = _to_bool(new, mask)

@@ -54,6 +54,7 @@ BAD_ARGUMENTS = [
     ("selection_summary", "yes", TypeError, "bool"),
     ("update_grown_weights", "no", TypeError, "bool"),
     ("reinit_regrown", 1, TypeError, "bool"),
+    ("enforce_masks_every_step", "yes", TypeError, "bool"),
     ("dsr_initial_threshold", 0.0, ValueError, r"finite real number > 0, or None"),
     ("dsr_initial_threshold", -1e-3, ValueError, r"> 0"),
     ("dsr_initial_threshold", float("nan"), ValueError, r"finite"),

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_ggr import DynamicSparsityCallback
+from lightning_ggr.sparse.engine import SKIP_OPTIMIZER_NONFINITE
 from lightning_ggr.sparse.rewiring import Rewiring
 from tests.helpers import TinyModule, make_trainer, tiny_dataloader
 
@@ -115,6 +116,39 @@ def test_fp16_inf_on_a_rewiring_step_postpones_it(tmp_path, nonfinite_steps, exp
     assert sparse.engine.skipped_rewirings == len(expected_postponed)
     # GradScaler skipped the optimizer step on every inf step (its scale halves once per inf).
     assert scales[-1] == 65536.0 / 2 ** len(nonfinite_steps)
+
+
+class InfBiasGradient(TinyModule):
+    """Only a dense bias's gradient is non-finite on ``steps`` (the sparse ones stay finite):
+    GradScaler still skips the whole optimizer step."""
+
+    def __init__(self, steps: tuple[int, ...], value: float) -> None:
+        super().__init__()
+        self.steps, self.value = steps, value
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.steps:
+            self.net[0].bias.grad[0] = self.value
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_fp16_a_step_the_scaler_skips_for_a_dense_gradient_postpones_the_rewiring(tmp_path,
+                                                                                 value):
+    """A due step whose only non-finite gradient is a dense bias's: GradScaler skips the
+    optimizer step, so the rewiring is postponed too (it used to run on that step)."""
+    sparse = step_callback(stop_step=14)
+    watch = Watch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, [sparse, watch], max_epochs=2, plugins=fp16())
+        trainer.fit(InfBiasGradient((6,), value), tiny_dataloader())
+    assert watch.rewiring_steps == [3, 7, 9, 12]
+    assert watch.postponed_steps == [6]
+    assert sparse.engine.skip_reasons == {SKIP_OPTIMIZER_NONFINITE: 1}
+    said = [str(w.message) for w in caught if "postponed" in str(w.message)]
+    assert said == [f"step 6: {SKIP_OPTIMIZER_NONFINITE}: the rewiring due at step 6 is "
+                    "postponed to the next step with usable gradients"]
+    assert trainer.precision_plugin.scaler.get_scale() == 65536.0 / 2  # the step was skipped
 
 
 def test_fp16_rewiring_grows_from_the_unscaled_gradient(tmp_path, monkeypatch):

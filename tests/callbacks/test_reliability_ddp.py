@@ -17,12 +17,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
+from lightning_ggr.sparse.engine import SKIP_NONFINITE, SKIP_OPTIMIZER_NONFINITE
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
+from tests.helpers.ddp import SpawnedDDPStrategy, spawned_ddp
 from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 from tests.helpers.setups import UnevenRanks
 
@@ -125,8 +128,7 @@ def test_ddp_masks_agree_despite_diverging_rng_and_fp16_inf_on_one_rank(tmp_path
     model = TinyModule(nonfinite_steps=(6,), nonfinite_rank=1, extra_draws_rank=1)
     trainer = make_trainer(
         tmp_path, [sparse, RankAgreement(str(record))], max_epochs=2, devices=WORLD,
-        # strategy="ddp_spawn", with a short collective timeout
-        strategy=DDPStrategy(start_method="spawn", timeout=COLLECTIVE_TIMEOUT),
+        strategy=spawned_ddp(COLLECTIVE_TIMEOUT),
         plugins=[MixedPrecision("16-mixed", "cpu")],
     )
     trainer.fit(model, tiny_dataloader(samples=64))  # 8 steps per epoch and rank
@@ -180,9 +182,26 @@ def _engine_worker(rank: int, store: str, record: str) -> None:
             next(iter(params.values())).grad[0] = float("nan")
         report = engine.before_optimizer_step(3, 0)
         assert report is not None and report.skipped, f"rank {rank} did not postpone"
+        assert report.skip_reason == SKIP_NONFINITE
+        # A non-finite dense gradient of the optimizer, on rank 1 only: every rank postpones.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        if rank == 1:
+            model.net[0].bias.grad[0] = float("inf")
+            # ... and something wrote into two masked weights, on rank 1 only.
+            masked = (~engine.masks["net.6.weight"]).reshape(-1).nonzero().squeeze(1)[:2]
+            with torch.no_grad():
+                params["net.6.weight"].view(-1)[masked] = 0.5
+        report = engine.before_optimizer_step(4, 0, [optimizer])
+        assert report is not None and report.skip_reason == SKIP_OPTIMIZER_NONFINITE, rank
+        # Every rank hears of the most strays any rank had; each zeroed its own.
+        assert report.stray_weights == {"net.6.weight": 2}, (rank, report.stray_weights)
+        assert (params["net.6.weight"][~engine.masks["net.6.weight"]] == 0).all()
         assert_same_on_all_ranks({"slot": torch.tensor(engine.last_slot)}, "last slot")
         if rank == 0:
-            Path(record).write_text(json.dumps({"moved": moved, "last_slot": engine.last_slot}))
+            Path(record).write_text(json.dumps({"moved": moved, "last_slot": engine.last_slot,
+                                                "skip_reasons": engine.skip_reasons}))
     finally:
         dist.destroy_process_group()
 
@@ -194,7 +213,8 @@ def test_engine_broadcasts_rank_0_topology_and_agrees_on_skips(tmp_path):
     mp.spawn(_engine_worker, args=(str(tmp_path / "store"), str(record)), nprocs=WORLD,
              join=True)
     result = json.loads(record.read_text())
-    assert result == {"moved": [True, True], "last_slot": 2}
+    assert result == {"moved": [True, True], "last_slot": 2,
+                      "skip_reasons": {SKIP_NONFINITE: 1, SKIP_OPTIMIZER_NONFINITE: 1}}
 
 
 @REWIRES_WITHOUT_OPTIMIZER
@@ -232,7 +252,7 @@ def test_ddp_ranks_with_different_epochs_agree_on_epoch_rewirings(tmp_path):
         tmp_path, [sparse], devices=WORLD, max_epochs=None, max_steps=12,
         use_distributed_sampler=False,
         # A short collective timeout: a regression fails in seconds instead of hanging.
-        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=20)),
+        strategy=spawned_ddp(timedelta(seconds=20)),
     )
     trainer.fit(UnevenRanks(str(record)))
     result = json.loads(record.read_text())
@@ -262,3 +282,24 @@ def test_the_ranks_agree_once_at_train_start(monkeypatch, ranks, agree_epochs, s
     assert bool(warned) == (len({r[1] for r in ranks}) > 1)
     assert batches == (float("inf") if -1 in [r[0] for r in ranks]
                        else min(r[0] for r in ranks))
+
+
+def test_spawned_ranks_destroy_their_process_group_at_fit_end(tmp_path):
+    """The flaky SIGABRT of spawned ranks: a gloo group left alive into interpreter
+    finalization (Lightning destroys only NCCL groups) can abort the rank when its worker
+    thread drops the last collective's tensors (see ``tests/helpers/ddp.py``). The tests'
+    strategy destroys it at teardown, which joins the group's threads."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        out = [torch.empty(2)]
+        dist.all_gather(out, torch.ones(2))  # a collective whose tensors Python saw
+        strategy = spawned_ddp(COLLECTIVE_TIMEOUT)
+        strategy.accelerator = CPUAccelerator()  # what the Trainer gives it
+        strategy.cluster_environment = LightningEnvironment()
+        strategy.teardown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert issubclass(SpawnedDDPStrategy, pl.strategies.DDPStrategy)

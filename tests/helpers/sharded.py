@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ggr import DynamicSparsityCallback
+from tests.helpers.distributed import exit_spawned_rank
 
 VOCAB, WIDTH, CONTEXT = 23, 10, 6  # 23 rows: shards of 12 and 11 rows on 2 processes
 
@@ -180,6 +181,7 @@ def _worker(rank: int, world: int, port: int, run: Any, args: tuple) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    exit_spawned_rank()
 
 
 def spawn_lightning(run: Any, *args: Any, world: int = 2) -> None:

@@ -14,6 +14,11 @@ from lightning_ggr.sparse import (
     SparseEngine,
     select_sparse_parameters,
 )
+from lightning_ggr.sparse.engine import (
+    SKIP_NO_GRADIENTS,
+    SKIP_NONFINITE,
+    SKIP_OPTIMIZER_NONFINITE,
+)
 from tests.helpers.marks import REWIRES_WITHOUT_OPTIMIZER
 
 
@@ -259,6 +264,48 @@ def test_gradients_zeroed_and_not_recomputed_make_growth_by_gradient_warn(method
     assert len(silent) == (1 if warns else 0)  # once per engine
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["sparse weight", "dense bias"])
+def test_a_nonfinite_gradient_anywhere_in_the_optimizer_postpones_a_due_rewiring(bad, where):
+    """Each non-finite kind, in a sparse gradient or in a dense one of the same optimizer (a
+    grad scaler skips that step): postponed, with its reason, masks untouched, masked
+    gradients still zeroed; the next usable step runs it."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = SparseEngine(params, sparsity=0.8, method="ggr",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    _backward(model)
+    target = params["0.weight"] if where == "sparse weight" else model[0].bias
+    # at an active position (the mask pass zeroes a masked one): which one depends on the draw
+    first = int(engine.masks["0.weight"].view(-1).nonzero()[0])
+    target.grad.view(-1)[first if where == "sparse weight" else 1] = bad
+    masks = {n: m.clone() for n, m in engine.masks.items()}
+    report = engine.before_optimizer_step(2, 0, [optimizer])
+    reason = SKIP_NONFINITE if where == "sparse weight" else SKIP_OPTIMIZER_NONFINITE
+    assert report.skipped and report.skip_reason == reason and report.total_grown == 0
+    assert engine.pending_step == 2 and engine.skip_reasons == {reason: 1}
+    assert all(torch.equal(engine.masks[n], m) for n, m in masks.items())
+    assert all((p.grad[~engine.masks[n]] == 0).all() for n, p in params.items())
+    # Without the optimizer the engine sees only the sparse gradients.
+    assert engine.gradients_finite() is (where == "dense bias")
+    assert engine.gradients_finite([optimizer]) is False
+    target.grad.nan_to_num_(0.0, 0.0, 0.0)
+    report = engine.before_optimizer_step(3, 0, [optimizer])
+    assert not report.skipped and report.skip_reason is None and engine.rewirings == 1
+    assert engine.pending_step is None
+    restored = SparseEngine.from_state_dict(params, engine.state_dict(), sparsity=0.8)
+    assert restored.skip_reasons == {reason: 1} and restored.skipped_rewirings == 1
+
+
+def test_a_step_without_gradients_says_so():
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="rigl",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    report = engine.before_optimizer_step(2, 0)
+    assert report.skipped and report.skip_reason == SKIP_NO_GRADIENTS
+
+
 def test_one_zero_gradient_layer_among_others_is_usable():
     model = tiny_net()
     engine = SparseEngine(select_sparse_parameters(model), sparsity=0.8, method="ggr")
@@ -302,3 +349,85 @@ def test_rewiring_without_the_optimizers_warns_once():
         engine.rewire(0.2)  # said once
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         engine.rewire(0.2, [optimizer])
+
+
+@pytest.mark.parametrize("how", ["requires_grad_(False)", "not in the optimizer"])
+@pytest.mark.parametrize("method", ["ggr", "dsr", "set", "rigl"])
+def test_a_frozen_sparse_layer_takes_no_part_in_rewiring(how, method):
+    """Its mask and weights stay as they are, it is in no removal or allocation (GGR's and
+    DSR's budgets are shared by the other layers alone), and its stale gradient does not
+    decide anything."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    frozen = params["2.weight"]
+    engine = SparseEngine(params, sparsity=0.5, method=method, seed=3)
+    _backward(model)
+    frozen.grad.fill_(float("nan"))  # stale and unusable: must not postpone anything
+    if how == "requires_grad_(False)":
+        frozen.requires_grad_(False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p is not frozen], lr=0.1)
+    assert engine.frozen([optimizer]) == ["2.weight"]
+    assert engine.gradients_usable([optimizer])
+    mask, weight = engine.masks["2.weight"].clone(), frozen.detach().clone()
+    active = engine.active_counts()
+    report = engine.rewire(0.5, [optimizer])
+    assert report.frozen == ("2.weight",)
+    assert report.removed["2.weight"] == report.grown["2.weight"] == 0
+    assert report.active["2.weight"] == active["2.weight"]
+    assert torch.equal(engine.masks["2.weight"], mask) and torch.equal(frozen.detach(), weight)
+    others = [n for n in params if n != "2.weight"]
+    assert sum(report.removed[n] for n in others) == sum(report.grown[n] for n in others) > 0
+    assert sum(engine.active_counts()[n] for n in others) == sum(active[n] for n in others)
+
+
+@REWIRES_WITHOUT_OPTIMIZER
+def test_every_sparse_layer_frozen_passes_the_slot_moving_nothing():
+    """And says nothing about zero gradients: no layer takes part."""
+    model = tiny_net()
+    engine = SparseEngine(select_sparse_parameters(model), sparsity=0.5, method="rigl",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+    masks = {n: m.clone() for n, m in engine.masks.items()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="every sparse gradient is zero")
+        report = engine.before_optimizer_step(2, 0)
+    assert not report.skipped and report.total_grown == 0 and engine.rewirings == 1
+    assert all(torch.equal(engine.masks[n], m) for n, m in masks.items())
+
+
+def test_masked_weights_written_by_something_else_are_found_counted_and_zeroed():
+    """At a due step, within the gradient check's one read: per layer, exactly how many;
+    zeroed with the optimizer's state there before the rewiring; ``zero_stray_weights`` does
+    the same on demand; the totals are checkpointed."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    engine = SparseEngine(params, sparsity=0.8, method="set",
+                          schedule=RewiringSchedule("step", 2, stop_step=10, drop_fraction=0.3))
+
+    def write(name: str, count: int) -> None:
+        positions = (~engine.masks[name]).reshape(-1).nonzero().squeeze(1)[:count]
+        with torch.no_grad():
+            params[name].view(-1)[positions] = 0.5
+
+    write("0.weight", 5)
+    write("5.weight", 2)
+    _backward(model)
+    assert engine.before_optimizer_step(1, 0, [optimizer]) is None  # not due: not looked at
+    optimizer.step()  # weight decay carries the strays into the momentum
+    write("0.weight", 5)
+    report = engine.before_optimizer_step(2, 0, [optimizer])
+    assert report.stray_weights == {"0.weight": 5, "5.weight": 2}
+    for name, param in params.items():
+        masked = ~engine.masks[name]
+        assert (param.detach()[masked] == 0).all()
+        assert (optimizer.state[param]["momentum_buffer"][masked] == 0).all()
+    assert engine.zero_stray_weights([optimizer]) == {}
+    write("2.weight", 3)
+    assert engine.zero_stray_weights([optimizer]) == {"2.weight": 3}
+    assert engine.stray_weights_zeroed == {"0.weight": 5, "5.weight": 2, "2.weight": 3}
+    restored = SparseEngine.from_state_dict(params, engine.state_dict(), sparsity=0.8)
+    assert restored.stray_weights_zeroed == engine.stray_weights_zeroed

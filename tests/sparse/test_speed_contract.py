@@ -193,7 +193,7 @@ def test_a_due_rewiring_synchronises_a_fixed_number_of_times(single_thread, meth
         model(x).square().sum().backward()
         hazards = SyncHazards()
         with hazards:
-            assert engine.gradients_usable() and engine.gradients_finite()
+            assert engine.gradients_usable([optimizer]) and engine.gradients_finite([optimizer])
             engine.rewire(0.3, [optimizer])
             engine.mask_gradients()
             engine.layer_densities()

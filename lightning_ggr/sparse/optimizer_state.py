@@ -1,0 +1,283 @@
+"""The optimizer state that follows each weight, and where a new weight's state starts.
+
+A torch optimizer keeps, per parameter, three kinds of state:
+
+- *per weight*: tensors shaped like the parameter (momentum, Adam's moments, Rprop's step
+  sizes, Adagrad's sums). A masked weight's entries are kept at 0; a weight grown by a
+  rewiring gets, at its position, the value the optimizer gives a fresh parameter
+  (Rprop: ``lr``; Adagrad: ``initial_accumulator_value``; 0 for the moments of Adam and
+  SGD's momentum);
+- *per tensor*: one value (Adam's ``step``): shared by every weight of the tensor, it
+  cannot be fresh for one of them and is left as it is;
+- *per row or column*: tensors that broadcast against the parameter (Adafactor's factored
+  second moments, ``m x 1`` and ``1 x n``): shared by the weights of a row or a column, left
+  as they are, like ``step``.
+
+State of any other shape (one value per weight laid out differently, say flattened) can
+be neither masked nor reset per weight: :func:`check_optimizer_state` refuses it before
+training starts.
+
+Where a fresh parameter starts is found without a list of optimizers: a scratch instance
+of the optimizer's class (built from its ``defaults``, then given the parameter's group's
+hyper-parameters) steps once a small zero parameter whose gradient is zero, and the *first*
+value each state entry is given is recorded, before any update changes it (Adamax's
+infinity norm becomes ``eps`` in that step; SGD creates its momentum in it). An entry the
+constructor fills (Adagrad's) counts as given there. The result is the optimizer's own
+initialisation, read from its code path, whatever the optimizer. It is cached per
+optimizer, group hyper-parameters, dtype and device: a learning-rate schedule that changes
+``lr`` (where Rprop starts its step sizes) is probed again at the next rewiring.
+
+Everything here works on whole state tensors (one operation per tensor, no loop over
+elements) and keeps the start values on the device (no host read), so it runs unchanged on
+the local shards of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: The probe's shape for a parameter of each number of dimensions: sizes that differ from
+#: each other and from 1, so a state laid out per row, per column or flattened has another
+#: shape than the probe.
+_PROBE_SIZES = (2, 3, 4, 5, 6, 7, 8)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
+    """State tensors of ``param`` in ``optimizer`` that hold one value per weight (shaped
+    like it: momentum, Adam's moments)."""
+    state = optimizer.state.get(param, {})
+    for value in state.values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            yield value
+
+
+def _is_shared(shape: tuple[int, ...], param_shape: tuple[int, ...]) -> bool:
+    """Whether a state of ``shape`` is shared by several weights of a parameter of
+    ``param_shape``: one value (``step``), or a tensor that broadcasts against the parameter
+    with fewer values (Adafactor's per-row and per-column moments)."""
+    if math.prod(shape) == 1:
+        return True
+    return (len(shape) == len(param_shape) and shape != param_shape
+            and all(size in (1, full) for size, full in zip(shape, param_shape, strict=True)))
+
+
+def _hyper_parameters_key(group: Mapping[str, Any]) -> tuple:
+    """A hashable snapshot of a group's hyper-parameters, read without the device: a tensor
+    hyper-parameter (a capturable ``lr``) by identity and version (an in-place change, as a
+    scheduler's ``fill_``, bumps the version)."""
+    items = []
+    for key in sorted(k for k in group if k != "params"):
+        value = group[key]
+        if isinstance(value, Tensor):
+            value = ("tensor", id(value), value._version)
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                value = repr(value)
+        items.append((key, value))
+    return tuple(items)
+
+
+class _FirstValues(dict):
+    """A parameter's state dict that keeps a copy of the first value given to each key."""
+
+    def __init__(self, initial: Mapping[str, Any]) -> None:
+        super().__init__(initial)
+        self.first: dict[str, Any] = {key: _copy(value) for key, value in initial.items()}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self.first:
+            self.first[key] = _copy(value)
+        super().__setitem__(key, value)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else value
+
+
+class ProbeFailed(RuntimeError):
+    """The optimizer's class could not be probed (see :class:`FreshState`)."""
+
+
+class FreshState:
+    """Where each per-weight state entry of an optimizer starts for a fresh parameter,
+    probed once per (optimizer, group hyper-parameters, dtype, device, number of dimensions)
+    and cached (see the module docstring).
+
+    :meth:`starts` answers with 0-dim tensors on the state's device (no host read).
+    """
+
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary[torch.optim.Optimizer, dict[tuple, Any]] = (
+            weakref.WeakKeyDictionary())
+
+    def probe(self, optimizer: torch.optim.Optimizer, param: Tensor) -> dict[str, Tensor]:
+        """``key -> first value`` of every state entry the optimizer gives a fresh parameter
+        like ``param`` (same dtype, device and number of dimensions; the shape is the
+        probe's, see ``_PROBE_SIZES``). Raises :class:`ProbeFailed` when the class cannot be
+        built from its ``defaults`` or its step fails on the probe."""
+        group = _group_of(optimizer, param)
+        key = (_hyper_parameters_key(group), param.dtype, str(param.device), param.dim())
+        cached = self._cache.setdefault(optimizer, {})
+        if key not in cached:
+            try:
+                cached[key] = _probe(optimizer, group, param)
+            except ProbeFailed as error:
+                cached[key] = error
+        found = cached[key]
+        if isinstance(found, ProbeFailed):
+            raise found
+        return found
+
+    def starts(self, optimizer: torch.optim.Optimizer, param: Tensor
+               ) -> list[tuple[Tensor, Tensor | float]]:
+        """``(state tensor, start)`` for each per-weight state tensor of ``param``: the
+        value a fresh parameter starts at, as a 0-dim tensor of the state's dtype and
+        device (0.0 where the optimizer could not be probed: see
+        :func:`check_optimizer_state`, which says so before training)."""
+        state = optimizer.state.get(param, {})
+        tensors = [(key, value) for key, value in state.items()
+                   if isinstance(value, Tensor) and value.shape == param.shape]
+        if not tensors:
+            return []
+        try:
+            first = self.probe(optimizer, param)
+        except ProbeFailed:
+            first = {}
+        pairs: list[tuple[Tensor, Tensor | float]] = []
+        for key, value in tensors:
+            start = first.get(key)
+            if isinstance(start, Tensor) and start.numel() >= 1:
+                start = start.reshape(-1)[0]
+                if start.device != value.device or start.dtype != value.dtype:
+                    start = start.to(value.device, value.dtype)  # the probe's: the same, always
+            else:
+                start = 0.0
+            pairs.append((value, start))
+        return pairs
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> Mapping[str, Any]:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise ValueError(f"the parameter of shape {tuple(param.shape)} is not held by "
+                     f"{type(optimizer).__name__}")
+
+
+def _probe(optimizer: torch.optim.Optimizer, group: Mapping[str, Any],
+           param: Tensor) -> dict[str, Tensor]:
+    shape = _PROBE_SIZES[:param.dim()]
+    probe = torch.zeros(shape, dtype=param.dtype, device=param.device, requires_grad=True)
+    cls = type(optimizer)
+    name = cls.__name__
+    try:
+        scratch = cls([probe], **_constructor_arguments(cls, optimizer.defaults))
+    except Exception as error:  # any constructor that does not take its defaults back
+        raise ProbeFailed(f"{name}(its defaults) could not be built: {error}") from error
+    # What the constructor did not take (AdamW's decoupled_weight_decay) and the group's own
+    # values (a per-group lr, a scheduler's current lr).
+    scratch.defaults.update(optimizer.defaults)
+    scratch.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+    record = _FirstValues(scratch.state.get(probe, {}))
+    scratch.state[probe] = record
+    probe.grad = torch.zeros_like(probe)
+    try:
+        scratch.step()
+    except Exception as error:
+        raise ProbeFailed(f"a step of {name} on a zero parameter failed: {error}") from error
+    return {key: value for key, value in record.first.items() if isinstance(value, Tensor)}
+
+
+def _constructor_arguments(cls: type, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``defaults`` that ``cls``'s constructor takes (all of them when it
+    takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return dict(defaults)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(defaults)
+    return {key: value for key, value in defaults.items() if key in parameters}
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
+                          fresh: FreshState) -> str | None:
+    """Refuse an optimizer whose state cannot follow each weight; probe it once.
+
+    Raises ``ValueError`` naming the parameter, the state entry and its shape when a state
+    tensor holds one value per weight in another layout (its shape neither the parameter's
+    nor one that broadcasts against it), in the optimizer's current state (a resumed one) or
+    in the state the optimizer gives a fresh parameter. Returns a warning to give once when
+    the optimizer could not be probed (grown weights then start their per-weight state at
+    0), else ``None``.
+    """
+    name = type(optimizer).__name__
+    for param_name, param in params.items():
+        try:
+            _group_of(optimizer, param)
+        except ValueError:
+            continue
+        present = {key: tuple(value.shape) for key, value in optimizer.state.get(param, {}).items()
+                   if isinstance(value, Tensor)}
+        try:
+            first = fresh.probe(optimizer, param)
+        except ProbeFailed as error:
+            _refuse_layouts(name, param_name, present, tuple(param.shape), "its state")
+            return (f"where {name} starts a fresh parameter could not be found ({error}): "
+                    "weights grown by a rewiring start their per-weight optimizer state at 0")
+        _refuse_layouts(name, param_name, present, tuple(param.shape), "its state")
+        probe_shape = _PROBE_SIZES[:param.dim()]
+        _refuse_layouts(name, param_name, {key: tuple(value.shape) for key, value in first.items()},
+                        probe_shape, f"the state it gives a fresh {len(probe_shape)}-d parameter")
+    return None
+
+
+def _refuse_layouts(name: str, param_name: str, shapes: Mapping[str, tuple[int, ...]],
+                    param_shape: tuple[int, ...], where: str) -> None:
+    for key, shape in shapes.items():
+        if shape != param_shape and not _is_shared(shape, param_shape):
+            raise ValueError(
+                f"{name} keeps {key!r} of shape {shape} for a parameter of shape {param_shape} "
+                f"({where}; {param_name!r}): one value per weight in another layout, which "
+                "DynamicSparsity can neither mask nor reset per weight. Use an optimizer whose "
+                "per-weight state is shaped like the parameter (SGD, Adam, AdamW, RMSprop, "
+                "Adafactor, ...), or keep this parameter dense (exclude)"
+            )
+
+
+@torch.no_grad()
+def reset_optimizer_state_(
+    optimizers: Iterable[torch.optim.Optimizer], param: Tensor, positions: Tensor,
+    fresh: FreshState | None = None,
+) -> None:
+    """Give ``param``'s per-weight optimizer state at ``positions`` (bool, shaped like it)
+    the values a fresh parameter starts at (0 without ``fresh``): a new weight starts afresh.
+    One ``torch.where`` per state tensor."""
+    for optimizer in optimizers:
+        if fresh is None:
+            pairs = [(value, 0.0) for value in optimizer_state_tensors(optimizer, param)]
+        else:
+            pairs = fresh.starts(optimizer, param)
+        for value, start in pairs:
+            if isinstance(start, Tensor):
+                torch.where(positions.to(value.device), start, value, out=value)
+            else:
+                value.masked_fill_(positions.to(value.device), start)
