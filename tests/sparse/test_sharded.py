@@ -212,75 +212,79 @@ def check_equivalence(rank: int, world: int) -> dict:
     from lightning_ggr.sparse.schedules import RewiringSchedule
 
     results = {"exact": 0, "ties": 0}
-    for method in sorted(METHODS):
-        for distribution in ("erk", "uniform"):
-            settings = {"sparsity": 0.6, "distribution": distribution, "method": method,
-                        "seed": 3, "dsr_initial_threshold": None,
-                        "schedule": RewiringSchedule("step", 1, 100, 0.3)}
-            torch.manual_seed(0)
-            single_net = Net()
-            single = SparseEngine(select_sparse_parameters(single_net), **settings)
-            net = sharded_net(world)
-            sharded = SparseEngine(select_sparse_parameters(net), **settings)
-            assert sharded.layout is not None
-            for name, mask in single.masks.items():
-                assert torch.equal(full(sharded.masks[name]), mask), (method, name)
-            for ties in (False, True):
+    cases = [(m, d) for m in sorted(METHODS) for d in ("erk", "uniform")]
+    for case, (method, distribution) in enumerate(cases):
+        settings = {"sparsity": 0.6, "distribution": distribution, "method": method,
+                    "seed": 3, "dsr_initial_threshold": None,
+                    "schedule": RewiringSchedule("step", 1, 100, 0.3)}
+        torch.manual_seed(0)
+        single_net = Net()
+        single = SparseEngine(select_sparse_parameters(single_net), **settings)
+        net = sharded_net(world)
+        sharded = SparseEngine(select_sparse_parameters(net), **settings)
+        assert sharded.layout is not None
+        for name, mask in single.masks.items():
+            assert torch.equal(full(sharded.masks[name]), mask), (method, name)
+        for ties in (False, True):
+            generator = torch.Generator().manual_seed(7 + ties)
+            pairs = []
+            for engine in (single, sharded):
+                params = engine.params
+                # Adagrad starts a fresh weight's state at 0.1, Adam at 0: grown
+                # positions get the optimizer's own start on shards too
+                optimizer = (torch.optim.Adam(params.values(), lr=0.01) if case % 2 else
+                             torch.optim.Adagrad(params.values(), lr=0.01,
+                                                 initial_accumulator_value=0.1))
+                set_gradients(params, torch.Generator().manual_seed(1), ties)
+                engine.mask_gradients()
+                optimizer.step()  # Adam state everywhere active
+                reports = []
+                for seed in (2, 3):
+                    # Fresh whole weights at the active positions (the same on both, no
+                    # ties unless wanted: grown weights all sit at init_value) and
+                    # fresh gradients, then a rewiring.
+                    for name, param in params.items():
+                        values = torch.randn(param.shape, generator=torch.Generator()
+                                             .manual_seed(seed * 100 + len(name)))
+                        if ties:
+                            values = values.sign() * torch.randint(
+                                1, 4, param.shape, generator=generator)
+                        set_full_(param, values * full(engine.masks[name]))
+                    set_gradients(params, torch.Generator().manual_seed(seed), ties)
+                    reports.append(engine.rewire(0.3, [optimizer]))
+                pairs.append((engine, optimizer, reports))
                 generator = torch.Generator().manual_seed(7 + ties)
-                pairs = []
-                for engine in (single, sharded):
-                    params = engine.params
-                    optimizer = torch.optim.Adam(params.values(), lr=0.01)
-                    set_gradients(params, torch.Generator().manual_seed(1), ties)
-                    engine.mask_gradients()
-                    optimizer.step()  # Adam state everywhere active
-                    reports = []
-                    for seed in (2, 3):
-                        # Fresh whole weights at the active positions (the same on both, no
-                        # ties unless wanted: grown weights all sit at init_value) and
-                        # fresh gradients, then a rewiring.
-                        for name, param in params.items():
-                            values = torch.randn(param.shape, generator=torch.Generator()
-                                                 .manual_seed(seed * 100 + len(name)))
-                            if ties:
-                                values = values.sign() * torch.randint(
-                                    1, 4, param.shape, generator=generator)
-                            set_full_(param, values * full(engine.masks[name]))
-                        set_gradients(params, torch.Generator().manual_seed(seed), ties)
-                        reports.append(engine.rewire(0.3, [optimizer]))
-                    pairs.append((engine, optimizer, reports))
-                    generator = torch.Generator().manual_seed(7 + ties)
-                (one, one_opt, one_reports), (many, many_opt, many_reports) = pairs
-                for a, b in zip(one_reports, many_reports, strict=True):
-                    if ties and METHODS[method].allocation == "gradient":
-                        # GGR's ties at its K-th score may fall in other layers
-                        assert sum(a.active.values()) == sum(b.active.values())
-                    else:
-                        assert (a.removed, a.grown, a.active) == (b.removed, b.grown,
-                                                                  b.active), method
-                for name, param in many.params.items():
-                    mask = full(many.masks[name])
-                    assert int(mask.sum()) == many.active_counts()[name]
-                    assert (full(param.detach())[~mask] == 0).all()
-                    for value in many_opt.state[param].values():
-                        if value.shape == param.shape:
-                            assert (full(value)[~mask] == 0).all()
-                if ties:
-                    results["ties"] += 1
-                    continue
-                for name, param in one.params.items():
-                    assert torch.equal(full(many.masks[name]), one.masks[name]), (method, name)
-                    other = many.params[name]
-                    assert torch.equal(full(other.detach()), param.detach()), (method, name)
-                    for key, value in one_opt.state[param].items():
-                        if value.shape == param.shape:
-                            assert torch.equal(full(many_opt.state[other][key]), value)
-                assert many.threshold == one.threshold
-                analysis = analyze_across_shards(many.masks, many.params, many.layout, net)
-                reference = analyze_masks(one.masks, one.params, module=single_net).to_dict()
-                assert json.dumps(analysis.to_dict(), sort_keys=True) == json.dumps(
-                    reference, sort_keys=True) or _close(analysis.to_dict(), reference)
-                results["exact"] += 1
+            (one, one_opt, one_reports), (many, many_opt, many_reports) = pairs
+            for a, b in zip(one_reports, many_reports, strict=True):
+                if ties and METHODS[method].allocation == "gradient":
+                    # GGR's ties at its K-th score may fall in other layers
+                    assert sum(a.active.values()) == sum(b.active.values())
+                else:
+                    assert (a.removed, a.grown, a.active) == (b.removed, b.grown,
+                                                              b.active), method
+            for name, param in many.params.items():
+                mask = full(many.masks[name])
+                assert int(mask.sum()) == many.active_counts()[name]
+                assert (full(param.detach())[~mask] == 0).all()
+                for value in many_opt.state[param].values():
+                    if value.shape == param.shape:
+                        assert (full(value)[~mask] == 0).all()
+            if ties:
+                results["ties"] += 1
+                continue
+            for name, param in one.params.items():
+                assert torch.equal(full(many.masks[name]), one.masks[name]), (method, name)
+                other = many.params[name]
+                assert torch.equal(full(other.detach()), param.detach()), (method, name)
+                for key, value in one_opt.state[param].items():
+                    if value.shape == param.shape:
+                        assert torch.equal(full(many_opt.state[other][key]), value)
+            assert many.threshold == one.threshold
+            analysis = analyze_across_shards(many.masks, many.params, many.layout, net)
+            reference = analyze_masks(one.masks, one.params, module=single_net).to_dict()
+            assert json.dumps(analysis.to_dict(), sort_keys=True) == json.dumps(
+                reference, sort_keys=True) or _close(analysis.to_dict(), reference)
+            results["exact"] += 1
     results["counts"] = all_sum([1, rank], ShardLayout(None, {}))
     # The whole of a sharded tensor reaches rank 0 alone; histograms across shards.
     expected = full(sharded.masks["first.weight"])
@@ -310,9 +314,10 @@ def test_selections_across_two_uneven_shards_match_one_process(tmp_path):
 def test_sharded_rewiring_equals_the_single_process_rewiring(tmp_path):
     """EQUIVALENCE (issue 19): FSDP2 shards on 2 ranks, rows not divisible by 2, a replicated
     head. For every method and both distributions: the initial masks equal the
-    single-process ones; given the same whole weights, Adam state and gradients, two
-    rewirings give exactly the single-process masks, weights, Adam state, counts and DSR
-    threshold (no ties), and with ties the same per-layer counts (GGR: the same total)."""
+    single-process ones; given the same whole weights, optimizer state (Adam, or Adagrad
+    whose fresh state is 0.1) and gradients, two rewirings give exactly the single-process
+    masks, weights, optimizer state, counts and DSR threshold (no ties), and with ties the
+    same per-layer counts (GGR: the same total)."""
     result = spawn(check_equivalence, folder=tmp_path)
     assert result == {"exact": 2 * len(METHODS), "ties": 2 * len(METHODS), "counts": [2, 1]}
 
