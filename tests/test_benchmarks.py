@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                          text=True, env=env, timeout=600, check=False, cwd=ROOT)
 
 
 def test_overhead_suite_runs_tiny_on_cpu():
@@ -114,3 +114,24 @@ def test_inference_goals_get_verdicts_only_in_the_goals_set_up(capsys):
         out = capsys.readouterr().out
         assert "- MLP 0.99 batch 1 >= 10x: 12.0x, no verdict" in out
         assert ", met" not in out and ": met" not in out and "MISSED" not in out
+
+
+
+def test_the_draw_benchmark_runs_tiny():
+    done = run("--tiny", "--reps", "1", script=ROOT / "benchmarks" / "draws.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| layer | shape | active | time (s) | peak extra memory (MiB) |" in done.stdout
+    assert done.stdout.count("| a 64x128 layer, density") == 3
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_the_sharded_benchmark_runs_tiny():
+    done = run("--width", "32", "--layers", "1", "--steps", "3", "--rewirings", "1",
+               "--no-dense", script=ROOT / "benchmarks" / "sharded.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "| strategy | training | training state per rank (MiB, rank 0 / 1) |" in out
+    for strategy in ("DDP", "FSDP2"):
+        for method in ("set", "rigl", "dsr", "ggr"):
+            assert f"| {method} | {strategy} |" in out

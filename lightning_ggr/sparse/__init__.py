@@ -39,6 +39,7 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     select_sparse_parameters,
 )
+from lightning_ggr.sparse.sharded import consolidate_masks, hold_masks_in_model
 from lightning_ggr.sparse.topk import global_topk_counts
 
 __all__ = [
@@ -62,11 +63,13 @@ __all__ = [
     "analyze_masks",
     "apply_masks_",
     "compact_sequential",
+    "consolidate_masks",
     "cosine_drop_fraction",
     "count_parameters",
     "erk_score",
     "get_method",
     "global_topk_counts",
+    "hold_masks_in_model",
     "initial_densities",
     "layer_budget",
     "load_sparse_model",
