@@ -4,12 +4,14 @@ No wall-clock assertion: only that each section ran and reported, and that the G
 refuses to run without a GPU.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
@@ -71,6 +73,48 @@ def test_inference_benchmark_runs_quick_on_cpu():
             assert f"| {model} | {source} | 0.99 | 1 | 4 |" in out, (model, source)
     assert "### mlp, random masks, sparsity 0.99, 1 thread(s), batch 1" in out  # --layers
     assert "to_inference on cpu, 1 thread(s)" in out
+    assert "No verdicts for this run: --quick models" in out and "MISSED" not in out
+
+
+def _inference_benchmark():
+    spec = importlib.util.spec_from_file_location("inference_benchmark",
+                                                  ROOT / "benchmarks" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_goals_get_verdicts_only_in_the_goals_set_up(capsys):
+    """The goals are for the 3 x 4096 MLP and ResNet-18 on a CPU in float32: a --quick run
+    (a 1024-wide MLP) printed 'MISSED' for them, and the file-size goals were not checked."""
+    bench = _inference_benchmark()
+
+    def row(sparsity, batch, speedup):
+        return bench.Row("mlp", "random", sparsity, 1, batch, [speedup], [1.0], 3, 3, True, "")
+
+    rows = [row(0.99, 1, 12.0), row(0.99, 64, 4.0), row(0.95, 1, 3.5)]
+    sizes = [("resnet18", "random", 0.99, 1000, 20, ""), ("resnet18", "random", 0.9, 1000, 160,
+                                                          "")]
+    cpu = torch.device("cpu")
+    assert bench.outside_the_goals(False, cpu, torch.float32) is None
+    bench.print_goals(rows, sizes, 0.05, None)
+    out = capsys.readouterr().out
+    assert "- ResNet-18 file at 0.99 <= 3% of the dense state_dict file: 2.00%, met" in out
+    assert "- ResNet-18 file at 0.9 <= 15% of the dense state_dict file: 16.00%, MISSED" in out
+    assert "- MLP 0.99 batch 1 >= 10x: 12.0x, met" in out
+    assert "- MLP 0.99 batch 64 >= 5x: 4.0x, MISSED" in out
+    for quick, device, dtype, reason in (
+            (True, cpu, torch.float32, "--quick models"),
+            (False, torch.device("cuda"), torch.float32, "this run is on cuda"),
+            (False, cpu, torch.bfloat16, "this run is bfloat16")):
+        outside = bench.outside_the_goals(quick, device, dtype)
+        assert reason in outside
+        bench.print_goals(rows, sizes, 0.05, outside)
+        out = capsys.readouterr().out
+        assert "- MLP 0.99 batch 1 >= 10x: 12.0x, no verdict" in out
+        assert ", met" not in out and ": met" not in out and "MISSED" not in out
+
 
 
 def test_the_draw_benchmark_runs_tiny():

@@ -15,12 +15,13 @@ converting ``lm.net`` with them strips the prefix when exactly one prefix fits e
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -50,13 +51,37 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
     exactly one prefix ``p`` makes every mask name ``p.<name of a parameter of module with
     the mask's shape>``.
 
+    A second name of a tied parameter (``head.weight`` tied to ``tok.weight``) is taken for
+    the name ``named_parameters()`` gives it (the first), as the callback's masks are keyed.
+
     Raises:
-        ValueError: a mask names no parameter, the prefix is ambiguous, or only some masks
-            belong to ``module`` (the message shows the call that selects them).
+        TypeError: ``masks`` is not a mapping.
+        ValueError: a mask names no parameter, the prefix is ambiguous, only some masks
+            belong to ``module`` (the message shows the call that selects them), or two
+            masks name one tensor.
     """
-    params = dict(module.named_parameters())
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"{caller}: masks must be a mapping of parameter name -> bool mask, "
+                        f"got {type(masks).__name__}")
+    params: dict[str, Tensor] = {}  # every name of every parameter
+    first: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        params[name] = param
+        first.setdefault(id(param), name)
+
+    def canonical(named: dict[str, Tensor]) -> dict[str, Tensor]:
+        result: dict[str, Tensor] = {}
+        given: dict[str, str] = {}
+        for name, mask in named.items():
+            own = first[id(params[name])]
+            if own in result:
+                raise ValueError(f"{caller}: masks {given[own]!r} and {name!r} name one tensor "
+                                 f"(tied weights); pass one mask, keyed {own!r}")
+            result[own], given[own] = mask, name
+        return result
+
     if all(name in params for name in masks):
-        return dict(masks)
+        return canonical(dict(masks))
 
     def fits(prefix: str, name: str) -> bool:
         rest = name[len(prefix) + 1:]
@@ -73,7 +98,7 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
     complete = sorted(prefix for prefix, names in covered.items() if len(names) == len(masks))
     if len(complete) == 1:
         prefix = complete[0]
-        return {name[len(prefix) + 1:]: mask for name, mask in masks.items()}
+        return canonical({name[len(prefix) + 1:]: mask for name, mask in masks.items()})
     if len(complete) > 1:
         raise ValueError(
             f"{caller}: the mask names fit the module's parameters after removing any of the "
@@ -90,6 +115,16 @@ def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
             f"masks.items() if name.startswith({partial + '.'!r})}}"
         )
     unknown = next(name for name in masks if name not in params)
+    parts = unknown.split(".")
+    for cut in range(1, len(parts)):
+        rest = ".".join(parts[cut:])
+        if rest in params:  # the name fits after a prefix, the shape does not
+            prefix = ".".join(parts[:cut]) + "."
+            raise ValueError(
+                f"mask {unknown!r} has shape {tuple(masks[unknown].shape)}, but {rest!r} "
+                f"(after removing {prefix!r}) has {tuple(params[rest].shape)}; masks are "
+                "keyed by the names of the module they were made for"
+            )
     raise ValueError(
         f"mask {unknown!r} names no parameter of the model; masks are keyed by the names "
         "of the module they were made for (the callback's by the LightningModule's): pass "
@@ -114,6 +149,36 @@ def _check_zero(module: nn.Module, masks: Mapping[str, Tensor], what: str) -> No
             )
 
 
+#: Where a sparse model file is: a path, or a binary file object (as for ``torch.save``).
+FileLike = str | os.PathLike[str] | IO[bytes]
+
+
+def _describe(path: FileLike) -> str:
+    """``path`` for a message: the path quoted, or "the file object"."""
+    if isinstance(path, str | os.PathLike):
+        return repr(os.fspath(path))
+    return "the file object"
+
+
+def _plain_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metadata`` as a dict, each value checked to load with ``weights_only=True`` (so the
+    file does not become one that :func:`load_sparse_model` refuses)."""
+    plain = dict(metadata or {})
+    for key, value in plain.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save({key: value}, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as error:  # pickling or weights-only unpickling refused it
+            raise TypeError(
+                f"save_sparse_model: metadata[{key!r}] holds a {type(value).__name__}, which "
+                "torch.load(weights_only=True) cannot read; metadata must hold plain Python "
+                "(numbers, strings, None, lists, tuples, dicts of them) or tensors"
+            ) from error
+    return plain
+
+
 def encode_positions(mask: Tensor) -> dict[str, Any]:
     """The active positions of ``mask`` in the smaller of two encodings.
 
@@ -136,16 +201,39 @@ def encode_positions(mask: Tensor) -> dict[str, Any]:
     return {"encoding": "bitmask", "positions": packed}
 
 
-def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
-    """The bool mask of shape ``shape`` that :func:`encode_positions` encoded."""
+def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...], *,
+                     name: str | None = None) -> Tensor:
+    """The bool mask of shape ``shape`` that :func:`encode_positions` encoded.
+
+    Raises:
+        ValueError: positions that no mask of ``shape`` encodes to (a bitmask of another
+            length, gaps that do not increase or reach past the end: torch would read a
+            negative index from the end), or an unknown encoding; ``name`` (the tensor's)
+            goes into the message.
+    """
     numel = math.prod(shape)
+    tensor = repr(name) if name else "a tensor"
+    what = f"positions of {tensor}"
     positions = encoded["positions"]
     if encoded["encoding"] == "bitmask":
+        expected = -(-numel // 8)
+        if positions.dtype != torch.uint8:
+            raise ValueError(f"the bitmask of {tensor} is {positions.dtype}, not torch.uint8")
+        if positions.numel() != expected:
+            raise ValueError(f"the bitmask of {tensor} has {positions.numel()} bytes for "
+                             f"{numel} elements ({expected} expected)")
         bits = (positions.reshape(-1, 1) >> _BIT_SHIFTS) & 1
         return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
     if encoded["encoding"] == "gaps":
+        gaps = positions.to(torch.int64).reshape(-1)
+        if gaps.numel() and (int(gaps[0]) < 0 or bool((gaps[1:] < 1).any())):
+            raise ValueError(f"{what} are not increasing (a gap below 1, or a negative first "
+                             "index)")
+        indices = gaps.cumsum(0)
+        if indices.numel() and int(indices[-1]) >= numel:
+            raise ValueError(f"{what} reach past its {numel} elements")
         flat = torch.zeros(numel, dtype=torch.bool)
-        flat[positions.to(torch.int64).cumsum(0)] = True
+        flat[indices] = True
         return flat.reshape(shape)
     raise ValueError(f"unknown position encoding {encoded['encoding']!r}; "
                      "expected 'bitmask' or 'gaps'")
@@ -154,7 +242,7 @@ def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...]) -> Tens
 def save_sparse_model(
     module: nn.Module,
     masks: Mapping[str, Tensor],
-    path: str | os.PathLike[str],
+    path: FileLike,
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
@@ -169,13 +257,16 @@ def save_sparse_model(
     "aliases", "metadata"}`` and loads with ``torch.load(path, weights_only=True)``;
     ``metadata`` must hold plain Python. The round trip through :func:`load_sparse_model`
     is bit-exact. ``masks`` may carry an enclosing module's prefix (:func:`module_masks`).
+    ``path`` is a path or a binary file object (as for ``torch.save``; the loaders too).
 
     Raises:
         ValueError: a mask names no parameter, has the wrong shape, or a masked weight is
             not zero.
+        TypeError: a metadata value that ``torch.load(weights_only=True)`` cannot read.
     """
     masks = module_masks(module, masks, "save_sparse_model")
     _check_zero(module, masks, "cannot save")
+    plain_metadata = _plain_metadata(metadata)
     params = dict(module.named_parameters())
     sparse_ids = {id(params[name]): name for name in masks}
     dense: dict[str, Tensor] = {}
@@ -199,7 +290,7 @@ def save_sparse_model(
             "state_dict": dense,
             "sparse": sparse,
             "aliases": aliases,
-            "metadata": dict(metadata or {}),
+            "metadata": plain_metadata,
         },
         path,
     )
@@ -222,57 +313,79 @@ class SparseModelFile:
     format_version: int
 
 
-def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
+def read_sparse_model(path: FileLike) -> SparseModelFile:
     """Read a file of :func:`save_sparse_model` (any readable version) without a model.
 
     Loads with ``torch.load(weights_only=True)`` onto CPU.
 
     Raises:
-        ValueError: not a sparse-model file, or a format version this package cannot read.
+        ValueError: not a sparse-model file, a format version this package cannot read, or
+            a corrupt one (missing entries, positions no mask encodes to, values that do not
+            match them).
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a sparse model saved by save_sparse_model")
+        raise ValueError(f"{_describe(path)} is not a sparse model saved by save_sparse_model")
     version = saved.get("format_version")
     if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{os.fspath(path)!r} has format_version {version!r}; this version of "
+            f"{_describe(path)} has format_version {version!r}; this version of "
             f"lightning-ggr reads {', '.join(map(str, READABLE_VERSIONS))} (upgrade it)"
         )
     metadata = dict(saved.get("metadata") or {})
     if version == 1:
         masks = {name: mask.to(torch.bool) for name, mask in saved["masks"].items()}
         return SparseModelFile(dict(saved["state_dict"]), masks, metadata, 1)
+    where = _describe(path)
+
+    def corrupt(problem: str) -> ValueError:
+        return ValueError(f"{where} is corrupt: {problem}")
+
+    for key in ("state_dict", "sparse", "aliases"):
+        if not isinstance(saved.get(key), dict):
+            raise corrupt(f"the file lacks {key!r}")
     state_dict = dict(saved["state_dict"])
     masks = {}
     for name, entry in saved["sparse"].items():
+        missing = [key for key in ("shape", "values", "encoding", "positions")
+                   if key not in entry]
+        if missing:
+            raise corrupt(f"{name!r} lacks {missing[0]!r}")
         shape = tuple(entry["shape"])
-        mask = decode_positions(entry, shape)
+        try:
+            mask = decode_positions(entry, shape, name=name)
+        except ValueError as error:
+            raise corrupt(str(error)) from None
         values = entry["values"]
         if values.numel() != int(mask.sum()):
-            raise ValueError(f"{os.fspath(path)!r} is inconsistent: {name!r} has "
+            raise ValueError(f"{where} is inconsistent: {name!r} has "
                              f"{values.numel()} values for {int(mask.sum())} positions")
         tensor = torch.zeros(shape, dtype=values.dtype)
         tensor[mask] = values
         state_dict[name] = tensor
         masks[name] = mask
     for alias, name in saved["aliases"].items():
+        if name not in state_dict:
+            raise corrupt(f"alias {alias!r} names {name!r}, which the file does not hold")
         state_dict[alias] = state_dict[name]
     return SparseModelFile(state_dict, masks, metadata, 2)
 
 
 def load_sparse_model(
-    module: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+    module: nn.Module, path: FileLike, *, strict: bool = True
 ) -> dict[str, Tensor]:
     """Restore weights saved by :func:`save_sparse_model` into ``module``; return the masks.
 
     Loads with ``weights_only=True`` onto CPU (format version 2, or 1 of earlier versions),
     then copies into ``module``'s tensors (so they keep their device); the masks come back on
-    their parameter's device.
+    their parameter's device. ``strict`` is ``load_state_dict``'s: with ``False``, entries
+    the module does not have are left out, and so are their masks.
 
     Raises:
         ValueError: not a sparse-model file, a mask does not fit the model, or a masked
             weight is not zero (the file was not saved from a masked model).
+        RuntimeError: ``load_state_dict``'s, with ``strict=True``: missing or unexpected
+            keys; with either: a tensor of another shape.
     """
     saved = read_sparse_model(path)
     module.load_state_dict(saved.state_dict, strict=strict)
@@ -280,8 +393,9 @@ def load_sparse_model(
     masks = {
         name: mask.to(params[name].device if name in params else "cpu", torch.bool)
         for name, mask in saved.masks.items()
+        if strict or name in params
     }
-    _check_zero(module, masks, f"{os.fspath(path)!r} is inconsistent")
+    _check_zero(module, masks, f"{_describe(path)} is inconsistent")
     return masks
 
 

@@ -16,7 +16,14 @@ model is not changed.
   then the same CSR product. It pays only at high sparsity and small batches.
 - Everything else stays dense and the report says why: ``nn.MultiheadAttention``'s
   projections (it reads ``in_proj_weight`` and ``out_proj.weight`` itself, not through a
-  module call), grouped, 1-D, 3-D and transposed convolutions, embeddings.
+  module call), grouped, 1-D, 3-D and transposed convolutions, embeddings, and subclasses
+  of ``nn.Linear`` / ``nn.Conv2d`` that override ``forward`` (or ``_conv_forward``): they
+  compute something else (timm's ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
+  from the input's size).
+  A layer with forward hooks or pre-hooks stays dense too: they may change its input or
+  output, and the new module would not run them.
+  A parametrized weight (``spectral_norm``; the mask is its original's) is converted only
+  where the computed weight is zero outside the mask.
 
 On a CPU, MKL's sparse ``addmm`` has float32/float64 kernels only: a bfloat16 or float16
 layer computes in float32 (its input cast up, its output cast back to the input's dtype),
@@ -76,6 +83,30 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: list[int]) -> Tensor:
     if torch.jit.is_scripting():  # TorchScript knows no check_invariants argument
         return torch.sparse_csr_tensor(crow, col, values, size)
     return _unchecked_csr(crow, col, values, size)
+
+
+def _product(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(weight, dense)
+    return torch.addmm(bias.unsqueeze(1), weight, dense)
+
+
+@torch.jit.unused
+def _product_outside_autocast(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    device = dense.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _product(weight, dense, bias)
+    return _product(weight, dense, bias)
+
+
+def _sparse_product(weight: Tensor, dense: Tensor, bias: Tensor | None) -> Tensor:
+    """``bias + weight @ dense`` (``weight`` in CSR form) in the operands' dtype, also under
+    ``torch.autocast``, which would cast them to a dtype the CSR kernel may not have (MKL: no
+    bfloat16 / float16); the layer's output is cast to the input's dtype afterwards anyway."""
+    if torch.jit.is_scripting():  # TorchScript: no autocast context in this function
+        return _product(weight, dense, bias)
+    return _product_outside_autocast(weight, dense, bias)
 
 
 def csr_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -150,7 +181,8 @@ class SparseLinear(_CSRLayer):
 
     Same call as ``nn.Linear``: ``input`` of shape ``(*, in_features)`` gives a contiguous
     ``(*, out_features)`` in ``input``'s dtype. Computes ``b + W x^T`` in ``values.dtype``
-    (see :func:`csr_compute_dtype`). Build it with :meth:`from_dense`.
+    (see :func:`csr_compute_dtype`), also under ``torch.autocast``. Build it with
+    :meth:`from_dense`.
 
     Buffers: ``crow_indices``, ``col_indices`` (int32), ``values``, ``bias`` (``(out,)`` or
     ``None``); the CSR tensor is assembled from them at each call (about 2 us), so the module
@@ -177,7 +209,8 @@ class SparseLinear(_CSRLayer):
 
         Raises:
             TypeError: ``module`` is neither.
-            ValueError: ``mask`` does not have the weight's shape.
+            ValueError: ``mask`` does not have the weight's shape, or ``module``'s class
+                overrides ``forward`` (:func:`linear_unsupported`).
         """
         weight = _weight_of(module).detach()
         if is_transposed_linear(module):
@@ -186,6 +219,9 @@ class SparseLinear(_CSRLayer):
         elif not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense needs an nn.Linear or a transformers "
                             f"Conv1D, got {type(module).__name__}")
+        reason = linear_unsupported(module)
+        if reason is not None:
+            raise ValueError(f"SparseLinear cannot compute this layer: {reason}")
         active = _check_mask(weight != 0 if mask is None else mask, weight, "SparseLinear")
         dtype = compute_dtype or csr_compute_dtype(weight.dtype, weight.device)
         crow, col, values = _csr_parts(weight, active, dtype)
@@ -199,10 +235,7 @@ class SparseLinear(_CSRLayer):
         flat = input.reshape(-1, self.in_features).to(self.values.dtype)
         weight = _csr(self.crow_indices, self.col_indices, self.values,
                       [self.out_features, self.in_features])
-        if self.bias is None:
-            out = torch.mm(weight, flat.t())
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
+        out = _sparse_product(weight, flat.t(), self.bias)
         shape = list(input.shape[:-1])
         shape.append(self.out_features)
         return out.t().contiguous().to(input.dtype).reshape(shape)
@@ -226,8 +259,30 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (int(conv.padding[0]), int(conv.padding[1]))
 
 
+def _overridden(module: nn.Module, base: type[nn.Module], methods: tuple[str, ...]) -> str | None:
+    """Why ``module`` (an instance of ``base``) computes something else than ``base``: a
+    subclass that overrides one of ``methods`` (timm's ``StdConv2d`` and ``Conv2dSame``, a
+    user's scaled Linear), or ``None``."""
+    for method in methods:
+        if getattr(type(module), method) is not getattr(base, method):
+            return (f"{type(module).__name__} overrides {method} (only nn.{base.__name__}'s "
+                    "own is converted)")
+    return None
+
+
+def linear_unsupported(module: nn.Module) -> str | None:
+    """Why :class:`SparseLinear` cannot compute ``module`` (an ``nn.Linear`` or a
+    transformers ``Conv1D``), or ``None`` if it can."""
+    if isinstance(module, nn.Linear):
+        return _overridden(module, nn.Linear, ("forward",))
+    return None  # Conv1D is recognised by its exact type name: no subclass gets here
+
+
 def conv2d_unsupported(conv: nn.Conv2d) -> str | None:
     """Why :class:`SparseConv2d` cannot compute ``conv``, or ``None`` if it can."""
+    overridden = _overridden(conv, nn.Conv2d, ("forward", "_conv_forward"))
+    if overridden is not None:
+        return overridden
     if conv.groups != 1:
         return f"groups={conv.groups} (only 1 is converted)"
     if conv.padding_mode != "zeros":
@@ -266,8 +321,9 @@ class SparseConv2d(_CSRLayer):
 
         Raises:
             TypeError: not an ``nn.Conv2d``.
-            ValueError: grouped, non-zero or asymmetric padding (:func:`conv2d_unsupported`),
-                or a mask of the wrong shape.
+            ValueError: grouped, non-zero or asymmetric padding, a class that overrides
+                ``forward`` or ``_conv_forward`` (:func:`conv2d_unsupported`), or a mask of
+                the wrong shape.
         """
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got "
@@ -304,10 +360,7 @@ class SparseConv2d(_CSRLayer):
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)
         weight = _csr(self.crow_indices, self.col_indices, self.values,
                       [self.out_channels, self._columns()])
-        if self.bias is None:
-            out = torch.mm(weight, columns)
-        else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, columns)
+        out = _sparse_product(weight, columns, self.bias)
         out = out.reshape(self.out_channels, count, out_height, out_width).transpose(0, 1)
         out = out.contiguous().to(input.dtype)
         return out if batched else out.squeeze(0)
@@ -512,15 +565,35 @@ def _candidates(model: nn.Module, mask_of: Mapping[int, tuple[str, Tensor]]
         reason = None
         if id(module) in inside_attention:
             reason = "MultiheadAttention reads out_proj.weight itself"
+        elif module._forward_hooks or module._forward_pre_hooks:
+            reason = "has forward hooks (the converted layer would not run them)"
         elif isinstance(module, nn.Conv2d):
             reason = conv2d_unsupported(module)
-        elif not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
+        elif isinstance(module, nn.Linear) or is_transposed_linear(module):
+            reason = linear_unsupported(module)
+        else:
             reason = f"{kind} is not converted (Linear, Conv1D and Conv2d are)"
+        if reason is None and parametrize.is_parametrized(module, "weight"):
+            reason = _outside_the_mask(module.weight.detach(), mask)
         if reason is None:
             convertible.append((name, module, parameter, mask))
         else:
             kept.append(LayerChoice(name, kind, parameter, _density(mask), reason=reason))
     return convertible, kept
+
+
+def _outside_the_mask(weight: Tensor, mask: Tensor) -> str | None:
+    """Why the CSR matrix of ``mask``'s positions cannot hold ``weight`` (a parametrization's
+    result, computed from the masked original), or ``None``. ``spectral_norm`` keeps the
+    zeros where they are; a parametrization that mixes weights does not."""
+    if tuple(weight.shape) != tuple(mask.shape):
+        return (f"its parametrization changes the weight's shape ({tuple(mask.shape)} -> "
+                f"{tuple(weight.shape)})")
+    outside = int((weight[~mask] != 0).sum())
+    if outside:
+        return (f"its parametrization makes weights outside the mask nonzero ({outside}): "
+                "the mask's CSR matrix would drop them")
+    return None
 
 
 def _density(mask: Tensor) -> float:
@@ -548,10 +621,13 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     real input; each ``nn.Linear``, transformers ``Conv1D`` and ``nn.Conv2d`` (``groups=1``,
     zero padding) is then timed dense and as :class:`SparseLinear` / :class:`SparseConv2d`
     on that input (interleaved, :func:`time_interleaved`) and replaced only when the sparse
-    median is at least :data:`SPEEDUP_MARGIN` below the dense one. Then the whole model is
-    timed, dense against with those layers sparse: if it is not faster by the same margin
-    (the time between layers, or a fused path given up, can cost more than the layers
-    gained), every layer stays dense and the report says so. Give the input the
+    median is at least :data:`SPEEDUP_MARGIN` below the dense one. The example input is then
+    run through the model with those layers sparse: a layer the model cannot run sparse (its
+    forward reads ``layer.weight`` itself, as Hugging Face's T5 does) stays dense, the error
+    as its reason. Then the whole model is timed, dense against with those layers sparse:
+    if it is not faster by the same margin (the time between layers, or a fused path given
+    up, can cost more than the layers gained), every layer stays dense and the report says
+    so. Give the input the
     deployed model will see: the choice depends on the batch size, the sequence length, the
     threads and the machine, which is why this runs where the model is deployed (rebuild
     it there from the sparse file: :func:`~lightning_ggr.sparse.export.load_sparse_model`,
@@ -559,8 +635,10 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
 
     ``nn.TransformerEncoderLayer`` computes its feed-forward layers itself in its fused
     inference path; one with a converted ``linear1`` / ``linear2`` is switched to its
-    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads), and the
-    whole-model check weighs what that costs.
+    ordinary path (``activation_relu_or_gelu = 0``, which only that check reads), and an
+    ``nn.TransformerEncoder`` holding a converted layer from its nested-tensor path (taken
+    with a ``src_key_padding_mask``: ``use_nested_tensor = False``, so its layers see padded
+    tensors, as they are timed); the whole-model check weighs what that costs.
 
     Args:
         model: the trained model (not changed).
@@ -613,12 +691,19 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
 
         handles = [module.register_forward_pre_hook(capture(name))
                    for name, module, _, _ in convertible]
+        # The layers are timed on the padded tensors they see once converted (below).
+        nested = _encoders_around(converted, {name for name, _, _, _ in convertible})
+        flags = {encoder: encoder.use_nested_tensor for encoder in nested}
         try:
+            for encoder in nested:
+                encoder.use_nested_tensor = False
             with torch.inference_mode():
                 _run(converted, example_input)
         finally:
             for handle in handles:
                 handle.remove()
+            for encoder, flag in flags.items():
+                encoder.use_nested_tensor = flag
 
         chosen: list[tuple[str, nn.Module]] = []
         for name, module, parameter, mask in convertible:
@@ -651,7 +736,8 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
                 choice.reason += f" (called {calls[name]} times, timed at the first input)"
         if chosen:
             dense = copy.deepcopy(converted)
-            _replace(converted, chosen)
+            converted, chosen = _runnable(converted, dense, chosen, example_input, report)
+        if chosen:
             with torch.inference_mode():
                 dense_times, sparse_times = time_interleaved(
                     lambda: _run(dense, example_input), lambda: _run(converted, example_input),
@@ -674,13 +760,76 @@ def to_inference(model: nn.Module, masks: Mapping[str, Tensor], example_input: A
     return converted.eval()
 
 
+def _runnable(converted: nn.Module, dense: nn.Module, chosen: list[tuple[str, nn.Module]],
+              example_input: Any, report: InferenceReport
+              ) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """``converted`` with the ``chosen`` sparse layers swapped in, and those layers, once
+    the example input runs through it. While it fails, the layer the failure comes from (a
+    model that reads ``layer.weight`` itself, as Hugging Face's T5 does) stays dense (all of
+    them when the failure cannot be traced to one), the error as its reason; the model is
+    then rebuilt from ``dense`` with the others."""
+    failed_any = False
+    while chosen:
+        _replace(converted, chosen)
+        try:
+            with torch.inference_mode():
+                _run(converted, example_input)
+            break
+        except Exception as error:
+            failed_any = True
+            culprit = _failing_layer(error, {id(module): name for name, module in chosen})
+            failed = {culprit} if culprit is not None else {name for name, _ in chosen}
+            for choice in report.layers:
+                if choice.module in failed:
+                    choice.sparse = False
+                    choice.reason = (f"the model failed with it sparse "
+                                     f"({type(error).__name__}: {error})")
+            for name in failed:
+                _set_submodule(converted, name, copy.deepcopy(dense.get_submodule(name)))
+            chosen = [(name, module) for name, module in chosen if name not in failed]
+    if failed_any:  # _replace's flags (the transformer paths) for the layers kept only
+        converted = copy.deepcopy(dense)
+        _replace(converted, chosen)
+    return converted, chosen
+
+
+def _failing_layer(error: BaseException, sparse: Mapping[int, str]) -> str | None:
+    """The name of the sparse layer whose code raised ``error`` (the innermost frame whose
+    ``self`` is one of ``sparse``: for ``layer.weight`` torch's ``Module.__getattr__``)."""
+    names = []
+    trace = error.__traceback__
+    while trace is not None:
+        owner = trace.tb_frame.f_locals.get("self")
+        if id(owner) in sparse:
+            names.append(sparse[id(owner)])
+        trace = trace.tb_next
+    return names[-1] if names else None
+
+
+def _encoders_around(model: nn.Module, names: set[str]) -> list[nn.TransformerEncoder]:
+    """The ``nn.TransformerEncoder`` modules of ``model`` holding any of the modules
+    ``names`` and able to take their nested-tensor path."""
+    return [
+        module for prefix, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoder)
+        and getattr(module, "use_nested_tensor", False)
+        and any(not prefix or name.startswith(prefix + ".") for name in names)
+    ]
+
+
 def _replace(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
     """Swap the chosen sparse modules in. ``nn.TransformerEncoderLayer``'s fused inference
     path reads ``linear1.weight`` and ``linear2.weight`` itself: a layer with a converted one
-    takes its ordinary path (``activation_relu_or_gelu = 0``, which only that check reads)."""
+    takes its ordinary path (``activation_relu_or_gelu = 0``, which only that check reads).
+    ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` in eval mode reads the first
+    layer's weights too and then hands its layers nested tensors, which a sparse layer
+    cannot take: one holding a converted layer keeps to padded tensors
+    (``use_nested_tensor = False``, the attribute that path checks)."""
     for name, sparse in chosen:
         _set_submodule(model, name, sparse)
     replaced = {name for name, _ in chosen}
+    for encoder in _encoders_around(model, replaced):
+        encoder.use_nested_tensor = False
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer) and any(
             (f"{name}.{child}" if name else child) in replaced

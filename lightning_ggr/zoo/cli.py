@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -248,14 +249,32 @@ def export_checkpoint(path: str | Path, output: str | Path | None = None) -> Exp
 
     Args:
         path: a ``.ckpt`` file, or a run folder (its ``last.ckpt``, else its newest one).
-        output: the file to write; default: the checkpoint's name with ``.sparse.pt``.
+        output: the file to write (its folders are made; an existing folder gets the
+            default name inside it); default: the checkpoint's name with ``.sparse.pt``,
+            next to it.
 
     Raises:
         FileNotFoundError: no checkpoint.
-        ValueError: not an ``ImageClassifier`` checkpoint of a zoo network, or no masks.
+        ValueError: a file ``torch.load`` cannot read, not an ``ImageClassifier`` checkpoint
+            of a zoo network, no masks, or ``output`` is the checkpoint itself.
     """
     checkpoint_path = _find_checkpoint(Path(path))
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    default_name = checkpoint_path.with_suffix(".sparse.pt").name
+    if output is None:
+        target = checkpoint_path.with_name(default_name)
+    else:
+        target = Path(output)
+        if target.is_dir():
+            target = target / default_name
+    if target.resolve() == checkpoint_path.resolve():
+        raise ValueError(f"--output is the checkpoint itself ({str(checkpoint_path)!r}); "
+                         "name another file")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"{str(checkpoint_path)!r} is not a checkpoint torch.load can read "
+                         f"with weights_only=True ({type(error).__name__}); pass a run's "
+                         ".ckpt file or its folder") from error
     hyper = checkpoint.get("hyper_parameters") or {}
     if hyper.get("model") not in MODEL_NAMES:
         raise ValueError(
@@ -276,7 +295,7 @@ def export_checkpoint(path: str | Path, output: str | Path | None = None) -> Exp
     except RuntimeError as error:
         raise ValueError(f"the weights in {str(checkpoint_path)!r} do not fit the network its "
                          f"hyper-parameters name ({network}): {error}") from error
-    target = Path(output) if output is not None else checkpoint_path.with_suffix(".sparse.pt")
+    target.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**network, "checkpoint": checkpoint_path.name,
                 "global_step": checkpoint.get("global_step"),
                 **{key: state[key] for key in ("method", "sparsity", "distribution")
@@ -303,8 +322,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR",
                         help="a .ckpt file, or a run folder (its last.ckpt, else the newest)")
     parser.add_argument("--output", metavar="FILE", default=None,
-                        help="the file to write (default: the checkpoint's name with "
-                        ".sparse.pt)")
+                        help="the file to write, its folders made (an existing folder: "
+                        "the default name inside it; default: the checkpoint's name with "
+                        ".sparse.pt, next to it)")
     args = parser.parse_args(argv)
     try:
         result = export_checkpoint(args.checkpoint, args.output)

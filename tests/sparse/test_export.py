@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,22 @@ def test_save_refuses_unmasked_weights(tmp_path):
                           tmp_path / "m.pt")
 
 
+def test_save_refuses_metadata_the_file_could_not_be_loaded_with(tmp_path):
+    """weights_only=True reads plain Python and torch types only: metadata holding anything
+    else made a file that load_sparse_model then refused (an UnpicklingError)."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    masks = {"0.weight": torch.ones(3, 4, dtype=torch.bool)}
+    for value in (nn.ReLU(), Path("/runs")):
+        kind = type(value).__name__
+        with pytest.raises(TypeError, match=rf"metadata\['where'\] holds a {kind}"):
+            save_sparse_model(model, masks, tmp_path / "m.pt", metadata={"where": value})
+        assert not (tmp_path / "m.pt").exists()
+    plain = {"where": "runs", "steps": [1, 2], "nested": {"a": (1.5, None)},
+             "dtype": torch.bfloat16}
+    save_sparse_model(model, masks, tmp_path / "m.pt", metadata=plain)
+    assert read_sparse_model(tmp_path / "m.pt").metadata == plain
+
+
 def test_load_checks_format_and_masked_zeros(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3))
     masks = {"0.weight": torch.rand(3, 4) < 0.5}
@@ -121,6 +139,83 @@ def test_load_checks_format_and_masked_zeros(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a sparse model"):
         load_sparse_model(model, tmp_path / "other.pt")
+
+
+def test_strict_false_loads_what_fits_and_returns_its_masks(tmp_path):
+    """As load_state_dict(strict=False): keys the module does not have are left out, their
+    masks too (they failed with 'names no parameter of the model')."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    masks = _masked(model, 0.5, seed=0)
+    save_sparse_model(model, masks, tmp_path / "m.pt")
+    body = nn.Sequential(nn.Linear(6, 5))  # the same network without its head
+    loaded = load_sparse_model(body, tmp_path / "m.pt", strict=False)
+    assert set(loaded) == {"0.weight"} and torch.equal(loaded["0.weight"], masks["0.weight"])
+    assert torch.equal(body[0].weight, model[0].weight)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_sparse_model(nn.Sequential(nn.Linear(6, 5)), tmp_path / "m.pt")
+
+
+def test_a_file_object_works_as_with_torch_save_and_load():
+    """torch.save and torch.load take a file object (a buffer for an upload, say); the
+    loaders failed on it (os.fspath in their messages)."""
+    model = _vgg_like()
+    masks = _masked(model, 0.3, seed=2)
+    buffer = io.BytesIO()
+    save_sparse_model(model, masks, buffer, metadata={"a": 1})
+    buffer.seek(0)
+    fresh = _vgg_like()
+    loaded = load_sparse_model(fresh, buffer)
+    assert all(torch.equal(loaded[name], masks[name]) for name in masks)
+    buffer.seek(0)
+    assert read_sparse_model(buffer).metadata == {"a": 1}
+    buffer = io.BytesIO()
+    torch.save({"format": "something else"}, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="the file object is not a sparse model"):
+        read_sparse_model(buffer)
+
+
+def _edited(tmp_path, edit):
+    """A saved 1%-dense Linear(1000, 100) (gap-encoded) with ``edit`` applied to the file."""
+    model, masks = _random_masked_linear((100, 1000), 0.01)
+    save_sparse_model(model, masks, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert saved["sparse"]["0.weight"]["encoding"] == "gaps"
+    edit(saved)
+    torch.save(saved, tmp_path / "edited.pt")
+    return tmp_path / "edited.pt"
+
+
+def _set_gap(index, value):
+    def edit(saved):
+        gaps = saved["sparse"]["0.weight"]["positions"].to(torch.int64)
+        gaps[index] = value
+        saved["sparse"]["0.weight"]["positions"] = gaps
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set_gap(5, -3), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(0, -5), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(5, 0), r"positions of '0\.weight' are not increasing"),
+    (_set_gap(-1, 10**6), r"positions of '0\.weight' reach past its 100000 elements"),
+    (lambda saved: saved["sparse"]["0.weight"].update(
+        encoding="bitmask", positions=torch.zeros(7, dtype=torch.uint8)),
+     r"bitmask of '0\.weight' has 7 bytes for 100000 elements \(12500 expected\)"),
+    (lambda saved: saved["sparse"]["0.weight"].pop("positions"),
+     r"'0\.weight' lacks 'positions'"),
+    (lambda saved: saved.pop("aliases"), r"lacks 'aliases'"),
+    (lambda saved: saved["aliases"].update({"1.weight": "9.weight"}),
+     r"alias '1\.weight' names '9\.weight', which the file does not hold"),
+])
+def test_a_corrupt_file_is_refused_not_loaded_as_another_mask(tmp_path, edit, message):
+    """Gaps are cumulated into indices: a negative one (an index from the end in torch) made
+    a file load silently with a different mask; missing keys were KeyErrors."""
+    path = _edited(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        read_sparse_model(path)
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_sparse_model(nn.Sequential(nn.Linear(1000, 100)), path)
 
 
 # --------------------------------------------------------------------------- file format
@@ -296,6 +391,49 @@ def test_an_ambiguous_prefix_is_refused():
     with pytest.raises(ValueError, match=r"any of the prefixes 'x', 'x\.a'"):
         module_masks(holder, masks)
 
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30, bias=False)
+        self.head.weight = self.tok.weight
+
+
+def test_a_mask_under_a_second_name_of_a_tied_weight(tmp_path):
+    """'head.weight' is a parameter of the model (model.get_parameter finds it), only not
+    the name named_parameters() lists first: it was refused as naming no parameter."""
+    holder = nn.Module()
+    holder.lm = _TiedLM()
+    mask = torch.rand(30, 8) < 0.3
+    assert set(module_masks(holder.lm, {"head.weight": mask})) == {"tok.weight"}
+    assert set(module_masks(holder.lm, {"lm.head.weight": mask})) == {"tok.weight"}
+    with torch.no_grad():
+        holder.lm.tok.weight.mul_(mask)
+    save_sparse_model(holder.lm, {"head.weight": mask}, tmp_path / "tied.pt")
+    fresh = _TiedLM()
+    assert set(load_sparse_model(fresh, tmp_path / "tied.pt")) == {"tok.weight"}
+    with pytest.raises(ValueError, match=r"masks 'head\.weight' and 'tok\.weight' name one "
+                                         r"tensor"):
+        module_masks(holder.lm, {"head.weight": mask, "tok.weight": mask})
+
+
+def test_a_prefixed_mask_of_another_shape_says_so():
+    """'net.0.weight' of shape (3, 3) against a module whose '0.weight' is (4, 4): the
+    message said the mask named no parameter, hiding the shape that did not fit."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"mask 'net\.0\.weight' has shape \(3, 3\), but "
+                                         r"'0\.weight' \(after removing 'net\.'\) has \(4, 4\)"):
+        module_masks(model, {"net.0.weight": torch.ones(3, 3, dtype=torch.bool)})
+
+
+def test_masks_must_be_a_mapping():
+    model = nn.Sequential(nn.Linear(2, 2))
+    for masks in (None, [("0.weight", torch.ones(2, 2, dtype=torch.bool))]):
+        with pytest.raises(TypeError, match=r"masks must be a mapping of parameter name -> "
+                                            rf"bool mask, got {type(masks).__name__}"):
+            save_sparse_model(model, masks, io.BytesIO())
 
 # ------------------------------------------------------------------------------ compaction
 

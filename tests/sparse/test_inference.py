@@ -173,6 +173,23 @@ def test_sparse_conv2d_computes_the_masked_convolution(settings_):
     assert "density=" in repr(sparse) and "format=CSR (int32 indices" in repr(sparse)
 
 
+def test_the_converted_model_runs_under_autocast(always_sparse):
+    """torch.autocast casts addmm's operands to bfloat16, for which MKL has no CSR kernel:
+    a sparse layer computes in its own dtype, outside autocast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 25, 6))
+    masks = random_masks(model, 0.4)
+    x = torch.randn(2, 3, 5, 5)
+    converted = to_inference(model, masks, x)
+    assert converted.inference_report.converted == ["0", "3"]
+    reference = masked_copy(model, masks)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        actual, expected = converted(x), reference(x)
+    assert expected.dtype == torch.bfloat16 and actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected.float(), **TOLERANCE[torch.bfloat16])
+
+
 # --------------------------------------------------------------------- the timing rule
 
 
@@ -285,6 +302,127 @@ def test_to_inference_checks_the_masks():
         to_inference({}, {}, torch.randn(1, 6))
 
 
+# ------------------------------------------------- layers that compute something else
+
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear with its own forward (what it computes is not x W^T + b)."""
+
+    def forward(self, input):
+        return super().forward(input) * 2.0
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """timm's StdConv2d, in short: the weight standardized at every call."""
+
+    def forward(self, input):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(input, weight, self.bias, self.stride, self.padding)
+
+
+class SamePaddedConv2d(nn.Conv2d):
+    """timm's Conv2dSame, in short: padding computed from the input in _conv_forward."""
+
+    def _conv_forward(self, input, weight, bias):
+        return F.conv2d(F.pad(input, (0, 1, 0, 1)), weight, bias, self.stride)
+
+
+def test_subclasses_with_their_own_forward_stay_dense(always_sparse):
+    """SparseLinear / SparseConv2d compute nn.Linear's and nn.Conv2d's own maps: a subclass
+    that overrides forward (or _conv_forward) computes something else and stays dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StandardizedConv2d(3, 4, 3, padding=1),
+                          SamePaddedConv2d(4, 4, 3, stride=2), nn.Flatten(),
+                          ScaledLinear(36, 8), nn.Linear(8, 2))
+    masks = random_masks(model, 0.5)
+    converted = assert_converts_exactly(model, masks, torch.randn(2, 3, 6, 6))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    own = "(only nn.{}'s own is converted)"
+    assert choices["0"].reason == "StandardizedConv2d overrides forward " + own.format("Conv2d")
+    assert choices["1"].reason == ("SamePaddedConv2d overrides _conv_forward "
+                                   + own.format("Conv2d"))
+    assert choices["3"].reason == "ScaledLinear overrides forward " + own.format("Linear")
+    assert converted.inference_report.converted == ["4"]
+    with pytest.raises(ValueError, match="ScaledLinear overrides forward"):
+        SparseLinear.from_dense(ScaledLinear(3, 4))
+    with pytest.raises(ValueError, match="SamePaddedConv2d overrides _conv_forward"):
+        SparseConv2d.from_dense(SamePaddedConv2d(3, 4, 3))
+
+
+def test_layers_with_forward_hooks_stay_dense_and_keep_them(always_sparse):
+    """A converted layer is a new module: hooks registered on the dense one (which may change
+    its input or output) would silently stop running. Such a layer stays dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3))
+    model[0].register_forward_hook(lambda module, args, output: output * 10)
+    model[1].register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    masks = random_masks(model, 0.5)
+    converted = assert_converts_exactly(model, masks, torch.randn(2, 4))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert choices["0"].reason == choices["1"].reason == (
+        "has forward hooks (the converted layer would not run them)")
+    assert converted.inference_report.converted == ["2"]
+    assert isinstance(converted[0], nn.Linear) and len(converted[0]._forward_hooks) == 1
+
+
+class Symmetric(nn.Module):
+    """A parametrization that moves weights: the upper triangle mirrored below."""
+
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).t()
+
+
+def test_a_parametrized_weight_is_sparse_only_where_its_mask_holds_the_zeros(always_sparse):
+    """The mask is the parametrization's original's; the layer computes the parametrized
+    weight. spectral_norm keeps the zeros in place (converted); a parametrization that
+    moves active weights onto masked positions does not (stays dense)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(6, 6)), nn.Linear(6, 6))
+    parametrize.register_parametrization(model[1], "weight", Symmetric())
+    names = ["0.parametrizations.weight.original", "1.parametrizations.weight.original"]
+    masks = random_masks(model, 0.4, names=names)
+    converted = assert_converts_exactly(model, masks, torch.randn(3, 6))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert isinstance(converted[0], SparseLinear)
+    assert choices["1"].reason.startswith(
+        "its parametrization makes weights outside the mask nonzero")
+    assert parametrize.is_parametrized(converted[1], "weight")
+
+
+class ReadsItsWeight(nn.Module):
+    """As Hugging Face's T5 feed-forward block: forward reads a layer's weight itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = nn.Linear(8, 16)
+        self.wo = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.wi(x))
+        if hidden.dtype != self.wo.weight.dtype:
+            hidden = hidden.to(self.wo.weight.dtype)
+        return self.head(self.wo(hidden))
+
+
+def test_a_layer_the_model_reads_itself_stays_dense(always_sparse):
+    """A converted layer has no dense weight: a model that reads it failed inside
+    to_inference with an AttributeError. That layer stays dense, the others are kept."""
+    torch.manual_seed(0)
+    model = ReadsItsWeight()
+    masks = random_masks(model, 0.4)
+    converted = assert_converts_exactly(model, masks, torch.randn(3, 8))
+    choices = {c.module: c for c in converted.inference_report.layers}
+    assert choices["wo"].reason == ("the model failed with it sparse (AttributeError: "
+                                    "'SparseLinear' object has no attribute 'weight')")
+    assert converted.inference_report.converted == ["wi", "head"]
+    assert isinstance(converted.wo, nn.Linear) and converted.inference_report.kept_sparse
+
+
 # ------------------------------------------------------------------- models of all kinds
 
 
@@ -346,6 +484,33 @@ def test_a_transformer_block_in_fp32_and_bf16(always_sparse, dtype):
         "MultiheadAttention reads out_proj.weight itself")
     # the fused inference path (which reads linear1.weight itself) is switched off
     assert converted.activation_relu_or_gelu == 0 and layer.activation_relu_or_gelu == 1
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+def test_a_transformer_encoder_with_a_padding_mask(always_sparse):
+    """nn.TransformerEncoder (nested tensors on by default) turns a padded batch into a
+    nested tensor when given src_key_padding_mask in eval mode, reading linear1.weight
+    first: after the conversion it must take its padded path, before it (the example input
+    with the mask) the layers must be timed on padded tensors."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    assert encoder.use_nested_tensor
+    masks = random_masks(encoder, 0.3)
+    x = torch.randn(3, 10, 32)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[1, 6:] = padding[2, 3:] = True
+    reference = masked_copy(encoder, masks)
+    with torch.inference_mode():
+        expected = reference(x, src_key_padding_mask=padding)
+    for example in (x, {"src": x, "src_key_padding_mask": padding}):
+        converted = to_inference(encoder, masks, example)
+        assert isinstance(converted.layers[1].linear2, SparseLinear)
+        with torch.inference_mode():
+            actual = converted(x, src_key_padding_mask=padding)
+        # the nested path gives 0 at padded positions, the padded path values nobody reads
+        torch.testing.assert_close(actual[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+    assert encoder.use_nested_tensor and converted.layers[0].linear1 is not None
 
 
 @pytest.mark.slow

@@ -411,3 +411,50 @@ def test_export_says_what_it_cannot_export(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "empty.ckpt")])
     assert "do not fit the network its hyper-parameters name" in capsys.readouterr().err
+
+
+def _small_cnn_checkpoint(path) -> None:
+    """What a zoo run's checkpoint holds for export: the hyper-parameters, the
+    LightningModule's weights ('model.*'), the callback's masks, masked weights."""
+    from lightning_ggr.zoo import build_model
+
+    torch.manual_seed(0)
+    network = build_model("small_cnn", 10, 8, 1)
+    masks = {f"model.{name}": torch.rand(param.shape) < 0.2
+             for name, param in network.named_parameters() if param.dim() > 1}
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if f"model.{name}" in masks:
+                param.mul_(masks[f"model.{name}"])
+    torch.save({"hyper_parameters": {"model": "small_cnn", "num_classes": 10, "input_size": 8,
+                                     "in_channels": 1},
+                "state_dict": {f"model.{k}": v for k, v in network.state_dict().items()},
+                "callbacks": {"DynamicSparsityCallback": {"masks": masks}}}, path)
+
+
+def test_export_guards_the_paths_it_is_given(tmp_path, capsys, monkeypatch):
+    """The output is never the checkpoint itself (it overwrote it); a file that is not a
+    checkpoint is an error line, not torch's traceback; folders are made as needed, and an
+    existing folder gets the file inside it."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "run.ckpt"
+    _small_cnn_checkpoint(checkpoint)
+    before = checkpoint.read_bytes()
+    for output in (str(checkpoint), "./run.ckpt"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(checkpoint), "--output", output])
+        assert exit_info.value.code == 1
+        assert "--output is the checkpoint itself" in capsys.readouterr().err
+        assert checkpoint.read_bytes() == before
+    (tmp_path / "config.yaml").write_text("model: small_cnn\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "config.yaml")])
+    assert exit_info.value.code == 1
+    assert "is not a checkpoint torch.load can read" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "run.ckpt", "--output", "exports/small/net.pt"])
+    assert exit_info.value.code == 0 and (tmp_path / "exports/small/net.pt").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "run.ckpt", "--output", "exports"])
+    assert exit_info.value.code == 0 and (tmp_path / "exports/run.sparse.pt").is_file()
+
