@@ -344,7 +344,12 @@ class SparsityReporter:
         less its ``layers``, which the ``layers`` section holds); ``steps``: optimizer steps
         trained.
         """
-        if not trainer.is_global_zero or not trainer.loggers or trainer.log_dir is None:
+        if not trainer.loggers:
+            return
+        # Trainer.log_dir is a collective under DDP (a broadcast from rank 0): every rank must
+        # read it, or rank 0 waits in it alone (a hang, or a crash once the others exit).
+        log_dir = trainer.log_dir
+        if not trainer.is_global_zero or log_dir is None:
             return
         from lightning_ggr.callbacks.summary import (
             SUMMARY_FILENAME,
@@ -369,7 +374,7 @@ class SparsityReporter:
         figures = account_figures(engine, self.account, self.planned, steps)
         summary["rewiring"] = {k: v for k, v in figures.items() if k != "layers"}
         stem, suffix = SUMMARY_FILENAME.rsplit(".", 1)
-        path = Path(trainer.log_dir) / f"{stem}{self.tag}.{suffix}"
+        path = Path(log_dir) / f"{stem}{self.tag}.{suffix}"
         if path == self._summary_path and path.exists():
             previous = read_run_summary(path).get("metrics") or {}
             summary["metrics"] = {**previous, **summary["metrics"]}
