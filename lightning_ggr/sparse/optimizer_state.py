@@ -53,11 +53,33 @@ _PROBE_SIZES = (2, 3, 4, 5, 6, 7, 8)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
-    """State tensors of ``param`` in ``optimizer`` that hold one value per weight (momentum,
-    Adam's moments), each shaped like ``param`` (a view where the state's shape differs only
-    by dimensions of size 1: writes into it reach the state)."""
-    for _, value in _per_weight_entries(optimizer.state.get(param, {}), param):
-        yield value
+    """State tensors of ``param`` in ``optimizer`` (and in any optimizer it wraps, see
+    :func:`state_holders`) that hold one value per weight (momentum, Adam's moments), each
+    shaped like ``param`` (a view where the state's shape differs only by dimensions of size
+    1: writes into it reach the state)."""
+    for holder in state_holders([optimizer]):
+        for _, value in _per_weight_entries(holder.state.get(param, {}), param):
+            yield value
+
+
+def state_holders(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The optimizers whose ``state`` holds the parameters' state: each of ``optimizers`` and
+    every optimizer it wraps, found among its attributes (timm's ``Lookahead`` keeps Adam's
+    moments and its own slow weights in the wrapped optimizer's state, its own ``state``
+    stays empty; other wrappers share one ``state``). Each state dict comes once, with the
+    innermost optimizer that holds it (the one whose class can be rebuilt and probed)."""
+    found: dict[int, torch.optim.Optimizer] = {}
+
+    def visit(optimizer: torch.optim.Optimizer, depth: int) -> None:
+        found[id(optimizer.state)] = optimizer  # an inner one holding the same dict wins
+        if depth < 4:
+            for value in vars(optimizer).values():
+                if isinstance(value, torch.optim.Optimizer) and value is not optimizer:
+                    visit(value, depth + 1)
+
+    for optimizer in optimizers:
+        visit(optimizer, 0)
+    return list(found.values())
 
 
 def _per_weight_entries(state: Mapping[str, Any], param: Tensor) -> list[tuple[str, Tensor]]:
@@ -170,6 +192,14 @@ class FreshState:
 
     def starts(self, optimizer: torch.optim.Optimizer, param: Tensor
                ) -> list[tuple[Tensor, Tensor | float]]:
+        """``(state tensor, start)`` for each per-weight state tensor of ``param`` in
+        ``optimizer`` and in every optimizer it wraps (:func:`state_holders`), each probed
+        as itself."""
+        return [pair for holder in state_holders([optimizer])
+                for pair in self._starts(holder, param)]
+
+    def _starts(self, optimizer: torch.optim.Optimizer, param: Tensor
+                ) -> list[tuple[Tensor, Tensor | float]]:
         """``(state tensor, start)`` for each per-weight state tensor of ``param``: the
         value a fresh parameter starts at, as a 0-dim tensor of the state's dtype and
         device (0.0 where the optimizer could not be probed: see
@@ -243,12 +273,22 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping[str,
     """Refuse an optimizer whose state cannot follow each weight; probe it once.
 
     Raises ``ValueError`` naming the parameter, the state entry and its shape when a state
-    tensor holds one value per weight in another layout (its shape neither the parameter's
-    nor one that broadcasts against it), in the optimizer's current state (a resumed one) or
-    in the state the optimizer gives a fresh parameter. Returns a warning to give once when
-    the optimizer could not be probed (grown weights then start their per-weight state at
-    0), else ``None``.
+    tensor can neither be masked nor reset per weight (as many values as the parameter has
+    weights in another order, or more values), in the optimizer's current state (a resumed
+    one) or in the state the optimizer gives a fresh parameter. An optimizer that wraps
+    another (:func:`state_holders`) is checked with the one it wraps. Returns a warning to
+    give once when none of them could be probed (grown weights then start their per-weight
+    state at 0), else ``None``: a wrapper that cannot be rebuilt (``Lookahead``) over one
+    that can needs none (its own per-weight state, if any, starts at 0).
     """
+    holders = state_holders([optimizer])
+    failures = [failure for holder in holders
+                if (failure := _check_one(holder, params, fresh)) is not None]
+    return failures[0] if len(failures) == len(holders) else None
+
+
+def _check_one(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
+               fresh: FreshState) -> str | None:
     name = type(optimizer).__name__
     for param_name, param in params.items():
         try:
@@ -294,7 +334,8 @@ def reset_optimizer_state_(
 ) -> None:
     """Give ``param``'s per-weight optimizer state at ``positions`` (bool, shaped like it)
     the values a fresh parameter starts at (0 without ``fresh``): a new weight starts afresh.
-    One ``torch.where`` per state tensor."""
+    One ``torch.where`` per state tensor; the state of optimizers they wrap too
+    (:func:`state_holders`)."""
     for optimizer in optimizers:
         if fresh is None:
             pairs = [(value, 0.0) for value in optimizer_state_tensors(optimizer, param)]

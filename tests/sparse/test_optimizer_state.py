@@ -201,16 +201,103 @@ def test_state_in_another_layout_is_refused_before_training():
         engine.check_optimizers([optimizer])
 
 
+class Unbuildable(torch.optim.Rprop):
+    """An optimizer whose class cannot be built from its defaults (a required argument)."""
+
+    def __init__(self, params, owner: object, lr: float = 0.3) -> None:
+        super().__init__(params, lr=lr)
+        self.owner = owner
+
+
 def test_row_and_column_state_is_accepted_and_an_unprobeable_optimizer_warns():
     weight = torch.nn.Parameter(torch.randn(4, 5))
     engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
     assert engine.check_optimizers([torch.optim.Adafactor([weight])]) == []
-    wrapped = Wrapper(torch.optim.Rprop([weight], lr=0.3))
-    (warning,) = engine.check_optimizers([wrapped])
-    assert "Wrapper" in warning and "start their per-weight optimizer state at 0" in warning
+    unbuildable = Unbuildable([weight], owner=object())
+    (warning,) = engine.check_optimizers([unbuildable])
+    assert "Unbuildable" in warning and "start their per-weight optimizer state at 0" in warning
     weight.grad = torch.ones_like(weight)
-    wrapped.step()
-    assert [start for _, start in engine.fresh_state.starts(wrapped, weight)] == [0.0, 0.0]
+    unbuildable.step()
+    assert [start for _, start in engine.fresh_state.starts(unbuildable, weight)] == [0.0, 0.0]
+
+
+class SlowWeights(torch.optim.Optimizer):
+    """timm's ``Lookahead``: wraps another optimizer without ``Optimizer.__init__``, shares
+    its ``param_groups``, keeps an empty ``state`` of its own and puts its slow weights into
+    the wrapped optimizer's state, next to that optimizer's moments."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int = 2) -> None:
+        self._base_optimizer = base
+        self.param_groups = base.param_groups
+        self.defaults = base.defaults
+        self.state = {}
+        self.k, self.steps = k, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._base_optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self._base_optimizer.state[p]
+                    slow = state.setdefault("slow", p.detach().clone())
+                    slow.add_(p - slow, alpha=0.5)
+                    p.copy_(slow)
+        return loss
+
+
+@pytest.mark.parametrize("make", [
+    lambda base: Wrapper(base),  # one state shared with the wrapped optimizer
+    lambda base: SlowWeights(base),  # the wrapped optimizer's state, its own empty
+], ids=["shared state", "wrapped state"])
+def test_an_optimizer_wrapping_another_has_the_wrapped_state_masked_and_reset(make):
+    """A wrapper (Lookahead) cannot be rebuilt from its defaults; its state lives in the
+    optimizer it wraps. That state was never masked nor reset (timm's Lookahead over Adam:
+    dropped weights kept their moments and slow weights, grown ones got them back) and the
+    warning said grown weights start at 0. The wrapped optimizer is followed and probed."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=generator))
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set", seed=0)
+    base = torch.optim.Rprop([weight], lr=0.3)
+    optimizer = make(base)
+    assert engine.check_optimizers([optimizer]) == []  # no warning: the wrapped one probes
+    for _ in range(4):
+        weight.grad = torch.randn(weight.shape, generator=generator)
+        engine.mask_gradients()
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])
+    state = base.state[weight]
+    before = engine.masks["w"].clone()
+    kept_sizes = state["step_size"].clone()
+    engine.rewire(0.5, [optimizer])
+    mask = engine.masks["w"]
+    grown, dropped = mask & ~before, before & ~mask
+    assert grown.any() and dropped.any()
+    assert (state["step_size"][grown] == 0.3).all()  # where a fresh Rprop weight starts
+    assert (state["prev"][grown] == 0).all()
+    for key in state:
+        if isinstance(state[key], torch.Tensor) and state[key].shape == weight.shape:
+            assert (state[key][~mask] == 0).all(), key
+    assert torch.equal(state["step_size"][mask & before], kept_sizes[mask & before])
+
+
+def test_timms_lookahead_has_its_wrapped_state_masked():
+    timm_optim = pytest.importorskip("timm.optim")
+    weight = torch.nn.Parameter(torch.randn(6, 8))
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
+    optimizer = timm_optim.Lookahead(torch.optim.Adam([weight], lr=0.1), k=2)
+    assert engine.check_optimizers([optimizer]) == []
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        engine.mask_gradients()
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])
+    engine.rewire(0.5, [optimizer])
+    state = optimizer._base_optimizer.state[weight]
+    assert {"exp_avg", "exp_avg_sq", "lookahead_slow_buff"} <= set(state)
+    for key in ("exp_avg", "exp_avg_sq", "lookahead_slow_buff"):
+        assert (state[key][~engine.masks["w"]] == 0).all(), key
 
 
 class FactoredMoments(torch.optim.Optimizer):
