@@ -3,7 +3,7 @@
 Three rooms, one direction of dependency (zoo -> callbacks -> sparse):
 
 - ``lightning_ggr.sparse``: the engine, plain PyTorch (masks, densities, rewiring, analysis,
-  export); it never imports Lightning;
+  export, inference); it never imports Lightning;
 - ``lightning_ggr.callbacks``: the Lightning integration (``DynamicSparsityCallback``);
 - ``lightning_ggr.zoo``: the paper's models, data, command line and results tables.
 
@@ -26,6 +26,7 @@ from lightning_ggr.sparse import (
     load_sparse_model,
     save_sparse_model,
     select_sparse_parameters,
+    to_inference,
 )
 
 #: The package version (the one source: ``pyproject.toml`` reads it from here).
@@ -79,4 +80,5 @@ __all__ = [
     "load_sparse_model",
     "save_sparse_model",
     "select_sparse_parameters",
+    "to_inference",
 ]

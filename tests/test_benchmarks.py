@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                          text=True, env=env, timeout=600, check=False, cwd=ROOT)
 
 
 def test_overhead_suite_runs_tiny_on_cpu():
@@ -48,3 +48,46 @@ def test_overhead_suite_runs_tiny_on_cpu():
 def test_the_gpu_suite_needs_a_gpu():
     done = run("--suite", "gpu")
     assert done.returncode == 2 and "--suite gpu needs a CUDA device" in done.stderr
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_quick_on_cpu():
+    """benchmarks/inference.py --quick: every model, both mask sources, every table."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--quick",
+                           "--layers"], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith("Device: CPU")
+    for heading in ("## Sparse model file against the dense state_dict file",
+                    "## End to end: masked dense model against to_inference's model",
+                    "## Goals (issue 18", "- MLP 0.99 batch 1 >= 10x: ",
+                    "- no model slower than dense beyond 5%"):
+        assert heading in out, heading
+    for model in ("mlp", "transformer", "vgg16", "resnet18"):
+        for source in ("random", "ggr"):
+            assert f"| {model} | {source} | 0.99 | 1 | 4 |" in out, (model, source)
+    assert "### mlp, random masks, sparsity 0.99, 1 thread(s), batch 1" in out  # --layers
+    assert "to_inference on cpu, 1 thread(s)" in out
+
+
+def test_the_draw_benchmark_runs_tiny():
+    done = run("--tiny", "--reps", "1", script=ROOT / "benchmarks" / "draws.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| layer | shape | active | time (s) | peak extra memory (MiB) |" in done.stdout
+    assert done.stdout.count("| a 64x128 layer, density") == 3
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_the_sharded_benchmark_runs_tiny():
+    done = run("--width", "32", "--layers", "1", "--steps", "3", "--rewirings", "1",
+               "--no-dense", script=ROOT / "benchmarks" / "sharded.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "| strategy | training | training state per rank (MiB, rank 0 / 1) |" in out
+    for strategy in ("DDP", "FSDP2"):
+        for method in ("set", "rigl", "dsr", "ggr"):
+            assert f"| {method} | {strategy} |" in out

@@ -42,7 +42,7 @@ def blocking(names: set[str]) -> str:
 
 BLOCK_FRAMEWORKS = blocking({
     "lightning", "pytorch_lightning", "lightning_fabric", "torchvision", "torchmetrics",
-    "matplotlib", "tensorboard", "sklearn", "jsonargparse"})
+    "matplotlib", "tensorboard", "sklearn", "jsonargparse", "transformers", "safetensors"})
 
 
 def test_engine_and_export_work_where_lightning_cannot_be_imported(tmp_path):
@@ -53,7 +53,7 @@ def test_engine_and_export_work_where_lightning_cannot_be_imported(tmp_path):
         import lightning_ggr
         from lightning_ggr import (RewiringSchedule, SparseEngine, compact_sequential,
                                    load_sparse_model, save_sparse_model,
-                                   select_sparse_parameters)
+                                   select_sparse_parameters, to_inference)
 
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -72,6 +72,8 @@ def test_engine_and_export_work_where_lightning_cannot_be_imported(tmp_path):
         masks = load_sparse_model(model, path)
         compact = compact_sequential(model, masks)
         assert torch.allclose(compact(x), model.eval()(x), atol=1e-5)
+        fast = to_inference(model, masks, x[:1])
+        assert torch.allclose(fast(x), model.eval()(x), atol=1e-5)
         try:
             lightning_ggr.DynamicSparsityCallback
         except ImportError as error:

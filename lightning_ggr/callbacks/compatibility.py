@@ -16,9 +16,58 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ggr.callbacks.training_length import steps_before_epoch
+from lightning_ggr.sparse.sharded import check_torch_for_sharding
 
 # WeightAveraging (and EMAWeightAveraging) appeared in Lightning 2.6.
 _WEIGHT_AVERAGING: type | None = getattr(pl_callbacks, "WeightAveraging", None)
+
+
+#: How to train sharded with the callback, said by every refusal of a sharded strategy.
+SHARDED_WAY = (
+    "use Lightning's ModelParallelStrategy(data_parallel_size=<processes>, "
+    "tensor_parallel_size=1) and apply torch.distributed.fsdp.fully_shard in the "
+    "LightningModule's configure_model (FSDP2: parameters stay separate tensors, sharded "
+    "along dim 0), or 'ddp' / a single device"
+)
+
+
+def check_strategy(trainer: pl.Trainer) -> bool:
+    """Refuse the strategies the masks cannot follow, before any step; ``True`` when the
+    run is sharded (``ModelParallelStrategy`` with data parallelism only).
+
+    FSDP1 (``FSDPStrategy``) flattens the parameters into one buffer per wrapped module and
+    DeepSpeed's ZeRO-3 partitions them (``param.grad`` is ``None``): a mask per parameter
+    tensor, its gradient and its optimizer state have no place to apply. FSDP2 keeps each
+    parameter a DTensor sharded along dim 0, which the engine masks shard by shard. Tensor
+    parallelism shards along other dimensions and is refused until supported. Strategies
+    are recognised by class name along the MRO (subclasses too, without importing optional
+    packages).
+    """
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    lineage = [cls.__name__ for cls in type(strategy).__mro__]
+    if any("ModelParallel" in cls for cls in lineage):
+        check_torch_for_sharding()
+        mesh = getattr(strategy, "device_mesh", None)
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"DynamicSparsityCallback does not support tensor parallelism ({name} with "
+                f"tensor_parallel_size={mesh['tensor_parallel'].size()}): its DTensors are "
+                "sharded along other dimensions than the rows the sparse engine splits its "
+                f"selections by. For sharded sparse training, {SHARDED_WAY}. Note that "
+                "ModelParallelStrategy's default tensor_parallel_size='auto' takes every "
+                "process of a node")
+        return True
+    if any(key in cls for cls in lineage for key in ("FSDP", "DeepSpeed")):
+        why = ("flattens the parameters of each wrapped module into one buffer"
+               if any("FSDP" in cls for cls in lineage) else
+               "partitions the parameters and exposes no per-parameter gradient "
+               "(ZeRO-3: param.grad is None)")
+        raise ValueError(
+            f"DynamicSparsityCallback does not support {name}: it {why}, so a mask per "
+            f"parameter has nothing to apply to. For sharded sparse training, {SHARDED_WAY}")
+    return False
 
 
 def refuse_closure_optimizers(optimizer: torch.optim.Optimizer) -> None:

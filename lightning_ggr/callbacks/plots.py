@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -210,6 +210,9 @@ def log_sparsity_views(
     mask_layers: Sequence[str] | None = None,
     moved: Mapping[str, int] | None = None,
     tag: str = "",
+    active: Mapping[str, int] | None = None,
+    images: Mapping[str, Tensor | None] | None = None,
+    histograms: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> None:
     """Write the sparsity views of one moment of training to a TensorBoard ``SummaryWriter``.
 
@@ -223,18 +226,31 @@ def log_sparsity_views(
     Cheap enough for every rewiring: one small figure, a few pooled images, and histograms
     of the active values only. Call it on rank 0 only. ``tag`` is appended to the first part
     of every tag (``sparsity_1/density_per_layer``): one suffix per callback of a Trainer.
+
+    A sharded run passes what it gathered instead of reading the masks and weights:
+    ``active`` counts, the whole ``images`` of the drawn masks and the raw ``histograms``
+    (``add_histogram_raw`` fields, from
+    :func:`~lightning_ggr.sparse.sharded.histogram_across_shards`).
     """
     layers = resolve_mask_layers(masks, mask_layers)
-    current = {name: int(mask.sum()) for name, mask in masks.items()}
+    current = (dict(active) if active is not None
+               else {name: int(mask.sum()) for name, mask in masks.items()})
     sizes = {name: mask.numel() for name, mask in masks.items()}
     figure = density_figure(initial_counts, current, sizes)
     writer.add_image(f"sparsity{tag}/density_per_layer", figure_to_image(figure), step)
     for name in layers:
-        writer.add_image(f"masks{tag}/{name}", mask_image(masks[name]), step)
-    for name, mask in masks.items():
-        if name not in params or current[name] == 0:
-            continue
-        values = params[name].detach()[mask.to(params[name].device)].abs().float().cpu()
-        writer.add_histogram(f"weights{tag}/{name}", values, step)
+        whole = masks[name] if images is None else images.get(name)
+        if whole is not None:
+            writer.add_image(f"masks{tag}/{name}", mask_image(whole), step)
+    if histograms is not None:
+        for name, raw in histograms.items():
+            if raw is not None and current.get(name):
+                writer.add_histogram_raw(f"weights{tag}/{name}", global_step=step, **raw)
+    else:
+        for name, mask in masks.items():
+            if name not in params or current[name] == 0:
+                continue
+            values = params[name].detach()[mask.to(params[name].device)].abs().float().cpu()
+            writer.add_histogram(f"weights{tag}/{name}", values, step)
     for name, change in (moved or {}).items():
         writer.add_scalar(f"moved{tag}/{name}", int(change), step)

@@ -36,6 +36,12 @@ from lightning_ggr.sparse.analysis import sparse_flops
 from lightning_ggr.sparse.engine import SparseEngine
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.selection import Selection
+from lightning_ggr.sparse.sharded import (
+    analyze_across_shards,
+    gather_to_rank_zero,
+    histogram_across_shards,
+    owned,
+)
 
 
 @runtime_checkable
@@ -320,18 +326,36 @@ class SparsityReporter:
 
     def log_views(self, trainer: pl.Trainer, engine: SparseEngine,
                   moved: Mapping[str, int] | None = None) -> None:
-        """The TensorBoard pictures (rank 0, TensorBoard loggers only, if enabled)."""
-        if not self.log_figures or not trainer.is_global_zero:
-            return
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not writers:
-            return
-        from lightning_ggr.callbacks.plots import log_sparsity_views
+        """The TensorBoard pictures (rank 0, TensorBoard loggers only, if enabled).
 
-        for writer in writers:
-            log_sparsity_views(writer, engine.params, engine.masks, engine.initial_counts,
-                               trainer.global_step, mask_layers=self.mask_layers, moved=moved,
-                               tag=self.tag)
+        Sharded: every rank takes part (call it on all): the masks drawn as images are
+        gathered to rank 0 alone, and the weight histograms are reduced across the shards
+        (fixed bins), so no rank holds a layer it does not draw."""
+        if not self.log_figures or not any(isinstance(lg, TensorBoardLogger)
+                                           for lg in trainer.loggers):
+            return
+        from lightning_ggr.callbacks.plots import log_sparsity_views, resolve_mask_layers
+
+        images = histograms = None
+        if engine.layout is not None:
+            chosen = resolve_mask_layers(engine.masks, self.mask_layers)
+            images = {name: gather_to_rank_zero(engine.masks[name]) for name in chosen}
+            values = []
+            for name, param in engine.params.items():
+                shard = engine.layout.layers[name]
+                weight = owned(param.detach(), shard)
+                values.append(weight[owned(engine.masks[name], shard).to(weight.device)].abs())
+            histograms = dict(zip(engine.params, histogram_across_shards(values, engine.layout),
+                                  strict=True))
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_sparsity_views(logger.experiment, engine.params, engine.masks,
+                                   engine.initial_counts, trainer.global_step,
+                                   mask_layers=self.mask_layers, moved=moved, tag=self.tag,
+                                   active=engine.active_counts(), images=images,
+                                   histograms=histograms)
 
     def write_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                       engine: SparseEngine, config: Mapping[str, Any],
@@ -342,13 +366,17 @@ class SparsityReporter:
         keeps the fit's metrics (``val/*``) and adds the new ones. The ``rewiring`` section is
         the account of the run (:func:`~lightning_ggr.callbacks.account.account_figures`
         less its ``layers``, which the ``layers`` section holds); ``steps``: optimizer steps
-        trained.
+        trained. Every rank must call it: ``trainer.log_dir`` is a broadcast, and a sharded
+        run's analysis is computed from every rank's shards; FLOPs are not counted under
+        sharding (a forward pass on rank 0 alone would wait for the other ranks' shards).
         """
         if not trainer.loggers:
             return
-        # Trainer.log_dir is a collective under DDP (a broadcast from rank 0): every rank must
-        # read it, or rank 0 waits in it alone (a hang, or a crash once the others exit).
-        log_dir = trainer.log_dir
+        log_dir = trainer.log_dir  # a collective: rank 0 alone would wait forever
+        analysis = None
+        if engine.layout is not None:
+            analysis = analyze_across_shards(engine.masks, engine.params, engine.layout,
+                                             pl_module)
         if not trainer.is_global_zero or log_dir is None:
             return
         from lightning_ggr.callbacks.summary import (
@@ -363,8 +391,9 @@ class SparsityReporter:
         summary = build_run_summary(
             masks=engine.masks, params=engine.params, initial_counts=engine.initial_counts,
             config=config, metrics=scalar_metrics(trainer.callback_metrics), module=pl_module,
+            analysis=analysis,
         )
-        flops = self._count_flops(trainer, pl_module, engine)
+        flops = None if analysis is not None else self._count_flops(trainer, pl_module, engine)
         if flops is not None:  # where build_run_summary puts it: before the metrics
             metrics = summary.pop("metrics")
             summary["flops"] = {"sparse": flops[0], "dense": flops[1]}

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_ggr.callbacks.account import RunAccount
 from lightning_ggr.callbacks.clock import ClockSettings, RewiringClock
 from lightning_ggr.callbacks.compatibility import (
+    check_strategy,
     refuse_closure_optimizers,
     refuse_lottery_ticket_pruning,
     warn_if_learning_rate_finder,
@@ -46,6 +47,7 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
+from lightning_ggr.sparse.sharded import hold_masks_in_model, zero_count
 
 
 class DynamicSparsityCallback(Callback):
@@ -193,6 +195,7 @@ class DynamicSparsityCallback(Callback):
         self._step_hook: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._warned: set[str] = set()
+        self._sharded = False  # ModelParallelStrategy (set in setup)
         #: Sparse tensors left out of the last rewiring (frozen), and dense layer weights
         #: that were frozen or held by no optimizer at fit start.
         self._frozen_now: set[str] = set()
@@ -245,7 +248,7 @@ class DynamicSparsityCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _refuse_sharded(trainer)
+        self._sharded = check_strategy(trainer)
         refuse_lottery_ticket_pruning(trainer)
         # Fails early, with a clear message, when a pattern cannot work. What depends on the
         # optimizers, on frozen flags and on lazy shapes is only known in on_fit_start. A
@@ -284,12 +287,16 @@ class DynamicSparsityCallback(Callback):
         params = self._select_parameters(trainer, pl_module)
         self._check_sole_owner(trainer, pl_module, params)
         loaded = self._loaded_state
+        # ModelParallelStrategy restores the checkpoint after this hook: its state arrives
+        # in on_train_start (see _adopt_restored_state).
+        restored_later = (trainer.ckpt_path is not None
+                          and trainer.strategy.restore_checkpoint_after_setup)
         if loaded is None and self.engine is not None:
             rank_zero_warn(
                 "this DynamicSparsityCallback already trained a model: fitting again draws new "
                 "masks over the current weights. Resume with `ckpt_path` to keep the topology."
             )
-        if loaded is None and trainer.ckpt_path is not None:
+        if loaded is None and trainer.ckpt_path is not None and not restored_later:
             rank_zero_warn(
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
                 "state: new random masks are drawn and applied to the loaded weights."
@@ -305,7 +312,8 @@ class DynamicSparsityCallback(Callback):
             "dsr_initial_threshold": self.dsr_initial_threshold,
         }
         if loaded is None:
-            self._warn_if_already_sparse(params)
+            if not restored_later:
+                self._warn_if_already_sparse(params)
             self.engine = SparseEngine(params, **settings)
         else:
             self.engine = SparseEngine.from_state_dict(params, loaded, **settings)
@@ -323,9 +331,23 @@ class DynamicSparsityCallback(Callback):
         self._attach_gradient_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        self._warn_if_not_sharded(trainer)
+        if self.engine.layout is not None:
+            # Sharded: the masks become buffers of the model, so that Lightning's
+            # distributed checkpoint saves them shard by shard with it (no rank holds a
+            # whole mask) and loads them back in place, on any number of processes.
+            hold_masks_in_model(pl_module, self.engine.masks)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loaded_state is not None:  # restored after on_fit_start
+            self._adopt_restored_state()
+        elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn(
+                f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
+                "state: new random masks are drawn and applied to the loaded weights."
+            )
+            self.engine.apply_masks()
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here,
         # and a restored state's layout checked.
@@ -478,6 +500,11 @@ class DynamicSparsityCallback(Callback):
             # A checkpoint written between restore and on_fit_start keeps the loaded state.
             return dict(self._loaded_state) if self._loaded_state else {}
         state = self.engine.state_dict()
+        if self.engine.layout is not None:
+            # Sharded: the masks are buffers of the model (hold_masks_in_model), saved
+            # shard by shard with it; this state keeps their names only.
+            state["masks"] = {}
+            state["mask_names"] = list(self.engine.masks)
         if state["schedule"] is None and self.clock.saved_schedule is not None:
             # restored, training never started
             state["schedule"] = dict(self.clock.saved_schedule)
@@ -539,6 +566,36 @@ class DynamicSparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------- internals
+    def _warn_if_not_sharded(self, trainer: pl.Trainer) -> None:
+        """ModelParallelStrategy without ``fully_shard``: nothing is sharded, and nothing
+        synchronises the processes' gradients either."""
+        if self._sharded and self.engine.layout is None:
+            rank_zero_warn(
+                f"{type(trainer.strategy).__name__} runs, but no sparse parameter is sharded "
+                "(no DTensor): apply torch.distributed.fsdp.fully_shard in the "
+                "LightningModule's configure_model. Without it nothing synchronises the "
+                "processes' gradients, and their weights drift apart")
+
+    def _adopt_restored_state(self) -> None:
+        """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
+        the model, its mask buffers included, after on_fit_start): the engine adopts the
+        loaded masks and the bookkeeping, the clock its position."""
+        loaded, self._loaded_state = self._loaded_state, None
+        self._warn_if_settings_changed(loaded)
+        saved = loaded.get("masks") or {}
+        names = loaded.get("mask_names") or list(saved)
+        if set(names) != set(self.engine.masks):
+            raise ValueError(
+                f"the checkpoint's masks cover {sorted(names)}, this callback selected "
+                f"{sorted(self.engine.masks)}: resume with the include/exclude of the run "
+                "that wrote it")
+        # A sharded checkpoint loaded the masks in place into the model's buffers.
+        self.engine.load_state_dict({**loaded, "masks": saved or self.engine.masks})
+        self.clock.restore(loaded)
+        self.reporter.account = RunAccount.from_state(loaded.get("account"))
+        self._run_id = str(loaded.get("run_id") or self._run_id)
+        self.reporter.global_density = self.engine.global_density()
+
     def _select_parameters(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, Tensor]:
@@ -700,7 +757,7 @@ class DynamicSparsityCallback(Callback):
         if self.sparsity == 0.0:
             return
         total = sum(p.numel() for p in params.values())
-        zeros = sum(int((p.detach() == 0).sum()) for p in params.values())
+        zeros = zero_count(params)
         if zeros >= 0.5 * self.sparsity * total:
             rank_zero_warn(
                 f"the sparse parameters are already {zeros / total:.0%} exact zeros (a trained "
@@ -896,15 +953,3 @@ def _materialize_lazy_modules(trainer: pl.Trainer, pl_module: pl.LightningModule
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-def _refuse_sharded(trainer: pl.Trainer) -> None:
-    """Sharded strategies flatten or split parameters: masks by name would be wrong."""
-    name = type(trainer.strategy).__name__
-    # By class name along the MRO: catches subclasses too, without importing optional packages.
-    lineage = [cls.__name__ for cls in type(trainer.strategy).__mro__]
-    if any(key in cls for cls in lineage for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-        raise ValueError(
-            f"DynamicSparsityCallback does not support the sharded strategy {name}: use "
-            "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true' or a single device"
-        )

@@ -34,7 +34,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from lightning_ggr import __version__
-from lightning_ggr.sparse.analysis import analyze_masks, sparse_flops
+from lightning_ggr.sparse.analysis import SparsityAnalysis, analyze_masks, sparse_flops
 
 #: File name of a run summary inside a run directory.
 SUMMARY_FILENAME = "lightning_ggr_summary.json"
@@ -77,6 +77,7 @@ def build_run_summary(
     metrics: Mapping[str, Any],
     module: nn.Module | None = None,
     example_input: Tensor | None = None,
+    analysis: SparsityAnalysis | None = None,
 ) -> dict[str, Any]:
     """The summary of a finished run as plain JSON-serializable data (layout: module doc).
 
@@ -91,6 +92,8 @@ def build_run_summary(
         module: the model, to read grouped convolutions and count FLOPs.
         example_input: one input batch (a batch of one preferred) for ``flops``; both
             ``module`` and ``example_input`` are needed.
+        analysis: the masks' analysis when computed already (a sharded run computes it
+            across its shards: :func:`~lightning_ggr.sparse.sharded.analyze_across_shards`).
 
     Raises:
         ValueError: a config key collides with a key the summary sets itself.
@@ -98,7 +101,8 @@ def build_run_summary(
     clashes = sorted(_RESERVED & set(config))
     if clashes:
         raise ValueError(f"config keys {clashes} are reserved by the run summary; rename them")
-    analysis = analyze_masks(masks, params, module=module)
+    if analysis is None:
+        analysis = analyze_masks(masks, params, module=module)
     layers = {
         name: {
             "active": layer.active,

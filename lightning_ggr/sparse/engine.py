@@ -29,6 +29,7 @@ from lightning_ggr.sparse.densities import (
     initial_densities,
     layer_budget,
 )
+from lightning_ggr.sparse.draws import draw_key, key_dtype, layer_key, random_keys
 from lightning_ggr.sparse.masks import (
     MaskPass,
     count_active,
@@ -44,10 +45,18 @@ from lightning_ggr.sparse.optimizer_state import (
 )
 from lightning_ggr.sparse.rewiring import (
     DSR_REFERENCE_THRESHOLD,
-    DeviceGenerators,
     RewiringReport,
 )
 from lightning_ggr.sparse.schedules import RewiringSchedule
+from lightning_ggr.sparse.sharded import (
+    all_sum,
+    is_sharded,
+    layout_of,
+    like_param,
+    local_tensor,
+    owned,
+    select_across_shards,
+)
 
 #: Why a due rewiring is postponed (``RewiringReport.skip_reason``).
 SKIP_NONFINITE = "non-finite sparse gradients"
@@ -78,6 +87,14 @@ class SparseEngine:
     ``element_size`` bytes per sparse weight (4 for float32) besides the 1-byte masks. The
     active counts are kept on the host, so reading them never waits for the device; change
     the masks only through the engine (:meth:`load_state_dict`).
+
+    Sharded parameters (DTensors of FSDP2's ``fully_shard``, split along dim 0 over one
+    device mesh) are detected (:attr:`layout`): each mask is then a bool DTensor placed like
+    its parameter, the per-step pass works on the local shards (no collective), and every
+    rewiring selects across the processes with a few collectives on small tensors
+    (:mod:`lightning_ggr.sparse.sharded`); every process must make the same calls. The
+    masks are the same as one process would draw for the same seed, and a rewiring gives
+    the single-process result wherever the scores do not tie at a cut.
 
     Args:
         params: name -> parameter to train sparse (see ``select_sparse_parameters``).
@@ -147,18 +164,18 @@ class SparseEngine:
         self.initial_counts = active_counts(shapes, self.initial_density,
                                             total=layer_budget(shapes, self.sparsity))
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**64, "2**64"))
+        #: Where each sparse parameter's shard lies when they are DTensors (FSDP2), else
+        #: ``None``: see :mod:`lightning_ggr.sparse.sharded`.
+        self.layout = layout_of(self.params)
         if masks is None:
-            # On each parameter's device, from a generator seeded by one draw of the engine's.
-            generators = DeviceGenerators(self.generator)
-            self.masks: dict[str, Tensor] = {
-                name: random_mask(p.shape, self.initial_counts[name], generators(p.device),
-                                  p.device)
-                for name, p in self.params.items()
-            }
+            # On each parameter's device, from one key of the engine's generator mixed with
+            # each layer's name: the same masks on every device and every split of a layer.
+            self.masks: dict[str, Tensor] = self._draw_masks(draw_key(self.generator))
             self._active = dict(self.initial_counts)
         else:
-            self.masks = {n: torch.ones_like(p, dtype=torch.bool,
-                                             memory_format=torch.contiguous_format)
+            self.masks = {n: like_param(torch.ones_like(local_tensor(p), dtype=torch.bool,
+                                                        memory_format=torch.contiguous_format),
+                                        p)
                           for n, p in self.params.items()}
             self._adopt_masks(masks)
         #: Optimizer step and epoch of the last rewiring (``None`` before the first one): the
@@ -189,6 +206,37 @@ class SparseEngine:
         self.broadcast_topology()
         self.apply_masks()
 
+    def _draw_masks(self, key: int) -> dict[str, Tensor]:
+        """Each layer's initial mask: the positions of largest random key for the layer's
+        key in the draw ``key`` (:mod:`lightning_ggr.sparse.draws`). A sharded layer's
+        mask is a bool DTensor placed like its parameter, each process selecting its rows
+        with the others (:func:`~lightning_ggr.sparse.sharded.select_across_shards`: a few
+        small collectives, no layer gathered)."""
+        layout = self.layout
+        masks: dict[str, Tensor] = {}
+        sharded: dict[torch.dtype, list[str]] = {}
+        for name, param in self.params.items():
+            if layout is None or not layout.layers[name].sharded:
+                masks[name] = random_mask(param.shape, self.initial_counts[name],
+                                          device=param.device, key=layer_key(key, name))
+            else:
+                sharded.setdefault(key_dtype(param.numel()), []).append(name)
+        for dtype, names in sharded.items():
+            locals_ = [local_tensor(self.params[name]) for name in names]
+            shards = [layout.layers[name] for name in names]
+            found = select_across_shards(
+                [shard.local for shard in shards], range(len(names)),
+                [self.initial_counts[name] for name in names],
+                lambda i, out, names=names, shards=shards: random_keys(
+                    layer_key(key, names[i]), shards[i].start, shards[i].local,
+                    shards[i].numel, out.device, out=out),
+                dtype=dtype, largest=True, device=locals_[0].device, layout=layout).indices
+            for name, local, index in zip(names, locals_, found, strict=True):
+                mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+                mask.view(-1).index_fill_(0, index, True)
+                masks[name] = like_param(mask, self.params[name])
+        return {name: masks[name] for name in self.params}
+
     # ------------------------------------------------------------------ bookkeeping
     def _refresh_lists(self) -> None:
         """After the masks changed: the per-step pass's integer masks follow them."""
@@ -206,9 +254,16 @@ class SparseEngine:
             self._pass.refresh()
 
     def _recount(self) -> None:
-        """Read the active counts back from the masks (one transfer per device): only when
-        the masks came from outside (a checkpoint, a broadcast)."""
-        self._active = dict(zip(self.masks, count_active(self.masks.values()), strict=True))
+        """Read the active counts back from the masks (one transfer per device; summed over
+        the shards of sharded layers): only when the masks came from outside (a checkpoint,
+        a broadcast)."""
+        counts = dict(zip(self.masks, count_active(local_tensor(m) for m in self.masks.values()),
+                          strict=True))
+        if self.layout is not None:
+            sharded = [n for n in counts if self.layout.layers[n].sharded]
+            counts.update(zip(sharded, all_sum([counts[n] for n in sharded], self.layout),
+                              strict=True))
+        self._active = counts
 
     @property
     def total_active(self) -> int:
@@ -240,10 +295,14 @@ class SparseEngine:
 
     def _stray_count(self, name: str) -> Tensor:
         """How many masked weights of ``name`` are not 0 (something wrote into them), as a
-        0-dim device tensor: nothing read."""
-        weight = self.params[name].detach()
+        0-dim device tensor: nothing read. Sharded: this process's part (its rows; a
+        replicated layer on rank 0), which :meth:`_agreed` sums."""
+        weight, mask = self.params[name].detach(), self.masks[name]
+        if self.layout is not None:
+            shard = self.layout.layers[name]
+            weight, mask = owned(weight, shard), owned(mask, shard)
         zero = device_scalar(0.0, weight.dtype, weight.device)
-        return torch.count_nonzero(torch.where(self.masks[name], zero, weight))
+        return torch.count_nonzero(torch.where(mask, zero, weight))
 
     def _gradient_checks(self, optimizers: Iterable[torch.optim.Optimizer] = (),
                          strays: bool = False) -> list[tuple[list[str], Tensor]]:
@@ -251,16 +310,19 @@ class SparseEngine:
         gradients there are finite, a sparse gradient has a nonzero entry]`` as an int64
         tensor, followed (``strays``) by the number of non-zero masked weights of each sparse
         layer there, whose names come with it: an infinity norm per gradient (one
-        multi-tensor operation over all of them; NaN propagates through it), nothing read."""
+        multi-tensor operation over all of them; NaN propagates through it), nothing read.
+        Sharded gradients are checked on this process's shards."""
         optimizers = list(optimizers)
         frozen = set(self.frozen(optimizers))
         by_device: dict[torch.device, tuple[list[Tensor], list[Tensor], list[str]]] = {}
         for name, param in self.params.items():
-            lists = by_device.setdefault(param.device, ([], [], []))
+            lists = by_device.setdefault(local_tensor(param).device, ([], [], []))
             if strays:
                 lists[2].append(name)
             if param.grad is not None and name not in frozen:
-                lists[0].append(param.grad)
+                grad = local_tensor(param.grad)
+                if grad.numel():  # a process may hold no row of a short sharded layer
+                    lists[0].append(grad)
         # A frozen sparse layer's stale gradient (taken out of the optimizer) counts nowhere.
         seen = {id(param) for param in self._param_list}
         for optimizer in optimizers:
@@ -270,7 +332,9 @@ class SparseEngine:
                     if id(param) in seen or grad is None or grad.is_sparse:
                         continue
                     seen.add(id(param))
-                    by_device.setdefault(grad.device, ([], [], []))[1].append(grad)
+                    grad = local_tensor(grad)
+                    if grad.numel():
+                        by_device.setdefault(grad.device, ([], [], []))[1].append(grad)
         checks = []
         for device, (ours, others, names) in by_device.items():
             if ours or others:
@@ -302,14 +366,22 @@ class SparseEngine:
             flags = torch.zeros(4 + len(names), dtype=torch.int64, device=device)
             flags[:3].fill_(1)
             flags[0].fill_(int(present))
+            # Sharded layers' strays are counted shard by shard: summed, in a second
+            # all-reduce (only when strays are counted: the same on every process).
+            summed = self.layout is not None and any(layers for layers, _ in checks)
+            counts = torch.zeros(len(names), dtype=torch.int64, device=device)
             for layers, check in checks:
                 check = check.to(device)
                 flags[1:3].bitwise_and_(check[:2])
                 flags[3].bitwise_or_(check[2])
                 for position, name in enumerate(layers):
-                    flags[4 + names.index(name)].sub_(check[3 + position])
+                    target = counts[names.index(name)] if summed else flags[4 + names.index(name)]
+                    target.sub_(check[3 + position])
             flags[3].neg_().add_(1)  # 1 - signal
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            if summed:
+                torch.distributed.all_reduce(counts, group=self.layout.group)
+                flags[4:] = counts
             values = flags.tolist()
             present, finite, others = (bool(v) for v in values[:3])
             signal = not values[3]
@@ -450,11 +522,12 @@ class SparseEngine:
         :attr:`stray_weights_zeroed`). One read of the device (per device); a due rewiring
         does the same within its gradient check, at no extra read.
         """
-        counts: dict[str, int] = {}
+        found: dict[str, int] = {}
         for layers, values in self._stray_tensors():
-            for name, count in zip(layers, values.tolist(), strict=True):
-                if count:
-                    counts[name] = int(count)
+            found.update(zip(layers, (int(v) for v in values.tolist()), strict=True))
+        if self.layout is not None:  # counted shard by shard (every process calls this)
+            found = dict(zip(found, all_sum(list(found.values()), self.layout), strict=True))
+        counts = {name: count for name, count in found.items() if count}
         if counts:
             self._count_strays(counts)
             self.enforce_masks(optimizers)
@@ -467,7 +540,7 @@ class SparseEngine:
     def _names_by_device(self) -> dict[torch.device, list[str]]:
         by_device: dict[torch.device, list[str]] = {}
         for name, param in self.params.items():
-            by_device.setdefault(param.device, []).append(name)
+            by_device.setdefault(local_tensor(param).device, []).append(name)
         return by_device
 
     def _stray_vector(self, device: torch.device, names: list[str]) -> Tensor:
@@ -495,7 +568,7 @@ class SparseEngine:
         """
         if self._pass is None:
             return
-        versions = [param._version for param in self._param_list]
+        versions = [local_tensor(param)._version for param in self._param_list]
         if self._versions is None:
             changed = list(self.params)
         else:
@@ -550,7 +623,7 @@ class SparseEngine:
         self.enforce_masks(optimizers)
         # The optimizer's own writes are behind us: what moves a version counter from here
         # to the next step is someone else's (see collect_stray_weights).
-        self._versions = [param._version for param in self._param_list]
+        self._versions = [local_tensor(param)._version for param in self._param_list]
 
     # -------------------------------------------------------------------- rewiring
     def rewire(
@@ -578,6 +651,11 @@ class SparseEngine:
                 "moments) at dropped positions is not zeroed, so it can move masked weights "
                 "off 0 at the next step. Pass them: engine.before_optimizer_step(step, epoch, "
                 "[optimizer])", UserWarning, stacklevel=3)
+        layout = self.layout
+
+        def own(name: str, tensor: Tensor) -> Tensor:  # the part this process decides
+            return tensor if layout is None else owned(tensor, layout.layers[name])
+
         # A layer frozen (or taken out of the optimizer) mid-fit keeps its mask and weights
         # and takes no part: neither removal nor allocation (GGR's global budget) sees it.
         frozen = set(self.frozen(optimizers))
@@ -586,7 +664,8 @@ class SparseEngine:
         if self.rewiring.needs_gradients:
             # A layer unused in this step (aux head, conditional branch) has no gradient:
             # it scores 0 everywhere, so it gets weights only where nothing scores higher.
-            gradients = {name: self.params[name].grad for name in names}
+            gradients = {name: None if self.params[name].grad is None
+                         else own(name, self.params[name].grad) for name in names}
         # Tensors that follow each weight: zero at dropped positions; at new ones, the
         # optimizer's per-weight state starts where it starts a fresh parameter.
         states = {}
@@ -597,16 +676,17 @@ class SparseEngine:
                 for pair in self.fresh_state.starts(optimizer, param)]
             if not self.update_grown_weights and param.grad is not None:
                 follow.append((param.grad, 0.0))
-            states[name] = follow
+            states[name] = [(own(name, value), start) for value, start in follow]
         if names:
             report = self.rewiring(
-                {name: self.params[name].data for name in names},
-                {name: self.masks[name] for name in names},
+                {name: own(name, self.params[name].detach()) for name in names},
+                {name: own(name, self.masks[name]) for name in names},
                 gradients,
                 drop_fraction,
                 generator=self.generator,
                 active={name: self._active[name] for name in names},
                 states=states,
+                layout=layout,
             )
         else:  # everything frozen: the slot passes, nothing moves
             report = RewiringReport(drop_fraction, {}, {}, {},
@@ -617,7 +697,11 @@ class SparseEngine:
                          for name in self.params}
         report.frozen = tuple(name for name in self.params if name in frozen)
         self._active = dict(report.active)
-        if _distributed():
+        if layout is not None:
+            # Replicated layers of a partly sharded model: rank 0 decided, the others follow.
+            self._broadcast_replicated(optimizers)
+            self._refresh_lists()
+        elif _distributed():
             local = {name: mask.clone() for name, mask in self.masks.items()}
             self.broadcast_topology()
             # Had this rank grown differently, rank 0's new positions start afresh here too.
@@ -655,21 +739,49 @@ class SparseEngine:
         """Make masks and sparse weights identical on every process (no-op when not distributed).
 
         Each process draws the same masks from the same seeded generator; broadcasting
-        guarantees it even if a process consumed randomness differently.
+        guarantees it even if a process consumed randomness differently. Sharded layers are
+        left alone (each process holds its own rows); only replicated ones are broadcast.
         """
         if not _distributed():
             return
+        names = [name for name in self.masks
+                 if self.layout is None or not self.layout.layers[name].sharded]
+        self._broadcast(names, src)
+        self._recount()
+        self._refresh_lists()
+
+    def _broadcast(self, names: Iterable[str], src: int = 0) -> None:
+        """Rank ``src``'s masks and weights of the layers ``names`` on every process."""
+        group = None if self.layout is None else self.layout.group
+        if group is not None:
+            src = torch.distributed.get_global_rank(group, src)
         device = self._distributed_device()
-        for name, mask in self.masks.items():
+        for name in names:
+            mask = self.masks[name]
             buffer = mask.to(device)
-            torch.distributed.broadcast(buffer, src=src)
+            torch.distributed.broadcast(buffer, src=src, group=group)
             mask.copy_(buffer.to(mask.device))
             param = self.params[name].data
             values = param.to(device)
-            torch.distributed.broadcast(values, src=src)
+            torch.distributed.broadcast(values, src=src, group=group)
             param.copy_(values.to(param.device))
-        self._recount()
-        self._refresh_lists()
+
+    def _broadcast_replicated(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """After a sharded rewiring: the replicated layers (plain tensors of a partly sharded
+        model), which rank 0 rewired alone, take its masks and weights everywhere; the other
+        processes give their new positions fresh optimizer state (and no gradient, unless
+        ``update_grown_weights``), as rank 0's rewiring did."""
+        names = [name for name, shard in self.layout.layers.items() if not shard.sharded]
+        if not names:
+            return
+        before = {name: self.masks[name].clone() for name in names}
+        self._broadcast(names)
+        for name in names:
+            new = self.masks[name] & ~before[name]
+            reset_optimizer_state_(optimizers, self.params[name], new, self.fresh_state)
+            grad = self.params[name].grad
+            if not self.update_grown_weights and grad is not None:
+                grad.masked_fill_(new, 0)
 
     @property
     def threshold(self) -> float | None:
@@ -687,12 +799,18 @@ class SparseEngine:
         schedule = self.schedule
         # Strays collected before steps and not read yet count in the saved total (a copy:
         # saving changes nothing in this run, whose next check reads them).
+        # (Sharded, each process holds its shards' counts, summed at the next check: not here,
+        # where a collective might not pair up; a resume then misses those since the check.)
         stray = dict(self.stray_weights_zeroed)
-        for name, count in self._collected.items():
+        for name, count in ({} if self.layout is not None else self._collected).items():
             if int(count):
                 stray[name] = stray.get(name, 0) + int(count)
+        if self.layout is None:
+            masks = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+        else:  # the live DTensors: torch.distributed.checkpoint saves and loads them sharded
+            masks = dict(self.masks)
         return {
-            "masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()},
+            "masks": masks,
             "last_slot": int(self.last_slot),
             "last_rewiring_step": self.last_rewiring_step,
             "last_rewiring_epoch": self.last_rewiring_epoch,
@@ -725,7 +843,15 @@ class SparseEngine:
             if tuple(mask.shape) != tuple(self.masks[name].shape):
                 raise ValueError(f"saved mask of {name!r} has shape {tuple(mask.shape)}, "
                                  f"the parameter {tuple(self.masks[name].shape)}")
-            self.masks[name].copy_(mask.to(dtype=torch.bool))
+            target = self.masks[name]
+            if mask is target:
+                continue  # loaded in place (torch.distributed.checkpoint)
+            if is_sharded(target) and not is_sharded(mask):  # a whole mask: take our rows
+                shard = self.layout.layers[name]
+                rows = mask.detach().reshape(-1)[shard.start:shard.start + shard.local]
+                local_tensor(target).view(-1).copy_(rows.to(dtype=torch.bool))
+            else:
+                target.copy_(mask.to(dtype=torch.bool))
         self._recount()
         if hasattr(self, "_param_list"):
             self._refresh_lists()

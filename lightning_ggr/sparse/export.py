@@ -1,9 +1,15 @@
 """Saving a trained sparse model for inference, and compacting it into a smaller dense one.
 
-- :func:`save_sparse_model` / :func:`load_sparse_model`: weights and masks in one file that
-  ``torch.load(weights_only=True)`` reads (tensors and plain Python only).
+- :func:`save_sparse_model` / :func:`load_sparse_model` / :func:`read_sparse_model`: a file
+  about density x the dense size, read with ``torch.load(weights_only=True)`` (tensors and
+  plain Python only). Files of format version 1 (dense weights plus bool masks) still load.
 - :func:`compact_sequential`: a dense ``nn.Sequential`` with the empty neurons and inputs
   removed, computing the same function as the sparse model in eval mode.
+
+Masks are keyed by the names of the module they were made for. The callback's masks carry
+the LightningModule's attribute prefix (``"net.tok.weight"`` for ``lm.net``): saving or
+converting ``lm.net`` with them strips the prefix when exactly one prefix fits every mask
+(:func:`module_masks`), and otherwise fails with a message that shows the right call.
 """
 
 from __future__ import annotations
@@ -23,7 +29,72 @@ from lightning_ggr.sparse.selection import is_transposed_linear
 
 #: Value of the ``format`` key of a saved sparse model.
 FORMAT = "lightning_ggr.sparse_model"
-FORMAT_VERSION = 1
+#: Version written by :func:`save_sparse_model`: 2 stores each masked tensor as its active
+#: values plus their positions; 1 (still read) stored dense weights and bool masks.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+#: Integer types for the gaps between consecutive active positions, smallest first
+#: (``uint8`` is the one unsigned type every torch version saves, loads and sums).
+_GAP_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+#: Bit ``j`` of byte ``i`` of a bitmask is element ``8 i + j``.
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def module_masks(module: nn.Module, masks: Mapping[str, Tensor],
+                 caller: str = "module_masks") -> dict[str, Tensor]:
+    """``masks`` keyed by ``module``'s own parameter names.
+
+    Names that already are ``module``'s are kept. Masks named from an enclosing module (the
+    callback's ``"net.tok.weight"`` when ``module`` is ``lm.net``) lose their prefix when
+    exactly one prefix ``p`` makes every mask name ``p.<name of a parameter of module with
+    the mask's shape>``.
+
+    Raises:
+        ValueError: a mask names no parameter, the prefix is ambiguous, or only some masks
+            belong to ``module`` (the message shows the call that selects them).
+    """
+    params = dict(module.named_parameters())
+    if all(name in params for name in masks):
+        return dict(masks)
+
+    def fits(prefix: str, name: str) -> bool:
+        rest = name[len(prefix) + 1:]
+        return (name.startswith(prefix + ".") and rest in params
+                and tuple(params[rest].shape) == tuple(masks[name].shape))
+
+    prefixes = {
+        ".".join(parts[:cut])
+        for parts in (name.split(".") for name in masks)
+        for cut in range(1, len(parts))
+        if ".".join(parts[cut:]) in params
+    }
+    covered = {prefix: [name for name in masks if fits(prefix, name)] for prefix in prefixes}
+    complete = sorted(prefix for prefix, names in covered.items() if len(names) == len(masks))
+    if len(complete) == 1:
+        prefix = complete[0]
+        return {name[len(prefix) + 1:]: mask for name, mask in masks.items()}
+    if len(complete) > 1:
+        raise ValueError(
+            f"{caller}: the mask names fit the module's parameters after removing any of the "
+            f"prefixes {', '.join(map(repr, complete))}; pass masks keyed by the module's own "
+            "parameter names"
+        )
+    partial = max(covered, key=lambda prefix: (len(covered[prefix]), prefix), default=None)
+    if partial is not None and covered[partial]:
+        outside = next(name for name in masks if name not in covered[partial])
+        raise ValueError(
+            f"{caller}: {len(covered[partial])} of the {len(masks)} masks belong to this module "
+            f"under the prefix {partial!r}; the others (e.g. {outside!r}) do not. Pass this "
+            f"module's masks: {{name.removeprefix({partial + '.'!r}): mask for name, mask in "
+            f"masks.items() if name.startswith({partial + '.'!r})}}"
+        )
+    unknown = next(name for name in masks if name not in params)
+    raise ValueError(
+        f"mask {unknown!r} names no parameter of the model; masks are keyed by the names "
+        "of the module they were made for (the callback's by the LightningModule's): pass "
+        "that module, or one of its submodules"
+    )
 
 
 def _check_zero(module: nn.Module, masks: Mapping[str, Tensor], what: str) -> None:
@@ -43,6 +114,43 @@ def _check_zero(module: nn.Module, masks: Mapping[str, Tensor], what: str) -> No
             )
 
 
+def encode_positions(mask: Tensor) -> dict[str, Any]:
+    """The active positions of ``mask`` in the smaller of two encodings.
+
+    ``"bitmask"``: ``ceil(n / 8)`` bytes (bit ``j`` of byte ``i`` is element ``8 i + j`` of
+    the flattened mask); ``"gaps"``: per active position its distance to the previous one
+    (the first: its index), in the smallest of ``uint8``/``int16``/``int32``/``int64`` that
+    holds the largest gap, ``k * itemsize`` bytes. Ties go to the bitmask.
+    """
+    flat = mask.detach().to("cpu", torch.bool).reshape(-1)
+    indices = flat.nonzero().reshape(-1)
+    gaps = torch.diff(indices, prepend=indices.new_zeros(1))
+    largest = int(gaps.max()) if gaps.numel() else 0
+    gap_dtype = next(d for d in _GAP_DTYPES if largest <= torch.iinfo(d).max)
+    bitmask_bytes = -(-flat.numel() // 8)
+    if gaps.numel() * gap_dtype.itemsize < bitmask_bytes:
+        return {"encoding": "gaps", "positions": gaps.to(gap_dtype)}
+    padded = torch.zeros(bitmask_bytes * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    packed = (padded.reshape(-1, 8) << _BIT_SHIFTS).sum(dim=1, dtype=torch.uint8)
+    return {"encoding": "bitmask", "positions": packed}
+
+
+def decode_positions(encoded: Mapping[str, Any], shape: tuple[int, ...]) -> Tensor:
+    """The bool mask of shape ``shape`` that :func:`encode_positions` encoded."""
+    numel = math.prod(shape)
+    positions = encoded["positions"]
+    if encoded["encoding"] == "bitmask":
+        bits = (positions.reshape(-1, 1) >> _BIT_SHIFTS) & 1
+        return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)
+    if encoded["encoding"] == "gaps":
+        flat = torch.zeros(numel, dtype=torch.bool)
+        flat[positions.to(torch.int64).cumsum(0)] = True
+        return flat.reshape(shape)
+    raise ValueError(f"unknown position encoding {encoded['encoding']!r}; "
+                     "expected 'bitmask' or 'gaps'")
+
+
 def save_sparse_model(
     module: nn.Module,
     masks: Mapping[str, Tensor],
@@ -50,26 +158,107 @@ def save_sparse_model(
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
-    """Save ``module``'s ``state_dict`` and the boolean masks, on CPU, with ``torch.save``.
+    """Save ``module``'s ``state_dict`` with each masked tensor as its active values only.
 
-    The file holds ``{"format", "format_version", "state_dict", "masks", "metadata"}`` and
-    loads with ``torch.load(path, weights_only=True)``; ``metadata`` must hold plain Python.
+    A masked tensor is stored as its active values, in the parameter's own dtype, plus the
+    positions of its mask (not of its nonzeros: a grown weight may hold exactly 0) in the
+    smaller of a bitmask and gap-encoded indices (:func:`encode_positions`); every other
+    entry of the ``state_dict`` (biases, norms, buffers, dense layers) as it is, all on CPU.
+    A tied alias of a masked tensor (a second name of the same tensor) is stored as its
+    name only. The file holds ``{"format", "format_version": 2, "state_dict", "sparse",
+    "aliases", "metadata"}`` and loads with ``torch.load(path, weights_only=True)``;
+    ``metadata`` must hold plain Python. The round trip through :func:`load_sparse_model`
+    is bit-exact. ``masks`` may carry an enclosing module's prefix (:func:`module_masks`).
 
     Raises:
         ValueError: a mask names no parameter, has the wrong shape, or a masked weight is
             not zero.
     """
+    masks = module_masks(module, masks, "save_sparse_model")
     _check_zero(module, masks, "cannot save")
+    params = dict(module.named_parameters())
+    sparse_ids = {id(params[name]): name for name in masks}
+    dense: dict[str, Tensor] = {}
+    sparse: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        owner = sparse_ids.get(id(tensor))
+        if owner is None:
+            dense[name] = tensor.detach().cpu()
+        elif owner != name:
+            aliases[name] = owner
+        else:
+            mask = masks[name].detach().to("cpu", torch.bool)
+            values = tensor.detach().cpu().reshape(-1)[mask.reshape(-1)].clone()
+            sparse[name] = {"shape": list(tensor.shape), "values": values,
+                            **encode_positions(mask)}
     torch.save(
         {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "masks": {k: m.detach().to("cpu", torch.bool) for k, m in masks.items()},
+            "state_dict": dense,
+            "sparse": sparse,
+            "aliases": aliases,
             "metadata": dict(metadata or {}),
         },
         path,
     )
+
+
+@dataclass
+class SparseModelFile:
+    """What :func:`read_sparse_model` reads: tensors on CPU, masks as bool.
+
+    Attributes:
+        state_dict: the full ``state_dict`` (masked tensors rebuilt dense, zeros outside).
+        masks: parameter name -> bool mask.
+        metadata: the plain-Python metadata given to :func:`save_sparse_model`.
+        format_version: 1 (dense weights and masks) or 2 (active values and positions).
+    """
+
+    state_dict: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    metadata: dict[str, Any]
+    format_version: int
+
+
+def read_sparse_model(path: str | os.PathLike[str]) -> SparseModelFile:
+    """Read a file of :func:`save_sparse_model` (any readable version) without a model.
+
+    Loads with ``torch.load(weights_only=True)`` onto CPU.
+
+    Raises:
+        ValueError: not a sparse-model file, or a format version this package cannot read.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a sparse model saved by save_sparse_model")
+    version = saved.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{os.fspath(path)!r} has format_version {version!r}; this version of "
+            f"lightning-ggr reads {', '.join(map(str, READABLE_VERSIONS))} (upgrade it)"
+        )
+    metadata = dict(saved.get("metadata") or {})
+    if version == 1:
+        masks = {name: mask.to(torch.bool) for name, mask in saved["masks"].items()}
+        return SparseModelFile(dict(saved["state_dict"]), masks, metadata, 1)
+    state_dict = dict(saved["state_dict"])
+    masks = {}
+    for name, entry in saved["sparse"].items():
+        shape = tuple(entry["shape"])
+        mask = decode_positions(entry, shape)
+        values = entry["values"]
+        if values.numel() != int(mask.sum()):
+            raise ValueError(f"{os.fspath(path)!r} is inconsistent: {name!r} has "
+                             f"{values.numel()} values for {int(mask.sum())} positions")
+        tensor = torch.zeros(shape, dtype=values.dtype)
+        tensor[mask] = values
+        state_dict[name] = tensor
+        masks[name] = mask
+    for alias, name in saved["aliases"].items():
+        state_dict[alias] = state_dict[name]
+    return SparseModelFile(state_dict, masks, metadata, 2)
 
 
 def load_sparse_model(
@@ -77,21 +266,20 @@ def load_sparse_model(
 ) -> dict[str, Tensor]:
     """Restore weights saved by :func:`save_sparse_model` into ``module``; return the masks.
 
-    Loads with ``weights_only=True`` onto CPU, then copies into ``module``'s tensors (so
-    they keep their device); the masks come back on their parameter's device.
+    Loads with ``weights_only=True`` onto CPU (format version 2, or 1 of earlier versions),
+    then copies into ``module``'s tensors (so they keep their device); the masks come back on
+    their parameter's device.
 
     Raises:
         ValueError: not a sparse-model file, a mask does not fit the model, or a masked
             weight is not zero (the file was not saved from a masked model).
     """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a sparse model saved by save_sparse_model")
-    module.load_state_dict(saved["state_dict"], strict=strict)
+    saved = read_sparse_model(path)
+    module.load_state_dict(saved.state_dict, strict=strict)
     params = dict(module.named_parameters())
     masks = {
         name: mask.to(params[name].device if name in params else "cpu", torch.bool)
-        for name, mask in saved["masks"].items()
+        for name, mask in saved.masks.items()
     }
     _check_zero(module, masks, f"{os.fspath(path)!r} is inconsistent")
     return masks

@@ -13,11 +13,14 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_ggr.sparse.draws import draw_key, top_keys_mask
+
 # Their home is optimizer_state.py; imported here for the names' earlier users.
 from lightning_ggr.sparse.optimizer_state import (  # noqa: F401
     optimizer_state_tensors,
     reset_optimizer_state_,
 )
+from lightning_ggr.sparse.sharded import local_tensor
 
 #: The integer type of each floating type's width: a tensor's bits are viewed as these to
 #: multiply them by 0 or 1 (see :class:`MaskPass`).
@@ -33,64 +36,28 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(dim) for dim in shape)
 
 
-def _draw_by_index(numel: int, active: int, generator: torch.Generator) -> Tensor:
-    """Exactly ``active`` of ``numel`` positions, uniformly at random, as a flat bool tensor on
-    the generator's device (a CPU generator: cheap for huge layers).
-
-    Draws ``m`` i.i.d. random positions, enough for ``active`` distinct ones with an 8-sigma
-    margin, and marks them; the distinct set of i.i.d. draws is, given its size, a uniform
-    random subset, and a uniform random subset of it is again one: the surplus is cleared at
-    random (the rare shortfall is topped up the same way). O(numel) bytes and O(active)
-    draws, where ``rand(numel)`` + ``topk`` needs 20 bytes per weight (VGG16's fc1 at density
-    0.08: 1.3 s and 255 MiB instead of 3.7 s and 2.2 GiB, one CPU thread).
-    """
-    if active > numel // 2:  # draw the complement: fewer draws, fewer collisions
-        return ~_draw_by_index(numel, numel - active, generator)
-    mask = torch.zeros(numel, dtype=torch.bool, device=generator.device)
-    if active == 0:
-        return mask
-    draws = math.ceil(-numel * math.log1p(-active / numel)) + 8 * math.ceil(math.sqrt(active)) + 16
-    while True:
-        mask[torch.randint(numel, (draws,), generator=generator, device=generator.device)] = True
-        # count_nonzero, not sum(): the sum of a bool tensor materialises an int64 copy.
-        marked = int(torch.count_nonzero(mask))
-        if marked >= active:
-            break
-        draws = 2 * (active - marked) + 16
-    if marked > active:
-        on = mask.nonzero().squeeze(1)
-        surplus = torch.randperm(on.numel(), generator=generator, device=generator.device)
-        mask[on[surplus[: marked - active]]] = False
-    return mask
-
-
-def _draw_by_score(numel: int, active: int, generator: torch.Generator) -> Tensor:
-    """The same on an accelerator: ``active`` largest of ``numel`` uniform scores (no host
-    synchronisation; memory-bound there)."""
-    mask = torch.zeros(numel, dtype=torch.bool, device=generator.device)
-    if active > 0:
-        scores = torch.rand(numel, generator=generator, device=generator.device)
-        mask.index_fill_(0, scores.topk(active, sorted=False).indices, True)
-    return mask
-
-
 def random_mask(
-    shape: Sequence[int], active: int, generator: torch.Generator,
-    device: torch.device | str | None = None,
+    shape: Sequence[int], active: int, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None, *, key: int | None = None,
 ) -> Tensor:
     """A boolean mask with exactly ``active`` ``True`` entries at uniform random positions.
 
-    Drawn on ``generator``'s device (by random indices on a CPU, by the top ``active`` of
-    uniform scores on an accelerator) and returned on ``device`` (default: the generator's).
-    The same generator state gives the same mask.
+    The positions of largest random key (:mod:`lightning_ggr.sparse.draws`) for ``key``, or
+    for one key drawn from ``generator`` when ``key`` is not given: the same key gives the
+    same mask on every device and for every split of the layer across processes. Computed
+    on ``device`` (default: the generator's, else the CPU) in one pass, 1 byte per weight.
     """
     numel = _numel(shape)
     if not 0 <= active <= numel:
         raise ValueError(f"active must be in [0, {numel}] for a mask of shape {tuple(shape)}, "
                          f"got {active}")
-    draw = _draw_by_index if generator.device.type == "cpu" else _draw_by_score
-    mask = draw(numel, int(active), generator).view(*shape)
-    return mask if device is None else mask.to(device)
+    if key is None:
+        if generator is None:
+            raise TypeError("random_mask needs a generator or a key")
+        key = draw_key(generator)
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return top_keys_mask(key, numel, int(active), device).view(*shape)
 
 
 def count_active(masks: Iterable[Tensor]) -> list[int]:
@@ -130,6 +97,7 @@ def apply_masks_(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
     tensors, :class:`MaskPass` is one operation per group, and faster.
     """
     for tensor, mask in zip(tensors, masks, strict=True):
+        tensor, mask = local_tensor(tensor), local_tensor(mask)  # a DTensor: its shard
         torch.where(mask, tensor, device_scalar(0.0, tensor.dtype, tensor.device), out=tensor)
 
 
@@ -150,15 +118,20 @@ class MaskPass:
 
     A tensor of another dtype than its parameter (or of a dtype without an integer view)
     falls back to an exact ``torch.where``. Call :meth:`refresh` whenever the masks change.
+
+    Sharded parameters (DTensors of FSDP2) and every tensor that follows them (gradients,
+    optimizer state, masks) are handled through their local shards: the same operation on
+    this process's rows, no collective.
     """
 
     def __init__(self, params: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         if len(params) != len(masks):
             raise ValueError(f"got {len(params)} parameters and {len(masks)} masks")
         self.params = list(params)
-        self.masks = list(masks)
+        self.masks = [local_tensor(mask) for mask in masks]
+        held = [local_tensor(param) for param in self.params]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for index, param in enumerate(self.params):
+        for index, param in enumerate(held):
             if param.dtype in INTEGER_VIEWS:
                 groups.setdefault((param.device, param.dtype), []).append(index)
         #: (integer dtype, indices of the parameters of one device and dtype)
@@ -167,7 +140,7 @@ class MaskPass:
         self.others = [i for i in range(len(self.params)) if i not in grouped]
         self.integer_masks: list[Tensor | None] = [
             torch.empty_like(p, dtype=INTEGER_VIEWS[p.dtype]) if i in grouped else None
-            for i, p in enumerate(self.params)
+            for i, p in enumerate(held)
         ]
         self.refresh()
 
@@ -204,6 +177,7 @@ class MaskPass:
                 for tensor in per_param[i]:
                     if tensor is None:
                         continue
+                    tensor = local_tensor(tensor)
                     if INTEGER_VIEWS.get(tensor.dtype) != integer:  # rare: a hook cast it
                         apply_masks_([tensor], [self.masks[i]])
                         continue
@@ -212,7 +186,7 @@ class MaskPass:
             if views:
                 torch._foreach_mul_(views, masks)
         for i in self.others:
-            tensors = [t for t in per_param[i] if t is not None]
+            tensors = [local_tensor(t) for t in per_param[i] if t is not None]
             apply_masks_(tensors, [self.masks[i]] * len(tensors))
 
 

@@ -40,7 +40,15 @@ import torch
 from torch import Tensor
 
 from lightning_ggr.sparse.checks import check_finite, check_fraction, check_positive_or_none
+from lightning_ggr.sparse.draws import draw_key, key_dtype, layer_key, random_keys
 from lightning_ggr.sparse.masks import count_active, device_scalar
+from lightning_ggr.sparse.sharded import (
+    ShardLayout,
+    all_sum,
+    current_layout,
+    select_across_shards,
+    sharded_context,
+)
 from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk, topk_rows
 
 #: DSR's reference implementation starts its threshold here.
@@ -91,6 +99,34 @@ def _round_half_up(value: float) -> int:
 
 
 # ----------------------------------------------------------------------------- positions
+
+
+def _extent(name: str | None, mask: Tensor) -> tuple[int, int]:
+    """Where ``mask``'s flat positions start in its whole layer, and the layer's size: ``(0,
+    mask.numel())`` in one process, this process's rows under a sharded rewiring."""
+    layout = current_layout()
+    if layout is not None and name in layout.layers:
+        shard = layout.layers[name]
+        return shard.start, shard.numel
+    return 0, mask.numel()
+
+
+def _summed(counts: Mapping[str, int]) -> dict[str, int]:
+    """Per-layer counts of this process's positions, summed over the shards of a sharded
+    rewiring (one all-reduce); as they are in one process."""
+    layout = current_layout()
+    if layout is None:
+        return dict(counts)
+    return dict(zip(counts, all_sum(list(counts.values()), layout), strict=True))
+
+
+def _single_process(what: str) -> None:
+    """Refuse a per-layer selection under a sharded rewiring: it would rank one shard."""
+    if current_layout() is not None:
+        raise RuntimeError(
+            f"{what} selects within one tensor and cannot run across shards: a sharded "
+            "rewiring selects for all layers at once (an insertion's select(), the "
+            "removals and allocations of lightning_ggr.sparse.rewiring)")
 
 
 def _with_start(entry: Tensor | tuple[Tensor, Tensor | float]) -> tuple[Tensor, Tensor | float]:
@@ -214,20 +250,31 @@ def gradient_scores(gradient: Tensor | None, mask: Tensor, out: Tensor | None = 
 def _topk_per_layer(
     masks: Mapping[str, Tensor], counts: Mapping[str, int],
     write: Callable[[str, Tensor], object], dtypes: Mapping[str, torch.dtype], *,
-    largest: bool,
+    largest: bool, pad: float | None = None,
 ) -> dict[str, Tensor]:
     """Each layer's ``counts[name]`` largest (smallest) scores, as flat indices; ``write(name,
     out)`` fills a layer's scores into ``out``. Layers of one device and score type share
-    selections (:func:`lightning_ggr.sparse.topk.topk_rows`): a few ``topk`` for all."""
+    selections (:func:`lightning_ggr.sparse.topk.topk_rows`): a few ``topk`` for all.
+    ``pad``: a score never selected (default ``-inf`` for the largest, ``+inf`` for the
+    smallest)."""
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name, mask in masks.items():
         groups.setdefault((mask.device, dtypes[name]), []).append(name)
     found: dict[str, Tensor] = {}
+    layout = current_layout()
     for (device, dtype), names in groups.items():
+        if layout is not None:  # across shards: one selection per layer, exact
+            found.update(zip(names, select_across_shards(
+                [masks[n].numel() for n in names], range(len(names)),
+                [max(counts[n], 0) for n in names],
+                lambda i, out, names=names: write(names[i], out), dtype=dtype,
+                largest=largest, device=device, layout=layout).indices, strict=True))
+            continue
         found.update(zip(names, topk_rows(
             [masks[n].numel() for n in names], [max(counts[n], 0) for n in names],
             lambda i, out, names=names: write(names[i], out), largest=largest,
-            pad=-math.inf if largest else math.inf, device=device, dtype=dtype), strict=True))
+            pad=(-math.inf if largest else math.inf) if pad is None else pad, device=device,
+            dtype=dtype), strict=True))
     return {name: found[name] for name in masks}
 
 
@@ -267,8 +314,9 @@ def threshold_counts(
     as below), read back in one transfer; a layer whose every weight is below keeps one."""
     below = [torch.count_nonzero(magnitude_scores(weights[n], m) < threshold)
              for n, m in masks.items()]
+    summed = _summed(dict(zip(masks, _read_ints(below), strict=True)))
     counts = {}
-    for (name, value) in zip(masks, _read_ints(below), strict=True):
+    for name, value in summed.items():
         counts[name] = min(value, max(active[name] - 1, 0))
     return counts
 
@@ -319,6 +367,16 @@ def initial_threshold(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]
         # Non-finite weights (scored -1) and inactive positions take no part.
         return scores.masked_fill_(scores < 0, math.inf).neg_()
 
+    layout = current_layout()
+    if layout is not None:  # the k-th over all layers and shards
+        names = list(masks)
+        k = min(k, sum(_extent(name, masks[name])[1] for name in names))
+        value = select_across_shards(
+            [masks[n].numel() for n in names], [0] * len(names), [k],
+            lambda i, out: out.copy_(negated(names[i])), dtype=_score_dtype(
+                next(iter(weights.values())).dtype), largest=True,
+            device=next(iter(masks.values())).device, layout=layout, indices=False).values[0]
+        return -float(value)
     k = min(k, sum(m.numel() for m in masks.values()))
     top = global_topk((negated(name) for name in masks), k)
     return float(-top.values.min())
@@ -328,7 +386,7 @@ def _active_or_count(masks: Mapping[str, Tensor],
                      active: Mapping[str, int] | None) -> Mapping[str, int]:
     if active is not None:
         return active
-    return dict(zip(masks, count_active(masks.values()), strict=True))
+    return _summed(dict(zip(masks, count_active(masks.values()), strict=True)))
 
 
 class Removal(Protocol):
@@ -472,6 +530,16 @@ def rank_by_gradient(
     larger than the largest layer at a time); one host read."""
     names = list(masks)
     devices = {masks[n].device for n in names}
+    layout = current_layout()
+    if layout is not None:  # across layers and shards: exact, ties in (layer, rank) order
+        dtypes = {_score_dtype(g.dtype) for g in gradients.values() if g is not None}
+        found = select_across_shards(
+            [masks[n].numel() for n in names], [0] * len(names), [total],
+            lambda i, out: gradient_scores(gradients.get(names[i]), masks[names[i]], out),
+            dtype=torch.float64 if torch.float64 in dtypes else torch.float32, largest=True,
+            device=next(iter(devices)), layout=layout).indices
+        counts = all_sum([index.numel() for index in found], layout)
+        return Allocated(counts, None)
     if len(devices) == 1:  # one selection per buffer-full of small layers
         dtypes = {_score_dtype(g.dtype) for g in gradients.values() if g is not None}
         top = global_topk_packed(
@@ -536,30 +604,36 @@ class ProportionalAllocation:
     def __call__(self, masks: Mapping[str, Tensor], gradients: Mapping[str, Tensor] | None,
                  removed: Mapping[str, int], survivors: Mapping[str, int]) -> list[int]:
         alive = [survivors[name] for name in masks]
-        capacity = [masks[name].numel() - survivors[name] for name in masks]
+        capacity = [_extent(name, masks[name])[1] - survivors[name] for name in masks]
         return allocate_proportional(alive, capacity, sum(removed.values()))
 
 
 # --------------------------------------------------------------------------- insertion
 
 
-def _uniform(like: Tensor, generator: torch.Generator) -> Tensor:
-    """Flat uniform random numbers for ``like``'s positions, drawn on its device when the
-    generator lives there."""
-    if generator.device == like.device:
-        return torch.rand(like.numel(), generator=generator, device=like.device)
-    return torch.rand(like.numel(), generator=generator, device=generator.device).to(like.device)
+def random_scores(mask: Tensor, key: int, name: str | None = None,
+                  exclude: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """Flat random-growth scores of one layer: its random keys for the draw ``key``
+    (:func:`~lightning_ggr.sparse.draws.random_keys`) at inactive positions, ``-1`` at
+    active ones and at ``exclude``; written into ``out`` (1-D, the mask's size, the keys'
+    dtype) when given. Under a sharded rewiring the keys are those of this process's
+    positions of the whole layer ``name``."""
+    start, numel = _extent(name, mask)
+    scores = random_keys(key, start, mask.numel(), numel, mask.device, out=out)
+    scores.masked_fill_(mask.reshape(-1), -1)
+    if exclude is not None and exclude.numel():
+        scores.index_fill_(0, exclude, -1)
+    return scores
 
 
 def random_positions(mask: Tensor, count: int, generator: torch.Generator,
                      exclude: Tensor | None = None) -> Tensor:
-    """Flat indices of ``count`` inactive positions (not in ``exclude``) drawn uniformly."""
+    """Flat indices of ``count`` inactive positions (not in ``exclude``) drawn uniformly:
+    those of largest random key for one key drawn from ``generator``."""
     if count <= 0:
         return _empty_index(mask)
-    scores = _uniform(mask, generator).masked_fill_(mask.reshape(-1), -1.0)
-    if exclude is not None and exclude.numel():
-        scores.index_fill_(0, exclude, -1.0)
-    return topk(scores, count)[1]
+    _single_process("random_positions")
+    return topk(random_scores(mask, draw_key(generator), exclude=exclude), count)[1]
 
 
 def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
@@ -570,14 +644,8 @@ def gradient_positions(mask: Tensor, gradient: Tensor | None, count: int,
         return _empty_index(mask)
     if ranked is not None and ranked.numel() >= count:
         return ranked[:count]
+    _single_process("gradient_positions")
     return topk(gradient_scores(gradient, mask), count)[1]
-
-
-def _uniform_into(out: Tensor, generator: torch.Generator) -> None:
-    if generator.device == out.device:
-        out.uniform_(generator=generator)
-    else:
-        out.copy_(torch.rand(out.numel(), generator=generator, device=generator.device))
 
 
 def random_positions_per_layer(
@@ -587,20 +655,20 @@ def random_positions_per_layer(
 ) -> dict[str, Tensor]:
     """:func:`random_positions` for every layer at once (a few selections for all layers):
     ``counts[name]`` inactive positions of each layer, not in ``exclude[name]``, uniformly at
-    random; ``generators(device)`` gives the random source of a device. A layer with nothing
-    to grow draws nothing."""
+    random: those of largest random key for the layer's key in one draw from
+    ``generators(cpu)``, made only when some layer grows. The keys of a layer are distinct,
+    so the choice has no ties: it is the same on every device and every split of the
+    layer."""
     exclude = exclude or {}
+    if not any(count > 0 for count in counts.values()):
+        return {name: _empty_index(mask) for name, mask in masks.items()}
+    key = draw_key(generators(torch.device("cpu")))
 
     def write(name: str, out: Tensor) -> None:
-        mask = masks[name]
-        _uniform_into(out, generators(mask.device))
-        out.masked_fill_(mask.reshape(-1), -1.0)
-        skip = exclude.get(name)
-        if skip is not None and skip.numel():
-            out.index_fill_(0, skip, -1.0)
+        random_scores(masks[name], layer_key(key, name), name, exclude.get(name), out=out)
 
-    return _topk_per_layer(masks, counts, write, dict.fromkeys(masks, torch.float32),
-                           largest=True)
+    dtypes = {name: key_dtype(_extent(name, mask)[1]) for name, mask in masks.items()}
+    return _topk_per_layer(masks, counts, write, dtypes, largest=True, pad=-1)
 
 
 def gradient_positions_per_layer(
@@ -812,8 +880,32 @@ class Rewiring:
         active: Mapping[str, int] | None = None,
         states: Mapping[str, Sequence[Tensor]] | None = None,
         on_grow: Callable[[str, Tensor], None] | None = None,
+        layout: ShardLayout | None = None,
     ) -> RewiringReport:
         """Rewire ``masks`` and ``weights`` in place.
+
+        With a ``layout`` (:mod:`lightning_ggr.sparse.sharded`), every tensor given is this
+        process's part of its layer (its shard, or the whole of a replicated layer on rank
+        0 and nothing elsewhere), every count (``active``, the report's) is the whole
+        layer's, and the selections run across the processes: every process must call it.
+        """
+        with sharded_context(layout):
+            return self._rewire(weights, masks, gradients, drop_fraction, generator=generator,
+                                active=active, states=states, on_grow=on_grow)
+
+    def _rewire(
+        self,
+        weights: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        gradients: Mapping[str, Tensor | None] | None,
+        drop_fraction: float,
+        *,
+        generator: torch.Generator,
+        active: Mapping[str, int] | None = None,
+        states: Mapping[str, Sequence[Tensor]] | None = None,
+        on_grow: Callable[[str, Tensor], None] | None = None,
+    ) -> RewiringReport:
+        """Rewire ``masks`` and ``weights`` in place (see :meth:`__call__`).
 
         Args:
             weights: name -> parameter; masked entries are expected to be 0.
@@ -844,7 +936,7 @@ class Rewiring:
         active = _active_or_count(masks, active)
         dropped = self.removal(weights, masks, drop_fraction, active=active)
         dropped = {n: _as_index(dropped[n]) for n in names}
-        removed = {n: dropped[n].numel() for n in names}
+        removed = _summed({n: dropped[n].numel() for n in names})
         keep = not self.reinit_regrown
         saved: dict[str, list[Tensor]] = {}
         for name in names:
@@ -864,13 +956,13 @@ class Rewiring:
         if select is not None:  # every layer at once: shared selections
             selected = select(masks, gradients, counted, generators, ranked)
         else:
+            _single_process(f"{type(self.insertion).__name__} (an insertion without "
+                            "select(), or one whose __call__ overrides it)")
             selected = {}
-            random = getattr(self.insertion, "needs_random", True)
             for name, count in counted.items():
-                source = generators(masks[name].device) if random and count > 0 else generator
                 selected[name] = self.insertion(
                     masks[name], None if gradients is None else gradients.get(name), count,
-                    source, ranked=None if ranked is None else ranked.get(name))
+                    generator, ranked=None if ranked is None else ranked.get(name))
         grown = {}
         for name, count in counted.items():
             mask = masks[name]

@@ -8,6 +8,7 @@
     lightning-ggr {fit,validate,test,predict} --help
     lightning-ggr fit --config ... --print_config
     lightning-ggr report RUN_DIRS...          # tables of finished runs (lightning_ggr.zoo.report)
+    lightning-ggr export CHECKPOINT_OR_RUN_DIR [--output FILE]   # the sparse model file
 
 Short ``class_path`` names resolve for the package's classes (``ImageClassifier``,
 ``CIFAR100DataModule``, ``TinyImageNetDataModule``, ``DigitsDataModule``,
@@ -21,8 +22,12 @@ built.
 
 from __future__ import annotations
 
+import argparse
+import io
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +40,7 @@ from torch import nn
 # Imported so that jsonargparse finds these subclasses by their short class names.
 from lightning_ggr.callbacks.reporting import scalar_metrics
 from lightning_ggr.callbacks.sparsity import DynamicSparsityCallback
+from lightning_ggr.sparse.export import save_sparse_model
 from lightning_ggr.sparse.selection import select_sparse_parameters
 from lightning_ggr.zoo import (  # noqa: F401
     CIFAR100DataModule,
@@ -42,6 +48,7 @@ from lightning_ggr.zoo import (  # noqa: F401
     ImageClassifier,
     TinyImageNetDataModule,
 )
+from lightning_ggr.zoo.models import MODEL_NAMES, build_model
 
 
 class LightningGGRCLI(LightningCLI):
@@ -69,7 +76,8 @@ class LightningGGRCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {
             "prog": "lightning-ggr",
             "description": "Dynamic sparse training (GGR, SET, RigL, DSR) with Lightning. "
-                           "Tables of finished runs: lightning-ggr report RUN_DIRS...",
+                           "Tables of finished runs: lightning-ggr report RUN_DIRS...; a "
+                           "run's sparse model file: lightning-ggr export CHECKPOINT",
         })
         #: Scalar metrics at the end of ``fit`` (and of the test, with ``test_after_fit``).
         self.final_metrics: dict[str, float] = {}
@@ -184,6 +192,141 @@ def _print_summary(trainer: Trainer, module: LightningModule, metrics: Mapping[s
               f"{logger.save_dir})")
 
 
+# ---------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_checkpoint` wrote: the file, its size against the dense
+    ``state_dict`` file, and how to rebuild the network."""
+
+    checkpoint: Path
+    output: Path
+    file_bytes: int
+    dense_bytes: int
+    network: dict[str, Any]
+    masks: int
+
+    @property
+    def ratio(self) -> float:
+        """The sparse file's size over the dense ``state_dict`` file's."""
+        return self.file_bytes / self.dense_bytes
+
+
+def _find_checkpoint(path: Path) -> Path:
+    """``path`` itself, or in a run folder its ``last.ckpt``, else its newest ``*.ckpt``."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint or run folder at {str(path)!r}")
+    found = sorted(path.rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt",
+                                                         p.stat().st_mtime))
+    if not found:
+        raise FileNotFoundError(f"no *.ckpt under {str(path)!r} (was the run fitted with "
+                                "trainer.enable_checkpointing true?)")
+    return found[-1]
+
+
+def _checkpoint_masks(checkpoint: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The sparsity callback's state in a Lightning checkpoint (the one holding masks)."""
+    states = {key: state for key, state in (checkpoint.get("callbacks") or {}).items()
+              if isinstance(state, Mapping) and "masks" in state}
+    if not states:
+        raise ValueError(f"{str(path)!r} holds no DynamicSparsityCallback state with masks "
+                         "(was the run trained with the callback?)")
+    if len(states) > 1:
+        raise ValueError(f"{str(path)!r} holds the states of {len(states)} sparsity callbacks "
+                         f"({', '.join(map(repr, states))}); export from Python with "
+                         "save_sparse_model(network, callback.masks, path)")
+    return dict(next(iter(states.values())))
+
+
+def export_checkpoint(path: str | Path, output: str | Path | None = None) -> ExportResult:
+    """Write the sparse model file of a zoo run's checkpoint (its network, not the
+    LightningModule): :func:`~lightning_ggr.sparse.export.save_sparse_model` with the
+    callback's masks, the network's settings as metadata.
+
+    Args:
+        path: a ``.ckpt`` file, or a run folder (its ``last.ckpt``, else its newest one).
+        output: the file to write; default: the checkpoint's name with ``.sparse.pt``.
+
+    Raises:
+        FileNotFoundError: no checkpoint.
+        ValueError: not an ``ImageClassifier`` checkpoint of a zoo network, or no masks.
+    """
+    checkpoint_path = _find_checkpoint(Path(path))
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    hyper = checkpoint.get("hyper_parameters") or {}
+    if hyper.get("model") not in MODEL_NAMES:
+        raise ValueError(
+            f"{str(checkpoint_path)!r} is not a checkpoint of ImageClassifier with a zoo network "
+            f"({', '.join(MODEL_NAMES)}); for another LightningModule call "
+            "lightning_ggr.save_sparse_model(module.<network>, callback.masks, path)"
+        )
+    network = {key: hyper[key] for key in ("model", "num_classes", "input_size",
+                                           "in_channels") if key in hyper}
+    model = build_model(network["model"], network.get("num_classes", 100),
+                        network.get("input_size", 32), network.get("in_channels", 3))
+    state = _checkpoint_masks(checkpoint, checkpoint_path)
+    prefix = "model."
+    try:
+        model.load_state_dict({key[len(prefix):]: value
+                               for key, value in checkpoint["state_dict"].items()
+                               if key.startswith(prefix)})
+    except RuntimeError as error:
+        raise ValueError(f"the weights in {str(checkpoint_path)!r} do not fit the network its "
+                         f"hyper-parameters name ({network}): {error}") from error
+    target = Path(output) if output is not None else checkpoint_path.with_suffix(".sparse.pt")
+    metadata = {**network, "checkpoint": checkpoint_path.name,
+                "global_step": checkpoint.get("global_step"),
+                **{key: state[key] for key in ("method", "sparsity", "distribution")
+                   if key in state}}
+    save_sparse_model(model, state["masks"], target, metadata=metadata)
+    dense = io.BytesIO()
+    torch.save(model.state_dict(), dense)
+    return ExportResult(checkpoint_path, target, target.stat().st_size, len(dense.getvalue()),
+                        network, len(state["masks"]))
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB"
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-ggr export CHECKPOINT_OR_RUN_DIR [--output FILE]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-ggr export",
+        description="Write a zoo run's trained sparse network as a sparse model file (active "
+        "weights and their positions; lightning_ggr.load_sparse_model reads it) and print its "
+        "size against the dense state_dict file.",
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR",
+                        help="a .ckpt file, or a run folder (its last.ckpt, else the newest)")
+    parser.add_argument("--output", metavar="FILE", default=None,
+                        help="the file to write (default: the checkpoint's name with "
+                        ".sparse.pt)")
+    args = parser.parse_args(argv)
+    try:
+        result = export_checkpoint(args.checkpoint, args.output)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    net = result.network
+    example = (f"torch.zeros(1, {net.get('in_channels', 3)}, {net.get('input_size', 32)}, "
+               f"{net.get('input_size', 32)})")
+    print(f"Exported {result.checkpoint} -> {result.output}\n"
+          f"  sparse file {_megabytes(result.file_bytes)}, dense state_dict "
+          f"{_megabytes(result.dense_bytes)}: {result.ratio:.1%} ({result.masks} sparse "
+          "tensors)\n"
+          "Rebuild and convert it where it runs:\n"
+          f"  model = lightning_ggr.zoo.build_model({net['model']!r}, "
+          f"{net.get('num_classes', 100)}, {net.get('input_size', 32)}, "
+          f"{net.get('in_channels', 3)})\n"
+          f"  masks = lightning_ggr.load_sparse_model(model, {str(result.output)!r})\n"
+          f"  fast = lightning_ggr.to_inference(model, masks, {example})")
+    return 0
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-ggr`` console script.
 
@@ -195,6 +338,8 @@ def main(args: ArgsType = None) -> None:
         from lightning_ggr.zoo.report import main as report_main
 
         sys.exit(report_main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["export"]:
+        sys.exit(export_main(argv[1:]))
     LightningGGRCLI(args=args)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
+from lightning_ggr.callbacks.compatibility import check_strategy
 from tests.helpers import SPARSE_NAMES, TinyModule, make_trainer, tiny_dataloader
 
 # (argument, bad value, exception, what the message must say besides the name and the value)
@@ -130,20 +132,47 @@ class MySharded(FSDPStrategy):
     """A user's strategy built on FSDP under another name."""
 
 
+class FakeMesh:
+    """Lightning's 2-D device mesh of ModelParallelStrategy, by dimension sizes."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, data: int, tensor: int) -> None:
+        self.sizes = {"data_parallel": data, "tensor_parallel": tensor}
+
+    def __getitem__(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(size=lambda: self.sizes[name])
+
+
+def model_parallel(data: int, tensor: int) -> ModelParallelStrategy:
+    strategy = ModelParallelStrategy(data_parallel_size=data, tensor_parallel_size=tensor)
+    strategy._device_mesh = FakeMesh(data, tensor)  # as after setup_environment
+    return strategy
+
+
 @pytest.mark.parametrize(
-    "strategy",
-    [FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy),
-     MySharded()],
-    ids=["fsdp", "model-parallel", "deepspeed", "fsdp-subclass"],
+    ("strategy", "why"),
+    [(FSDPStrategy(), "flattens the parameters"),
+     (DeepSpeedStrategy.__new__(DeepSpeedStrategy), r"ZeRO-3: param.grad is None"),
+     (MySharded(), "flattens the parameters"),
+     (model_parallel(1, 2), r"tensor parallelism \(ModelParallelStrategy with "
+                            r"tensor_parallel_size=2\)")],
+    ids=["fsdp", "deepspeed", "fsdp-subclass", "tensor-parallel"],
 )
-def test_sharded_strategies_are_refused_in_setup(strategy):
+def test_unsupported_sharded_strategies_are_refused_in_setup(strategy, why):
     # FSDP and DeepSpeed need a GPU or an extra package to build a Trainer; setup only reads
     # the trainer's strategy (and, after the check, its model and checkpoint callbacks).
     trainer = SimpleNamespace(strategy=strategy, checkpoint_callbacks=[])
     sparse = DynamicSparsityCallback(log_figures=False)
-    with pytest.raises(ValueError, match=rf"sharded strategy {type(strategy).__name__}: use "
-                                         r"'ddp', 'ddp_spawn'"):
+    with pytest.raises(ValueError, match=rf"does not support .*{why}.*ModelParallelStrategy\("
+                                         r"data_parallel_size=<processes>, "
+                                         r"tensor_parallel_size=1\)"):
         sparse.setup(trainer, TinyModule(), "fit")
+
+
+def test_model_parallel_with_data_parallelism_only_is_sharded():
+    assert check_strategy(SimpleNamespace(strategy=model_parallel(2, 1)))
+    assert not check_strategy(SimpleNamespace(strategy=SimpleNamespace()))
 
 
 def test_ddp_and_single_device_strategies_pass_setup(tmp_path):
@@ -220,3 +249,18 @@ def test_budget_of_exactly_one_weight_per_layer_is_accepted():
     assert engine.active_counts() == dict.fromkeys(SPARSE_NAMES, 1)
     with pytest.raises(ValueError, match="leaves 2 active weights for the 3 sparse layers"):
         SparseEngine(params, sparsity=1 - 2 / 312, method="ggr")
+
+
+def test_model_parallel_without_fully_shard_warns():
+    """Nothing sharded under ModelParallelStrategy: the user forgot fully_shard."""
+    sparse = DynamicSparsityCallback()
+    sparse._sharded = True
+    sparse.engine = SimpleNamespace(layout=None)
+    run = SimpleNamespace(strategy=SimpleNamespace())
+    with pytest.warns(UserWarning, match="no sparse parameter is sharded .* apply "
+                                         "torch.distributed.fsdp.fully_shard"):
+        sparse._warn_if_not_sharded(run)
+    sparse.engine = SimpleNamespace(layout=object())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse._warn_if_not_sharded(run)

@@ -71,3 +71,32 @@ def test_a_rewiring_on_the_gpu_keeps_the_invariants_with_few_syncs(method):
         assert (param.detach()[~mask] == 0).all()
         momentum = optimizer.state[param]["momentum_buffer"]
         assert (momentum[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_to_inference_on_cuda_computes_the_masked_model(dtype):
+    """The CSR path through cuSPARSE (torch.sparse on CUDA): whatever the timing picks, the
+    converted model equals the masked one; forced sparse, SparseLinear/SparseConv2d do too."""
+    from lightning_ggr import to_inference
+    from lightning_ggr.sparse.inference import SparseConv2d, SparseLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 64, 512), nn.ReLU(), nn.Linear(512, 10)).cuda().to(dtype)
+    masks = {name: torch.rand(p.shape, device="cuda") < 0.05
+             for name, p in model.named_parameters() if p.dim() > 1}
+    x = torch.randn(4, 3, 8, 8, device="cuda", dtype=dtype)
+    converted = to_inference(model, masks, x)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.mul_(masks[name])
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model.eval()(x), **tolerance)
+        conv = SparseConv2d.from_dense(model[0], masks["0.weight"])
+        torch.testing.assert_close(conv(x), model[0](x), **tolerance)
+        linear = SparseLinear.from_dense(model[3], masks["3.weight"])
+        hidden = torch.randn(4, 16 * 64, device="cuda", dtype=dtype)
+        torch.testing.assert_close(linear(hidden), model[3](hidden), **tolerance)
+    assert converted.inference_report.device.startswith("cuda")

@@ -15,7 +15,11 @@ from torch import nn
 from lightning_ggr.sparse import count_parameters
 from lightning_ggr.sparse.export import (
     compact_sequential,
+    decode_positions,
+    encode_positions,
     load_sparse_model,
+    module_masks,
+    read_sparse_model,
     save_sparse_model,
 )
 
@@ -71,7 +75,11 @@ def test_save_load_round_trip(tmp_path):
     save_sparse_model(model, masks, path, metadata={"method": "ggr", "sparsity": 0.7})
     raw = torch.load(path, weights_only=True)
     assert raw["metadata"] == {"method": "ggr", "sparsity": 0.7}
-    assert all(m.dtype == torch.bool for m in raw["masks"].values())
+    assert raw["format_version"] == 2
+    assert set(raw["sparse"]) == set(masks)  # masked tensors: values and positions only
+    assert not set(raw["state_dict"]) & set(masks)
+    for name, entry in raw["sparse"].items():
+        assert entry["values"].numel() == int(masks[name].sum())
 
     fresh = _vgg_like()
     loaded = load_sparse_model(fresh, path)
@@ -102,13 +110,191 @@ def test_load_checks_format_and_masked_zeros(tmp_path):
     path = tmp_path / "m.pt"
     save_sparse_model(model, masks, path)
     saved = torch.load(path, weights_only=True)
-    saved["state_dict"]["0.weight"] = torch.ones(3, 4)
+    saved["sparse"]["0.weight"]["values"] = torch.ones(13)
     torch.save(saved, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match=r"inconsistent: '0\.weight' has 13 values for"):
         load_sparse_model(nn.Sequential(nn.Linear(4, 3)), tmp_path / "bad.pt")
+    saved["format_version"] = 3
+    torch.save(saved, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="has format_version 3; this version of lightning-ggr"):
+        load_sparse_model(nn.Sequential(nn.Linear(4, 3)), tmp_path / "future.pt")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a sparse model"):
         load_sparse_model(model, tmp_path / "other.pt")
+
+
+# --------------------------------------------------------------------------- file format
+
+
+def _random_masked_linear(shape: tuple[int, int], density: float, dtype=torch.float32,
+                          seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(shape[1], shape[0])).to(dtype)
+    masks = {"0.weight": torch.rand(shape, generator=generator) < density}
+    with torch.no_grad():
+        model[0].weight.mul_(masks["0.weight"])
+    return model, masks
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_positions_round_trip_in_the_smaller_encoding(shape, density, seed):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=generator) < density
+    encoded = encode_positions(mask)
+    assert torch.equal(decode_positions(encoded, tuple(shape)), mask)
+    positions = encoded["positions"]
+    bitmask_bytes = -(-mask.numel() // 8)
+    # the smallest gap type for the largest gap
+    indices = mask.reshape(-1).nonzero().reshape(-1).tolist()
+    largest = max([b - a for a, b in itertools.pairwise([0, *indices])], default=0)
+    gap_bytes = len(indices) * next(size for size, top in ((1, 255), (2, 2**15 - 1), (4, 2**31 - 1))
+                                    if largest <= top)
+    assert positions.numel() * positions.element_size() == min(bitmask_bytes, gap_bytes)
+    assert encoded["encoding"] == ("gaps" if gap_bytes < bitmask_bytes else "bitmask")
+
+
+def test_gap_types_grow_with_the_largest_gap():
+    for gap, dtype in ((255, torch.uint8), (256, torch.int16), (40_000, torch.int32)):
+        mask = torch.zeros(gap + 1, dtype=torch.bool)
+        mask[gap] = True
+        encoded = encode_positions(mask)
+        assert encoded["encoding"] == "gaps" and encoded["positions"].dtype == dtype
+        assert torch.equal(decode_positions(encoded, (gap + 1,)), mask)
+    with pytest.raises(ValueError, match="unknown position encoding 'runs'"):
+        decode_positions({"encoding": "runs", "positions": torch.zeros(1)}, (1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_round_trip_is_bit_exact_in_the_parameters_dtype(tmp_path, dtype):
+    model, masks = _random_masked_linear((24, 40), 0.2, dtype)
+    with torch.no_grad():  # a grown weight that holds exactly 0 keeps its position
+        position = masks["0.weight"].nonzero()
+        model[0].weight[tuple(position[0])] = 0.0
+        model[0].weight[tuple(position[1])] = -0.0
+    save_sparse_model(model, masks, tmp_path / "m.pt")
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert raw["sparse"]["0.weight"]["values"].dtype == dtype
+    fresh = nn.Sequential(nn.Linear(40, 24)).to(dtype)
+    loaded = load_sparse_model(fresh, tmp_path / "m.pt")
+    assert torch.equal(loaded["0.weight"], masks["0.weight"])
+    active = masks["0.weight"]
+    # active values bit for bit (a -0.0 among them too); masked positions are zero (+0.0:
+    # the sign of a masked zero, -0.0 after masking a negative weight, is not kept)
+    assert torch.equal(fresh[0].weight.detach()[active].view(torch.uint8),
+                       model[0].weight.detach()[active].view(torch.uint8))
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert torch.equal(fresh[0].bias.detach().view(torch.uint8),
+                       model[0].bias.detach().view(torch.uint8))
+
+
+@pytest.mark.parametrize(("sparsity", "limit"), [(0.99, 0.03), (0.9, 0.15)])
+def test_file_is_about_density_times_the_dense_size(tmp_path, sparsity, limit):
+    model, masks = _random_masked_linear((1024, 1024), 1 - sparsity)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    save_sparse_model(model, masks, tmp_path / "sparse.pt")
+    ratio = (tmp_path / "sparse.pt").stat().st_size / (tmp_path / "dense.pt").stat().st_size
+    assert ratio <= limit
+
+
+def test_files_of_format_version_1_still_load(tmp_path):
+    """What save_sparse_model wrote before version 2: dense weights and bool masks."""
+    model, masks = _random_masked_linear((5, 7), 0.4)
+    version_1 = {"format": "lightning_ggr.sparse_model", "format_version": 1,
+                 "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+                 "masks": masks, "metadata": {"method": "set"}}
+    torch.save(version_1, tmp_path / "v1.pt")
+    fresh = nn.Sequential(nn.Linear(7, 5))
+    loaded = load_sparse_model(fresh, tmp_path / "v1.pt")
+    assert torch.equal(loaded["0.weight"], masks["0.weight"])
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    read = read_sparse_model(tmp_path / "v1.pt")
+    assert read.format_version == 1 and read.metadata == {"method": "set"}
+    version_1["state_dict"]["0.weight"] = torch.ones(5, 7)
+    torch.save(version_1, tmp_path / "v1_bad.pt")
+    with pytest.raises(ValueError, match="inconsistent"):
+        load_sparse_model(fresh, tmp_path / "v1_bad.pt")
+
+
+def test_a_tied_weight_is_stored_once(tmp_path):
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(300, 64)
+            self.head = nn.Linear(64, 300, bias=False)
+            self.head.weight = self.tok.weight
+
+    model = TiedLM()
+    masks = {"tok.weight": torch.rand(300, 64) < 0.05}
+    with torch.no_grad():
+        model.tok.weight.mul_(masks["tok.weight"])
+    save_sparse_model(model, masks, tmp_path / "tied.pt")
+    raw = torch.load(tmp_path / "tied.pt", weights_only=True)
+    assert raw["aliases"] == {"head.weight": "tok.weight"} and not raw["state_dict"]
+    fresh = TiedLM()
+    load_sparse_model(fresh, tmp_path / "tied.pt")
+    assert fresh.head.weight is fresh.tok.weight
+    assert torch.equal(fresh.tok.weight, model.tok.weight)
+
+
+# ------------------------------------------------------------- masks of an enclosing module
+
+
+class _Wrapper(nn.Module):
+    """A LightningModule-like holder: the callback's masks are named 'net.*' and 'aux.*'."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+        self.aux = nn.Linear(4, 2)
+
+
+def _wrapper_masks(wrapper: _Wrapper, names=("net.0.weight", "net.2.weight")):
+    params = dict(wrapper.named_parameters())
+    masks = {name: torch.rand(params[name].shape) < 0.5 for name in names}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return masks
+
+
+def test_saving_an_inner_network_with_the_outer_masks_strips_the_prefix(tmp_path):
+    wrapper = _Wrapper()
+    masks = _wrapper_masks(wrapper)
+    assert module_masks(wrapper.net, masks).keys() == {"0.weight", "2.weight"}
+    assert module_masks(wrapper, masks).keys() == masks.keys()
+    save_sparse_model(wrapper.net, masks, tmp_path / "net.pt")
+    fresh = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    loaded = load_sparse_model(fresh, tmp_path / "net.pt")
+    assert torch.equal(loaded["0.weight"], masks["net.0.weight"])
+    assert torch.equal(fresh[2].weight, wrapper.net[2].weight)
+
+
+def test_masks_partly_outside_the_module_fail_with_the_right_call():
+    wrapper = _Wrapper()
+    masks = _wrapper_masks(wrapper, ("net.0.weight", "net.2.weight", "aux.weight"))
+    with pytest.raises(ValueError) as error:
+        save_sparse_model(wrapper.net, masks, "unused.pt")
+    message = str(error.value)
+    assert "2 of the 3 masks belong to this module under the prefix 'net'" in message
+    assert "'aux.weight'" in message
+    call = message[message.index("{name.removeprefix"):]
+    selected = eval(call, {"masks": masks})  # the call the message shows works
+    assert module_masks(wrapper.net, selected).keys() == {"0.weight", "2.weight"}
+    with pytest.raises(ValueError, match=r"mask 'other\.weight' names no parameter of the "
+                                         "model; masks are keyed by the names"):
+        module_masks(wrapper.net, {"other.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_an_ambiguous_prefix_is_refused():
+    holder = nn.Module()
+    holder.a = nn.Module()
+    holder.a.w = nn.Parameter(torch.zeros(2))
+    holder.w = nn.Parameter(torch.zeros(2))
+    masks = {"x.a.w": torch.ones(2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"any of the prefixes 'x', 'x\.a'"):
+        module_masks(holder, masks)
 
 
 # ------------------------------------------------------------------------------ compaction

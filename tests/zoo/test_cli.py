@@ -340,3 +340,74 @@ def test_no_metric_at_all_is_said_so():
 
     assert format_metrics({}) == "(none logged)"
     assert format_metrics({"b": 2.0, "a/x": 1.0}) == "a/x 1.0000, b 2.0000"
+
+
+def _fit_quickstart_with_a_checkpoint(tmp_path, monkeypatch, *extra: str) -> LightningGGRCLI:
+    monkeypatch.chdir(tmp_path)
+    return LightningGGRCLI(args=[
+        "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_checkpointing", "true", "--test_after_fit", "false",
+        "--trainer.callbacks.init_args.log_figures", "false",
+        "--trainer.callbacks.init_args.interval", "step",
+        "--trainer.callbacks.init_args.update_interval", "1",
+        "--trainer.callbacks.init_args.stop_fraction", "1.0", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", *extra])
+
+
+@pytest.mark.slow
+def test_export_writes_the_runs_sparse_network_and_prints_its_size(tmp_path, monkeypatch,
+                                                                    capsys):
+    from lightning_ggr import load_sparse_model
+    from lightning_ggr.zoo import build_model
+
+    cli = _fit_quickstart_with_a_checkpoint(tmp_path, monkeypatch)
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ ==
+                   "DynamicSparsityCallback"]
+    assert callback.engine.rewirings == 2  # masks of a run that rewired
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "runs", "--output", "net.pt"])  # a run folder: its checkpoint
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "epoch=0-step=3.ckpt -> net.pt" in out
+    assert "model = lightning_ggr.zoo.build_model('small_cnn', 10, 8, 1)" in out
+    size = (tmp_path / "net.pt").stat().st_size
+    assert f"sparse file {size / 1e6:.2f} MB" in out
+    network = build_model("small_cnn", 10, 8, 1)
+    masks = load_sparse_model(network, tmp_path / "net.pt")
+    assert masks.keys() == {name.removeprefix("model.") for name in callback.masks}
+    for name, mask in callback.masks.items():
+        assert torch.equal(masks[name.removeprefix("model.")], mask.cpu())
+    for name, tensor in cli.model.model.state_dict().items():
+        assert torch.equal(network.state_dict()[name], tensor), name
+    raw = torch.load(tmp_path / "net.pt", weights_only=True)
+    assert raw["metadata"]["model"] == "small_cnn" and raw["metadata"]["sparsity"] == 0.9
+    # the default output: next to the checkpoint
+    with pytest.raises(SystemExit):
+        main(["export", str(next(tmp_path.rglob("*.ckpt")))])
+    assert len(list(tmp_path.rglob("epoch=0-step=3.sparse.pt"))) == 1
+
+
+def test_export_says_what_it_cannot_export(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "no *.ckpt under" in capsys.readouterr().err
+    torch.save({"hyper_parameters": {"lr": 0.1}, "state_dict": {}}, tmp_path / "user.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "user.ckpt")])
+    assert "not a checkpoint of ImageClassifier with a zoo network" in capsys.readouterr().err
+    torch.save({"hyper_parameters": {"model": "small_cnn", "num_classes": 10,
+                                     "input_size": 8, "in_channels": 1},
+                "state_dict": {}, "callbacks": {}}, tmp_path / "dense.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "dense.ckpt")])
+    assert "no DynamicSparsityCallback state with masks" in capsys.readouterr().err
+    torch.save({"hyper_parameters": {"model": "small_cnn", "num_classes": 10,
+                                     "input_size": 8, "in_channels": 1},
+                "state_dict": {}, "callbacks": {"DynamicSparsityCallback": {"masks": {}}}},
+               tmp_path / "empty.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "empty.ckpt")])
+    assert "do not fit the network its hyper-parameters name" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""Process groups for tests: one process in-process, or several spawned (gloo, CPU).
+
+A spawned worker asserts what it checks (a failed assertion fails the spawn, hence the
+test) and rank 0 writes a small JSON record that the test reads, to prove the checks ran.
+Rendezvous through a file: no network port to race for with other test processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: A failing rank must fail the test fast, not leave the others waiting 30 minutes.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """A gloo group of this process alone (world size 1), destroyed on exit."""
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0,
+                                world_size=1, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def exit_spawned_rank() -> None:
+    """End a spawned rank that succeeded without finalizing the interpreter.
+
+    After a run with FSDP2's DTensors, a gloo rank sometimes aborts in interpreter
+    finalization (``terminate called without an active exception``, SIGABRT, the main
+    thread with no Python frame left: about one run in three here), after every check and
+    after ``destroy_process_group``. A rank whose work is done and recorded exits with
+    status 0 at once instead; a failing rank still raises (``mp.spawn`` reports it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run(rank: int, world: int, store: str, record: str, fn: Callable[..., Any],
+         args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            Path(record).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+    exit_spawned_rank()
+
+
+def spawn(fn: Callable[..., Any], *args: Any, world: int = 2, folder: Path) -> Any:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined by a gloo group;
+    return what rank 0 returned (JSON)."""
+    record = folder / "record.json"
+    mp.spawn(_run, args=(world, str(folder / "store"), str(record), fn, args), nprocs=world,
+             join=True)
+    return json.loads(record.read_text())
