@@ -19,9 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.engine import SKIP_NONFINITE, SKIP_OPTIMIZER_NONFINITE
@@ -305,56 +303,3 @@ def test_spawned_ranks_destroy_their_process_group_at_fit_end(tmp_path):
         if dist.is_initialized():
             dist.destroy_process_group()
     assert issubclass(SpawnedDDPStrategy, pl.strategies.DDPStrategy)
-
-
-class CountingDDP(DDPStrategy):
-    """Lightning's own spawn strategy, counting its broadcasts on each rank. It keeps the
-    process group alive through ``on_fit_end`` as Lightning does (the tests' usual
-    :class:`SpawnedDDPStrategy` destroys it in the strategy's teardown, which Lightning runs
-    before ``on_fit_end``, and so would hide a collective made there)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.broadcasts = 0
-
-    def broadcast(self, obj, src: int = 0):
-        self.broadcasts += 1
-        return super().broadcast(obj, src)
-
-
-class CountAndClose(pl.Callback):
-    """Last of all (the ``teardown`` hooks run after ``on_fit_end``): writes the rank's
-    broadcast count, then destroys the gloo group (see tests/helpers/ddp.py for why)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def teardown(self, trainer, pl_module, stage) -> None:
-        count = trainer.strategy.broadcasts
-        Path(self.folder, f"broadcasts_{trainer.global_rank}").write_text(str(count))
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-@pytest.mark.ddp
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_ddp_with_a_logger_makes_the_same_collectives_on_every_rank(tmp_path):
-    """The run summary goes to ``trainer.log_dir``, which is a collective under DDP (a
-    broadcast from rank 0). Only rank 0 read it: rank 0 waited in the broadcast alone, and
-    the fit crashed at its end ("Connection closed by peer" once the other rank exited) or
-    paired it with another rank's unrelated collective, in every multi-process run with a
-    logger (the Trainer's default). Every rank reads it now."""
-    sparse = DynamicSparsityCallback(sparsity=0.75, interval="step", update_interval=2,
-                                     log_figures=False)
-    strategy = CountingDDP(start_method="spawn", timeout=timedelta(seconds=20))
-    trainer = make_trainer(tmp_path, [sparse, CountAndClose(str(tmp_path))], max_epochs=2,
-                           devices=WORLD, logger=CSVLogger(tmp_path), strategy=strategy)
-    trainer.fit(TinyModule(), tiny_dataloader(samples=32))  # 4 steps per epoch and rank
-    counts = [int((tmp_path / f"broadcasts_{rank}").read_text()) for rank in range(WORLD)]
-    assert counts[0] == counts[1]
-    (path,) = tmp_path.glob("**/lightning_ggr_summary.json")
-    account = json.loads(path.read_text())["rewiring"]
-    assert (account["done"], account["steps"]) == (1, 8)  # a rewiring at step 2; stop at 4
-    # The account reaches the launching process's callback_metrics too.
-    assert float(trainer.callback_metrics["rewiring/count"]) == 1.0
