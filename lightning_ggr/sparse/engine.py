@@ -68,6 +68,13 @@ NONFINITE_GRADIENTS = SKIP_NONFINITE
 MISSING_GRADIENTS = SKIP_NO_GRADIENTS
 
 
+def _version(param: Tensor) -> tuple[int, int]:
+    """The version counters an in-place write into ``param`` moves: its own, and its local
+    shard's for a DTensor (an in-place operation on the DTensor moves only the first, one on
+    ``to_local()`` only the second)."""
+    return param._version, local_tensor(param)._version
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -199,7 +206,7 @@ class SparseEngine:
         self._collected: dict[str, Tensor] = {}
         #: Each sparse parameter's version counter after the last zeroing pass: an in-place
         #: write through the parameter since then moves it.
-        self._versions: list[int] | None = None
+        self._versions: list[tuple[int, int]] | None = None
         #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
         self.fresh_state = FreshState()
         self._refresh_lists()
@@ -568,7 +575,7 @@ class SparseEngine:
         """
         if self._pass is None:
             return
-        versions = [local_tensor(param)._version for param in self._param_list]
+        versions = [_version(param) for param in self._param_list]
         if self._versions is None:
             changed = list(self.params)
         else:
@@ -623,7 +630,7 @@ class SparseEngine:
         self.enforce_masks(optimizers)
         # The optimizer's own writes are behind us: what moves a version counter from here
         # to the next step is someone else's (see collect_stray_weights).
-        self._versions = [local_tensor(param)._version for param in self._param_list]
+        self._versions = [_version(param) for param in self._param_list]
 
     # -------------------------------------------------------------------- rewiring
     def rewire(
