@@ -20,7 +20,9 @@ Sections (``--sections``):
              (CUDA; on a CPU the operations), topk calls
   build      ``SparseEngine`` construction time (ResNet-18, VGG16)
   every_step the cost of ``enforce_masks_every_step=True`` (masks applied before the forward
-             pass and after every step, whatever writes into the weights): the per-step work
+             pass and after every step, whatever writes into the weights), and of the pass
+             after every step of an optimizer outside the zero-preserving list, with and
+             without counting writes by other code before the step: the per-step work
              alone against a dense plain-loop step (isolated ratio, wall and CPU time), and
              Trainer steps dense / default callback / with the setting, interleaved in rounds
 
@@ -498,7 +500,17 @@ def run_every_step(s: Settings) -> list[dict]:
         engine.mask_gradients()
         engine.enforce_masks([optimizer])  # after the step: weights and momentum
 
-    works = {"default": default, "every_step": every_step}
+    def zeroing_pass() -> None:  # an optimizer outside the zero-preserving list, before
+        engine.mask_gradients()
+        engine.enforce_masks([optimizer])  # after the step: weights and its state
+
+    def zeroing_pass_counted() -> None:  # the same now: writes by other code counted first
+        engine.mask_gradients()
+        engine.collect_stray_weights()  # before the step: nothing else wrote, nothing read
+        engine.after_optimizer_step([optimizer])  # the pass, then the version counters
+
+    works = {"default": default, "every_step": every_step, "zeroing_pass": zeroing_pass,
+             "zeroing_pass_counted": zeroing_pass_counted}
     for fn in works.values():
         fn()
     per_round: dict[str, list[tuple[float, float]]] = {"dense": [], **{k: [] for k in works}}
@@ -832,7 +844,14 @@ def markdown(s: Settings, results: dict, seconds: float) -> str:
                 "| isolated ratio, CPU time |", "|---|---:|---:|---:|---:|"]
         for name, label in (("default", "default: gradient pass"),
                             ("every_step", "enforce_masks_every_step=True: weights before "
-                                           "the forward, gradients, weights + momentum after")):
+                                           "the forward, gradients, weights + momentum after"),
+                            ("zeroing_pass", "an optimizer outside the zero-preserving list "
+                                             "(Adamax, Rprop, ...), before this version: "
+                                             "gradients, weights + state after"),
+                            ("zeroing_pass_counted", "the same now: layers written in place "
+                                                     "since the last pass counted and zeroed "
+                                                     "before the step (collect_stray_weights;"
+                                                     " here none was)")):
             w = r[name]
             out.append(f"| {label} | {_range(w['wall'], 1e3, '{:.2f}')} | "
                        f"{_range(w['isolated'], fmt='{:.4f}')} | "

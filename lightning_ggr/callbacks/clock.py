@@ -68,6 +68,12 @@ class RewiringClock:
         self._hook_global_step: int | None = None  # the closure guard
         self._epoch_batches: int | None = None  # batches in the epoch so far
         self._epoch_start_step = 0
+        #: Lightning's global steps per step of the sparse optimizer, as assumed for
+        #: ``max_steps`` (manual optimization: one per optimizer of the module, each
+        #: stepping once per batch), and whether ``max_steps`` decided the length.
+        self.global_steps_per_step = 1
+        self._max_steps_decides = False
+        self._epoch_start_global_step = 0
 
     # ------------------------------------------------------------------ life cycle
     def restore(self, loaded: Mapping[str, Any] | None) -> None:
@@ -87,12 +93,19 @@ class RewiringClock:
             self.steps = (trainer.global_step if automatic_optimization
                           else max(trainer.fit_loop.total_batch_idx + 1, 0))
         self._hook_global_step = None
+        # max_steps bounds global_step, which under manual optimization counts the steps of
+        # every optimizer (two per batch in a GAN): the stop point assumes each of them
+        # steps once per batch (checked at each epoch end).
+        self.global_steps_per_step = (1 if automatic_optimization
+                                      else max(len(trainer.optimizers), 1))
         schedule = self.schedule(trainer, engine)
         self._epoch_batches, self._epoch_start_step = 0, self.steps
+        self._epoch_start_global_step = trainer.global_step
         return schedule
 
     def epoch_started(self, trainer: pl.Trainer, engine: SparseEngine | None) -> None:
         self._epoch_batches, self._epoch_start_step = 0, self.steps or 0
+        self._epoch_start_global_step = trainer.global_step
         if trainer.reload_dataloaders_every_n_epochs > 0 and self.may_rewire(engine):
             # A reloaded dataloader may change length on one rank only. Ranks that agreed
             # so far start this epoch together, so this collective pairs up.
@@ -151,7 +164,11 @@ class RewiringClock:
         if s.stop_step is not None:
             return s.stop_step, f"stop_step={s.stop_step}"
         max_epochs = trainer.max_epochs if self.max_epochs is None else self.max_epochs
-        total = total_optimizer_steps(trainer, max_epochs)
+        per_step = self.global_steps_per_step
+        total = total_optimizer_steps(trainer, max_epochs, per_step)
+        by_epochs = (math.inf if max_epochs is None or max_epochs < 0
+                     else steps_before_epoch(trainer, max(max_epochs, 1)))
+        self._max_steps_decides = per_step > 1 and total < by_epochs
         known = math.isfinite(total) and total >= 1
         fresh = int(s.stop_fraction * total) if known else None
         saved = self.saved_stop_step()
@@ -165,7 +182,11 @@ class RewiringClock:
             return int(saved), f"the checkpoint's stop point, step {saved}"
         if fresh is None:
             return None, "an unknown training length"
-        return fresh, f"stop_fraction={s.stop_fraction} of {int(total)} steps = step {fresh}"
+        source = f"stop_fraction={s.stop_fraction} of {int(total)} steps = step {fresh}"
+        if self._max_steps_decides:
+            source += (f"; max_steps={trainer.max_steps} counts the steps of all "
+                       f"{per_step} optimizers")
+        return fresh, source
 
     def planned_steps(self, trainer: pl.Trainer, schedule: RewiringSchedule,
                       batches: float) -> list[int] | None:
@@ -174,7 +195,8 @@ class RewiringClock:
         of every slot but the first before the stop point. ``None`` when an epoch's length
         (``batches``, in training batches) is unknown and ``interval="epoch"``."""
         max_epochs = trainer.max_epochs if self.max_epochs is None else self.max_epochs
-        end = min(float(schedule.stop_step), total_optimizer_steps(trainer, max_epochs))
+        end = min(float(schedule.stop_step),
+                  total_optimizer_steps(trainer, max_epochs, self.global_steps_per_step))
         every = schedule.update_interval
         if schedule.interval == "step":
             return list(range(every, math.ceil(end), every)) if end > every else []
@@ -307,6 +329,18 @@ class RewiringClock:
         if self.settings.stop_step is not None or not self._epoch_batches or self.steps is None:
             return
         steps = self.steps - self._epoch_start_step
+        global_steps = trainer.global_step - self._epoch_start_global_step
+        if (self._max_steps_decides and steps == self._epoch_batches
+                and global_steps != self.global_steps_per_step * self._epoch_batches):
+            self._warn_once(
+                "global steps per batch",
+                f"the optimizers stepped {global_steps} times in {self._epoch_batches} batches "
+                f"(epoch {trainer.current_epoch}), not {self.global_steps_per_step} times "
+                f"each: max_steps={trainer.max_steps} counts every optimizer's steps, and the "
+                f"stop point assumed each of the {self.global_steps_per_step} optimizers steps "
+                "once per batch, so it is not that fraction of this optimizer's steps; set "
+                "stop_step",
+            )
         if steps != self._epoch_batches:
             self._warn_once(
                 "steps per batch",

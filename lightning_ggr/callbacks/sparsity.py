@@ -406,6 +406,10 @@ class DynamicSparsityCallback(Callback):
             self.engine.mask_gradients()
         else:
             self._optimizer_step_work(trainer, optimizer)
+        if self._step_hook is not None:
+            # Masked weights are zeroed again right after this step: writes into them by
+            # other code since the last step must be counted now, or nothing would see them.
+            self.engine.collect_stray_weights()
         self._backwards_this_step = 0
         self.clock.advance()
 

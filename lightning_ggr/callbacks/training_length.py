@@ -54,7 +54,8 @@ def steps_before_epoch(trainer: pl.Trainer, epoch: int, batches: float | None = 
     return float(sum(math.ceil(batches / scheduled(e)) for e in range(epochs)))
 
 
-def total_optimizer_steps(trainer: pl.Trainer, max_epochs: int | None) -> float:
+def total_optimizer_steps(trainer: pl.Trainer, max_epochs: int | None,
+                          global_steps_per_step: int = 1) -> float:
     """Optimizer steps of the whole fit: the steps of ``max_epochs`` epochs, capped by
     ``max_steps``.
 
@@ -64,9 +65,15 @@ def total_optimizer_steps(trainer: pl.Trainer, max_epochs: int | None) -> float:
     ``GradientAccumulationScheduler``'s changing accumulation. ``inf`` when the length is
     unknown: no ``max_steps`` and either an unsized train dataloader or no epoch limit
     (``max_epochs=-1``). Call it once the train dataloader is set up.
+
+    ``global_steps_per_step``: Lightning's global steps per step counted here. ``max_steps``
+    bounds ``global_step``, which under manual optimization counts every optimizer's steps
+    (two per batch in a GAN whose two optimizers each step once): the cap is then
+    ``ceil(max_steps / global_steps_per_step)`` steps of the one optimizer.
     """
     max_steps = trainer.max_steps
-    capped = math.inf if max_steps is None or max_steps < 0 else float(max_steps)
+    capped = (math.inf if max_steps is None or max_steps < 0
+              else float(math.ceil(max_steps / global_steps_per_step)))
     if max_epochs is None or max_epochs < 0:
         return capped
     return min(steps_before_epoch(trainer, max(max_epochs, 1)), capped)

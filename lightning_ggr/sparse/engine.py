@@ -68,6 +68,13 @@ NONFINITE_GRADIENTS = SKIP_NONFINITE
 MISSING_GRADIENTS = SKIP_NO_GRADIENTS
 
 
+def _version(param: Tensor) -> tuple[int, int]:
+    """The version counters an in-place write into ``param`` moves: its own, and its local
+    shard's for a DTensor (an in-place operation on the DTensor moves only the first, one on
+    ``to_local()`` only the second)."""
+    return param._version, local_tensor(param)._version
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -194,6 +201,12 @@ class SparseEngine:
         #: Masked weights found non-zero (written by something else) and zeroed again, per
         #: layer, over the run: checkpointed.
         self.stray_weights_zeroed: dict[str, int] = {}
+        #: Masked weights found non-zero right before optimizer steps
+        #: (:meth:`collect_stray_weights`) and not read yet: name -> int64 device count.
+        self._collected: dict[str, Tensor] = {}
+        #: Each sparse parameter's version counter after the last zeroing pass: an in-place
+        #: write through the parameter since then moves it.
+        self._versions: list[tuple[int, int]] | None = None
         #: Where each optimizer starts a fresh parameter's per-weight state (probed, cached).
         self.fresh_state = FreshState()
         self._refresh_lists()
@@ -340,8 +353,10 @@ class SparseEngine:
                 flags = [torch.ones((), dtype=torch.bool, device=device)] * 2 + [
                     torch.zeros((), dtype=torch.bool, device=device)]
             values = [flag.to(torch.int64) for flag in flags]
-            values += [self._stray_count(name) for name in names]
-            checks.append((names, torch.stack(values)))
+            check = torch.stack(values)
+            if names:
+                check = torch.cat([check, self._stray_vector(device, names)])
+            checks.append((names, check))
         return checks
 
     def _agreed(self, checks: list[tuple[list[str], Tensor]], present: bool = True
@@ -526,11 +541,53 @@ class SparseEngine:
         return counts
 
     def _stray_tensors(self) -> list[tuple[list[str], Tensor]]:
+        return [(names, self._stray_vector(device, names))
+                for device, names in self._names_by_device().items()]
+
+    def _names_by_device(self) -> dict[torch.device, list[str]]:
         by_device: dict[torch.device, list[str]] = {}
         for name, param in self.params.items():
             by_device.setdefault(local_tensor(param).device, []).append(name)
-        return [(names, torch.stack([self._stray_count(name) for name in names]))
-                for names in by_device.values()]
+        return by_device
+
+    def _stray_vector(self, device: torch.device, names: list[str]) -> Tensor:
+        """The non-zero masked weights of the layers ``names`` (all of ``device``'s) now,
+        plus those :meth:`collect_stray_weights` found before earlier steps (taken: counted
+        once), as an int64 device tensor: nothing read."""
+        return torch.stack([self._stray_count(name) + self._collected.pop(name)
+                            if name in self._collected else self._stray_count(name)
+                            for name in names])
+
+    def collect_stray_weights(self) -> None:
+        """Count, on the device, the masked weights something else wrote into since the last
+        zeroing pass, and zero them; nothing is read (the counts join the next rewiring's or
+        :meth:`zero_stray_weights`' report).
+
+        For loops that zero masked weights after every step (:meth:`after_optimizer_step`,
+        needed by optimizers outside ``ZERO_PRESERVING_OPTIMIZERS``): call it right before
+        the step, or such writes (weight noise, a re-initialisation) are zeroed after the
+        step unseen, though they took part in its forward pass. Only layers written in place
+        since that pass are looked at (their version counter moved: ``torch.no_grad()``
+        writes, ``copy_``, ``nn.init``, ``load_state_dict``), so a step nothing else wrote
+        in costs one comparison per layer. A write through ``.data`` moves no counter: it
+        is zeroed after the step unseen, as before (the checks at rewirings and epoch ends
+        find only what is still there).
+        """
+        if self._pass is None:
+            return
+        versions = [_version(param) for param in self._param_list]
+        if self._versions is None:
+            changed = list(self.params)
+        else:
+            changed = [name for name, now, then
+                       in zip(self.params, versions, self._versions, strict=True) if now != then]
+        for name in changed:
+            count = self._stray_count(name)
+            self._collected[name] = (count if name not in self._collected
+                                     else self._collected[name] + count)
+        if changed:
+            self.apply_masks()  # through .data: no counter moves
+        self._versions = versions
 
     def _count_strays(self, counts: Mapping[str, int]) -> None:
         for name, count in counts.items():
@@ -571,6 +628,9 @@ class SparseEngine:
         the like a zero gradient and zero state already leave a masked weight at 0.
         """
         self.enforce_masks(optimizers)
+        # The optimizer's own writes are behind us: what moves a version counter from here
+        # to the next step is someone else's (see collect_stray_weights).
+        self._versions = [_version(param) for param in self._param_list]
 
     # -------------------------------------------------------------------- rewiring
     def rewire(
@@ -744,6 +804,14 @@ class SparseEngine:
         Only tensors and Python primitives: loadable with ``torch.load(weights_only=True)``.
         """
         schedule = self.schedule
+        # Strays collected before steps and not read yet count in the saved total (a copy:
+        # saving changes nothing in this run, whose next check reads them).
+        # (Sharded, each process holds its shards' counts, summed at the next check: not here,
+        # where a collective might not pair up; a resume then misses those since the check.)
+        stray = dict(self.stray_weights_zeroed)
+        for name, count in ({} if self.layout is not None else self._collected).items():
+            if int(count):
+                stray[name] = stray.get(name, 0) + int(count)
         if self.layout is None:
             masks = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
         else:  # the live DTensors: torch.distributed.checkpoint saves and loads them sharded
@@ -761,8 +829,7 @@ class SparseEngine:
             "rewirings": int(self.rewirings),
             "skipped_rewirings": int(self.skipped_rewirings),
             "skip_reasons": {reason: int(n) for reason, n in self.skip_reasons.items()},
-            "stray_weights_zeroed": {name: int(n)
-                                     for name, n in self.stray_weights_zeroed.items()},
+            "stray_weights_zeroed": {name: int(n) for name, n in stray.items()},
             "threshold": self.threshold,
             "generator_state": self.generator.get_state(),
             "initial_counts": dict(self.initial_counts),

@@ -3,19 +3,22 @@
 A torch optimizer keeps, per parameter, three kinds of state:
 
 - *per weight*: tensors shaped like the parameter (momentum, Adam's moments, Rprop's step
-  sizes, Adagrad's sums). A masked weight's entries are kept at 0; a weight grown by a
-  rewiring gets, at its position, the value the optimizer gives a fresh parameter
-  (Rprop: ``lr``; Adagrad: ``initial_accumulator_value``; 0 for the moments of Adam and
-  SGD's momentum);
-- *per tensor*: one value (Adam's ``step``): shared by every weight of the tensor, it
-  cannot be fresh for one of them and is left as it is;
-- *per row or column*: tensors that broadcast against the parameter (Adafactor's factored
-  second moments, ``m x 1`` and ``1 x n``): shared by the weights of a row or a column, left
-  as they are, like ``step``.
+  sizes, Adagrad's sums), or differing from it only by dimensions of size 1 (the same
+  values in the same order: Hugging Face's Adafactor keeps a ``1 x n`` weight's column
+  moments as ``(n,)``), read through a view shaped like the parameter. A masked weight's
+  entries are kept at 0; a weight grown by a rewiring gets, at its position, the value the
+  optimizer gives a fresh parameter (Rprop: ``lr``; Adagrad: ``initial_accumulator_value``;
+  0 for the moments of Adam and SGD's momentum);
+- *shared*: fewer values than the parameter has weights. One value (Adam's ``step``) is
+  shared by every weight of the tensor; factored second moments by the weights of a row or
+  a column, whether they broadcast against the parameter (torch's Adafactor: ``m x 1`` and
+  ``1 x n``) or drop a dimension (Hugging Face's and timm's Adafactor: ``(m,)`` and
+  ``(n,)``). Such state cannot be fresh for one weight and is left as it is.
 
-State of any other shape (one value per weight laid out differently, say flattened) can
-be neither masked nor reset per weight: :func:`check_optimizer_state` refuses it before
-training starts.
+State of any other shape (as many values as weights but in another order, say flattened,
+or more values than weights) can be neither masked nor reset per weight:
+:func:`check_optimizer_state` refuses it before training starts, and again when training
+starts from a restored state.
 
 Where a fresh parameter starts is found without a list of optimizers: a scratch instance
 of the optimizer's class (built from its ``defaults``, then given the parameter's group's
@@ -50,22 +53,63 @@ _PROBE_SIZES = (2, 3, 4, 5, 6, 7, 8)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> Iterator[Tensor]:
-    """State tensors of ``param`` in ``optimizer`` that hold one value per weight (shaped
-    like it: momentum, Adam's moments)."""
-    state = optimizer.state.get(param, {})
-    for value in state.values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
+    """State tensors of ``param`` in ``optimizer`` (and in any optimizer it wraps, see
+    :func:`state_holders`) that hold one value per weight (momentum, Adam's moments), each
+    shaped like ``param`` (a view where the state's shape differs only by dimensions of size
+    1: writes into it reach the state)."""
+    for holder in state_holders([optimizer]):
+        for _, value in _per_weight_entries(holder.state.get(param, {}), param):
             yield value
+
+
+def state_holders(optimizers: Iterable[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The optimizers whose ``state`` holds the parameters' state: each of ``optimizers`` and
+    every optimizer it wraps, found among its attributes (timm's ``Lookahead`` keeps Adam's
+    moments and its own slow weights in the wrapped optimizer's state, its own ``state``
+    stays empty; other wrappers share one ``state``). Each state dict comes once, with the
+    innermost optimizer that holds it (the one whose class can be rebuilt and probed)."""
+    found: dict[int, torch.optim.Optimizer] = {}
+
+    def visit(optimizer: torch.optim.Optimizer, depth: int) -> None:
+        found[id(optimizer.state)] = optimizer  # an inner one holding the same dict wins
+        if depth < 4:
+            for value in vars(optimizer).values():
+                if isinstance(value, torch.optim.Optimizer) and value is not optimizer:
+                    visit(value, depth + 1)
+
+    for optimizer in optimizers:
+        visit(optimizer, 0)
+    return list(found.values())
+
+
+def _per_weight_entries(state: Mapping[str, Any], param: Tensor) -> list[tuple[str, Tensor]]:
+    """``(key, tensor shaped like param)`` for each per-weight entry of a parameter's state."""
+    entries = []
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        if value.shape == param.shape:
+            entries.append((key, value))
+        elif value.numel() > 1 and _same_layout(tuple(value.shape), tuple(param.shape)):
+            # (one value alone, a single weight's ``step``, stays per tensor)
+            entries.append((key, value.view(param.shape)))
+    return entries
+
+
+def _same_layout(shape: tuple[int, ...], param_shape: tuple[int, ...]) -> bool:
+    """Whether a state of ``shape`` holds one value per weight of a parameter of
+    ``param_shape`` in the parameter's order: the two shapes are equal once their dimensions
+    of size 1 are dropped (``(n,)`` for a ``1 x n`` weight)."""
+    def squeezed(dims: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(size for size in dims if size != 1)
+    return squeezed(shape) == squeezed(param_shape)
 
 
 def _is_shared(shape: tuple[int, ...], param_shape: tuple[int, ...]) -> bool:
     """Whether a state of ``shape`` is shared by several weights of a parameter of
-    ``param_shape``: one value (``step``), or a tensor that broadcasts against the parameter
-    with fewer values (Adafactor's per-row and per-column moments)."""
-    if math.prod(shape) == 1:
-        return True
-    return (len(shape) == len(param_shape) and shape != param_shape
-            and all(size in (1, full) for size, full in zip(shape, param_shape, strict=True)))
+    ``param_shape``: it has fewer values than the parameter has weights (``step``, factored
+    per-row and per-column moments, in whatever layout)."""
+    return math.prod(shape) < math.prod(param_shape)
 
 
 def _hyper_parameters_key(group: Mapping[str, Any]) -> tuple:
@@ -148,13 +192,19 @@ class FreshState:
 
     def starts(self, optimizer: torch.optim.Optimizer, param: Tensor
                ) -> list[tuple[Tensor, Tensor | float]]:
+        """``(state tensor, start)`` for each per-weight state tensor of ``param`` in
+        ``optimizer`` and in every optimizer it wraps (:func:`state_holders`), each probed
+        as itself."""
+        return [pair for holder in state_holders([optimizer])
+                for pair in self._starts(holder, param)]
+
+    def _starts(self, optimizer: torch.optim.Optimizer, param: Tensor
+                ) -> list[tuple[Tensor, Tensor | float]]:
         """``(state tensor, start)`` for each per-weight state tensor of ``param``: the
         value a fresh parameter starts at, as a 0-dim tensor of the state's dtype and
         device (0.0 where the optimizer could not be probed: see
         :func:`check_optimizer_state`, which says so before training)."""
-        state = optimizer.state.get(param, {})
-        tensors = [(key, value) for key, value in state.items()
-                   if isinstance(value, Tensor) and value.shape == param.shape]
+        tensors = _per_weight_entries(optimizer.state.get(param, {}), param)
         if not tensors:
             return []
         try:
@@ -223,12 +273,22 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping[str,
     """Refuse an optimizer whose state cannot follow each weight; probe it once.
 
     Raises ``ValueError`` naming the parameter, the state entry and its shape when a state
-    tensor holds one value per weight in another layout (its shape neither the parameter's
-    nor one that broadcasts against it), in the optimizer's current state (a resumed one) or
-    in the state the optimizer gives a fresh parameter. Returns a warning to give once when
-    the optimizer could not be probed (grown weights then start their per-weight state at
-    0), else ``None``.
+    tensor can neither be masked nor reset per weight (as many values as the parameter has
+    weights in another order, or more values), in the optimizer's current state (a resumed
+    one) or in the state the optimizer gives a fresh parameter. An optimizer that wraps
+    another (:func:`state_holders`) is checked with the one it wraps. Returns a warning to
+    give once when none of them could be probed (grown weights then start their per-weight
+    state at 0), else ``None``: a wrapper that cannot be rebuilt (``Lookahead``) over one
+    that can needs none (its own per-weight state, if any, starts at 0).
     """
+    holders = state_holders([optimizer])
+    failures = [failure for holder in holders
+                if (failure := _check_one(holder, params, fresh)) is not None]
+    return failures[0] if len(failures) == len(holders) else None
+
+
+def _check_one(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
+               fresh: FreshState) -> str | None:
     name = type(optimizer).__name__
     for param_name, param in params.items():
         try:
@@ -253,14 +313,18 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping[str,
 def _refuse_layouts(name: str, param_name: str, shapes: Mapping[str, tuple[int, ...]],
                     param_shape: tuple[int, ...], where: str) -> None:
     for key, shape in shapes.items():
-        if shape != param_shape and not _is_shared(shape, param_shape):
-            raise ValueError(
-                f"{name} keeps {key!r} of shape {shape} for a parameter of shape {param_shape} "
-                f"({where}; {param_name!r}): one value per weight in another layout, which "
-                "DynamicSparsity can neither mask nor reset per weight. Use an optimizer whose "
-                "per-weight state is shaped like the parameter (SGD, Adam, AdamW, RMSprop, "
-                "Adafactor, ...), or keep this parameter dense (exclude)"
-            )
+        if _same_layout(shape, param_shape) or _is_shared(shape, param_shape):
+            continue
+        what = ("one value per weight in another layout"
+                if math.prod(shape) == math.prod(param_shape)
+                else "more values than the parameter has weights")
+        raise ValueError(
+            f"{name} keeps {key!r} of shape {shape} for a parameter of shape {param_shape} "
+            f"({where}; {param_name!r}): {what}, which DynamicSparsity can neither mask nor "
+            "reset per weight. Use an optimizer whose per-weight state is shaped like the "
+            "parameter (SGD, Adam, AdamW, RMSprop, Adafactor, ...), or keep this parameter "
+            "dense (exclude)"
+        )
 
 
 @torch.no_grad()
@@ -270,7 +334,8 @@ def reset_optimizer_state_(
 ) -> None:
     """Give ``param``'s per-weight optimizer state at ``positions`` (bool, shaped like it)
     the values a fresh parameter starts at (0 without ``fresh``): a new weight starts afresh.
-    One ``torch.where`` per state tensor."""
+    One ``torch.where`` per state tensor; the state of optimizers they wrap too
+    (:func:`state_holders`)."""
     for optimizer in optimizers:
         if fresh is None:
             pairs = [(value, 0.0) for value in optimizer_state_tensors(optimizer, param)]

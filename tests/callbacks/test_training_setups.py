@@ -197,6 +197,36 @@ def test_manual_stop_fraction_warns_when_the_optimizer_does_not_step_once_per_ba
         make_trainer(tmp_path, [cb], max_epochs=2).fit(GeneratorEverySecondBatch(), loader())
 
 
+def test_manual_optimization_with_two_optimizers_under_max_steps_stops_half_way(tmp_path):
+    """max_steps bounds global_step, which counts both optimizers' steps: max_steps=64 is 32
+    batches and 32 steps of the sparse optimizer. The stop point was taken as 0.5 of 64, step
+    32: rewiring ran to the end of training (15 of "15 planned"), the schedule line said
+    "stop_fraction=0.5 of 64 steps", and nothing warned."""
+    cb = sparse(include=["gen.weight"], interval="step", update_interval=4)  # stop_fraction 0.5
+    log = RewiringLog(cb, "gen.weight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, [cb, log], max_epochs=None, max_steps=64)
+        trainer.fit(TwoOptimizers(), loader())
+    assert log.own_count == 32 and trainer.global_step == 64
+    assert cb.engine.schedule.stop_step == 16
+    assert log.own_steps == [4, 8, 12]
+    assert cb.clock.stop_source == ("stop_fraction=0.5 of 32 steps = step 16; max_steps=64 "
+                                    "counts the steps of all 2 optimizers")
+    assert cb.clock.planned == [4, 8, 12]
+    assert not [w for w in caught if "set stop_step" in str(w.message)]
+
+
+def test_manual_max_steps_warns_when_the_optimizers_do_not_each_step_once_per_batch(tmp_path):
+    """The stop point under max_steps assumes each optimizer steps once per batch: a critic
+    trained on every batch and a generator on every second one break it; said once."""
+    cb = sparse(include=["disc.weight"], interval="step", update_interval=2)
+    with pytest.warns(UserWarning, match=r"the optimizers stepped 12 times in 8 batches "
+                                         r"\(epoch 0\), not 2 times each: max_steps=24 counts"):
+        make_trainer(tmp_path, [cb], max_epochs=None, max_steps=24).fit(
+            GeneratorEverySecondBatch(), loader())
+
+
 def test_lbfgs_is_refused_before_training(tmp_path):
     """LBFGS evaluates its closure (and Lightning our hook) several times per step, over a
     flat history the masks never reach: masked weights reached 2.2 inside its line search."""

@@ -431,3 +431,43 @@ def test_masked_weights_written_by_something_else_are_found_counted_and_zeroed()
     assert engine.stray_weights_zeroed == {"0.weight": 5, "5.weight": 2, "2.weight": 3}
     restored = SparseEngine.from_state_dict(params, engine.state_dict(), sparsity=0.8)
     assert restored.stray_weights_zeroed == engine.stray_weights_zeroed
+
+
+def test_writes_collected_before_steps_are_counted_once_by_the_next_check():
+    """For loops that zero masked weights after every step (optimizers outside the
+    zero-preserving list), ``collect_stray_weights`` counts writes right before the step
+    (on the device) and zeroes them; the next rewiring or ``zero_stray_weights`` reports
+    them with its own, once; a checkpoint taken before that counts them already."""
+    model = tiny_net()
+    params = select_sparse_parameters(model)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=0.1)
+    engine = SparseEngine(params, sparsity=0.8, method="set",
+                          schedule=RewiringSchedule("step", 3, stop_step=10, drop_fraction=0.3))
+
+    def write(name: str, count: int) -> None:
+        positions = (~engine.masks[name]).reshape(-1).nonzero().squeeze(1)[:count]
+        with torch.no_grad():
+            params[name].view(-1)[positions] = 0.5
+
+    for step, (name, count) in enumerate([("0.weight", 4), ("5.weight", 1)]):
+        write(name, count)
+        _backward(model)
+        assert engine.before_optimizer_step(step, 0, [optimizer]) is None
+        engine.collect_stray_weights()
+        assert (params[name].detach()[~engine.masks[name]] == 0).all()  # zeroed already
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])
+    saved = engine.state_dict()["stray_weights_zeroed"]
+    assert saved == {"0.weight": 4, "5.weight": 1}
+    assert engine.stray_weights_zeroed == {}  # saving reads them but changes nothing
+    write("2.weight", 2)
+    _backward(model)
+    report = engine.before_optimizer_step(3, 0, [optimizer])  # due: one read for all
+    assert report.stray_weights == {"0.weight": 4, "5.weight": 1, "2.weight": 2}
+    assert engine.zero_stray_weights([optimizer]) == {}  # counted once
+    engine.collect_stray_weights()
+    assert engine.zero_stray_weights([optimizer]) == {}
+    write("2.weight", 3)
+    engine.collect_stray_weights()
+    assert engine.zero_stray_weights([optimizer]) == {"2.weight": 3}
+    assert engine.stray_weights_zeroed == {"0.weight": 4, "5.weight": 1, "2.weight": 5}

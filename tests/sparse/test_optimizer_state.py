@@ -201,16 +201,201 @@ def test_state_in_another_layout_is_refused_before_training():
         engine.check_optimizers([optimizer])
 
 
+class Unbuildable(torch.optim.Rprop):
+    """An optimizer whose class cannot be built from its defaults (a required argument)."""
+
+    def __init__(self, params, owner: object, lr: float = 0.3) -> None:
+        super().__init__(params, lr=lr)
+        self.owner = owner
+
+
 def test_row_and_column_state_is_accepted_and_an_unprobeable_optimizer_warns():
     weight = torch.nn.Parameter(torch.randn(4, 5))
     engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
     assert engine.check_optimizers([torch.optim.Adafactor([weight])]) == []
-    wrapped = Wrapper(torch.optim.Rprop([weight], lr=0.3))
-    (warning,) = engine.check_optimizers([wrapped])
-    assert "Wrapper" in warning and "start their per-weight optimizer state at 0" in warning
+    unbuildable = Unbuildable([weight], owner=object())
+    (warning,) = engine.check_optimizers([unbuildable])
+    assert "Unbuildable" in warning and "start their per-weight optimizer state at 0" in warning
     weight.grad = torch.ones_like(weight)
-    wrapped.step()
-    assert [start for _, start in engine.fresh_state.starts(wrapped, weight)] == [0.0, 0.0]
+    unbuildable.step()
+    assert [start for _, start in engine.fresh_state.starts(unbuildable, weight)] == [0.0, 0.0]
+
+
+class SlowWeights(torch.optim.Optimizer):
+    """timm's ``Lookahead``: wraps another optimizer without ``Optimizer.__init__``, shares
+    its ``param_groups``, keeps an empty ``state`` of its own and puts its slow weights into
+    the wrapped optimizer's state, next to that optimizer's moments."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int = 2) -> None:
+        self._base_optimizer = base
+        self.param_groups = base.param_groups
+        self.defaults = base.defaults
+        self.state = {}
+        self.k, self.steps = k, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._base_optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self._base_optimizer.state[p]
+                    slow = state.setdefault("slow", p.detach().clone())
+                    slow.add_(p - slow, alpha=0.5)
+                    p.copy_(slow)
+        return loss
+
+
+@pytest.mark.parametrize("make", [
+    lambda base: Wrapper(base),  # one state shared with the wrapped optimizer
+    lambda base: SlowWeights(base),  # the wrapped optimizer's state, its own empty
+], ids=["shared state", "wrapped state"])
+def test_an_optimizer_wrapping_another_has_the_wrapped_state_masked_and_reset(make):
+    """A wrapper (Lookahead) cannot be rebuilt from its defaults; its state lives in the
+    optimizer it wraps. That state was never masked nor reset (timm's Lookahead over Adam:
+    dropped weights kept their moments and slow weights, grown ones got them back) and the
+    warning said grown weights start at 0. The wrapped optimizer is followed and probed."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=generator))
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set", seed=0)
+    base = torch.optim.Rprop([weight], lr=0.3)
+    optimizer = make(base)
+    assert engine.check_optimizers([optimizer]) == []  # no warning: the wrapped one probes
+    for _ in range(4):
+        weight.grad = torch.randn(weight.shape, generator=generator)
+        engine.mask_gradients()
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])
+    state = base.state[weight]
+    before = engine.masks["w"].clone()
+    kept_sizes = state["step_size"].clone()
+    engine.rewire(0.5, [optimizer])
+    mask = engine.masks["w"]
+    grown, dropped = mask & ~before, before & ~mask
+    assert grown.any() and dropped.any()
+    assert (state["step_size"][grown] == 0.3).all()  # where a fresh Rprop weight starts
+    assert (state["prev"][grown] == 0).all()
+    for key in state:
+        if isinstance(state[key], torch.Tensor) and state[key].shape == weight.shape:
+            assert (state[key][~mask] == 0).all(), key
+    assert torch.equal(state["step_size"][mask & before], kept_sizes[mask & before])
+
+
+def test_timms_lookahead_has_its_wrapped_state_masked():
+    timm_optim = pytest.importorskip("timm.optim")
+    weight = torch.nn.Parameter(torch.randn(6, 8))
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
+    optimizer = timm_optim.Lookahead(torch.optim.Adam([weight], lr=0.1), k=2)
+    assert engine.check_optimizers([optimizer]) == []
+    for _ in range(2):
+        weight.grad = torch.randn_like(weight)
+        engine.mask_gradients()
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])
+    engine.rewire(0.5, [optimizer])
+    state = optimizer._base_optimizer.state[weight]
+    assert {"exp_avg", "exp_avg_sq", "lookahead_slow_buff"} <= set(state)
+    for key in ("exp_avg", "exp_avg_sq", "lookahead_slow_buff"):
+        assert (state[key][~engine.masks["w"]] == 0).all(), key
+
+
+class FactoredMoments(torch.optim.Optimizer):
+    """Hugging Face's and timm's Adafactor layout: a weight's second moment factored into a
+    row vector ``shape[:-1]`` and a column vector ``shape[:-2] + shape[-1:]`` (a dimension
+    dropped, not kept at size 1 as in torch's Adafactor), next to a first moment shaped
+    like the weight."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["row"] = torch.zeros(p.shape[:-1])
+                    state["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:])
+                    state["exp_avg"] = torch.zeros_like(p)
+                square = p.grad.square()
+                state["row"].lerp_(square.mean(-1), 0.5)
+                state["col"].lerp_(square.mean(-2), 0.5)
+                state["exp_avg"].lerp_(p.grad, 0.1)
+                p.add_(state["exp_avg"], alpha=-group["lr"])
+
+
+def test_factored_moments_that_drop_a_dimension_are_shared_not_refused():
+    """Hugging Face's Adafactor was refused before training ("one value per weight in
+    another layout" for its ``(m,)`` row moments: they are one per row), and a run with
+    timm's Adafactor, which factors only large weights, was refused when resumed."""
+    weight = torch.nn.Parameter(torch.randn(16, 12))
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
+    optimizer = FactoredMoments([weight])
+    assert engine.check_optimizers([optimizer]) == []  # the probe's state
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert engine.check_optimizers([optimizer]) == []  # a restored state
+    engine.mask_gradients()
+    row, col = optimizer.state[weight]["row"].clone(), optimizer.state[weight]["col"].clone()
+    engine.rewire(0.5, [optimizer])
+    # Shared by a row or a column: left as they are; the first moment follows each weight.
+    assert torch.equal(optimizer.state[weight]["row"], row)
+    assert torch.equal(optimizer.state[weight]["col"], col)
+    assert (optimizer.state[weight]["exp_avg"][~engine.masks["w"]] == 0).all()
+
+
+def test_per_weight_state_without_a_dimension_of_size_1_follows_each_weight():
+    """A ``1 x n`` weight (a one-output head): Hugging Face's Adafactor keeps its column
+    moments as ``(n,)``, one per weight in the weight's order. They are masked and reset
+    like state shaped as the weight (they were refused)."""
+    weight = torch.nn.Parameter(torch.randn(1, 12))
+    engine = SparseEngine({"head": weight}, sparsity=0.5, method="set", seed=1)
+    optimizer = FactoredMoments([weight])
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert engine.check_optimizers([optimizer]) == []
+    state = optimizer.state[weight]
+    assert state["col"].shape == (12,) and state["row"].shape == (1,)
+    before = engine.masks["head"].clone()
+    engine.mask_gradients()
+    report = engine.rewire(0.5, [optimizer])
+    assert report.total_grown > 0
+    mask = engine.masks["head"].reshape(-1)
+    assert (state["col"][~mask] == 0).all()  # masked positions: 0
+    grown = mask & ~before.reshape(-1)
+    assert (state["col"][grown] == 0).all()  # grown: a fresh parameter's (the probe's 0)
+    assert float(state["row"]) != 0  # one value for the whole row: left as it is
+    kept = mask & before.reshape(-1)
+    assert (state["col"][kept] != 0).all()
+    # Flattened state of a weight with two real dimensions is still refused.
+    square = torch.nn.Parameter(torch.randn(4, 5))
+    other = SparseEngine({"w": square}, sparsity=0.5, method="set")
+    sgd = torch.optim.SGD([square], lr=0.1, momentum=0.9)
+    sgd.state[square]["momentum_buffer"] = torch.zeros(20)
+    with pytest.raises(ValueError, match="one value per weight in another layout"):
+        other.check_optimizers([sgd])
+    sgd.state[square]["momentum_buffer"] = torch.zeros(2, 4, 5)
+    with pytest.raises(ValueError, match="more values than the parameter has weights"):
+        other.check_optimizers([sgd])
+
+
+@pytest.mark.parametrize("library", ["transformers", "timm"])
+def test_the_ecosystems_adafactors_are_accepted(library):
+    """The real ones, where installed (the dev extra installs both)."""
+    weight = torch.nn.Parameter(torch.randn(32, 24))
+    if library == "transformers":
+        optimization = pytest.importorskip("transformers.optimization")
+        optimizer = optimization.Adafactor([weight], lr=1e-2, relative_step=False,
+                                           scale_parameter=False)
+    else:
+        timm_optim = pytest.importorskip("timm.optim")
+        optimizer = timm_optim.Adafactor([weight], lr=1e-2)  # factors from 16 rows
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
+    assert engine.check_optimizers([optimizer]) == []
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert engine.check_optimizers([optimizer]) == []  # resuming from this state
 
 
 def test_the_probe_records_values_before_the_update():

@@ -364,6 +364,39 @@ def test_the_per_step_pass_on_shards_is_one_operation_without_collectives(monkey
             assert (param.grad.to_local()[~engine.masks[name].to_local()] == 0).all()
 
 
+def test_writes_into_sharded_weights_are_collected_before_the_step():
+    """An in-place write into a DTensor parameter moves the DTensor's version counter but
+    not its local shard's (and one into ``to_local()`` the reverse): both are watched, so
+    a write either way is counted before the step of an optimizer whose steps are followed
+    by a zeroing pass (Adamax). Watching the shard's alone missed every write made through
+    the parameter under FSDP2."""
+    with one_process_group():
+        model, _ = _one_rank_model()
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.7)
+        optimizer = torch.optim.Adamax(model.parameters(), lr=0.01)
+        weight = model[0].weight
+        masked = int((~engine.masks["0.weight"].to_local()).sum())
+
+        def step() -> None:
+            model(torch.randn(4, 7)).square().sum().backward()
+            engine.mask_gradients()
+            engine.collect_stray_weights()
+            optimizer.step()
+            engine.after_optimizer_step([optimizer])
+            optimizer.zero_grad()
+
+        step()
+        assert engine.zero_stray_weights([optimizer]) == {}
+        with torch.no_grad():
+            weight.add_(0.5)  # through the DTensor
+        step()
+        with torch.no_grad():
+            weight.to_local().add_(0.5)  # through its local shard
+        step()
+        assert engine.zero_stray_weights([optimizer]) == {"0.weight": 2 * masked}
+        assert (weight.to_local()[~engine.masks["0.weight"].to_local()] == 0).all()
+
+
 def test_sharded_masks_checkpoint_with_the_model_and_consolidate(tmp_path):
     """The plain-loop recipe: masks held as buffers of the model go into its distributed
     checkpoint, load back in place, and consolidate into one file of whole masks."""
