@@ -62,7 +62,7 @@ from lightning_ggr.sparse.sharded import (
 SKIP_NONFINITE = "non-finite sparse gradients"
 SKIP_NO_GRADIENTS = "no sparse gradients (the method grows by gradient)"
 SKIP_OPTIMIZER_NONFINITE = ("non-finite gradients of other parameters of the optimizer "
-                            "(a grad scaler skips this step)")
+                            "(under a grad scaler its step is skipped)")
 #: The same reasons under the names the fit-end account uses.
 NONFINITE_GRADIENTS = SKIP_NONFINITE
 MISSING_GRADIENTS = SKIP_NO_GRADIENTS
