@@ -47,7 +47,7 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
-from lightning_ggr.sparse.sharded import hold_masks_in_model, zero_count
+from lightning_ggr.sparse.sharded import hold_masks_in_model, load_held_masks, zero_count
 
 
 class DynamicSparsityCallback(Callback):
@@ -332,22 +332,24 @@ class DynamicSparsityCallback(Callback):
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
         self._warn_if_not_sharded(trainer)
-        if self.engine.layout is not None:
-            # Sharded: the masks become buffers of the model, so that Lightning's
-            # distributed checkpoint saves them shard by shard with it (no rank holds a
-            # whole mask) and loads them back in place, on any number of processes.
-            hold_masks_in_model(pl_module, self.engine.masks)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loaded_state is not None:  # restored after on_fit_start
-            self._adopt_restored_state()
+            self._adopt_restored_state(trainer)
         elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
             rank_zero_warn(
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
                 "state: new random masks are drawn and applied to the loaded weights."
             )
             self.engine.apply_masks()
+        if self.engine.layout is not None:
+            # Sharded: the masks become buffers of the model, so that Lightning's
+            # distributed checkpoint saves them shard by shard with it (no rank holds a
+            # whole mask). Only now, after the restore: a checkpoint without them (a dense
+            # run's, a single-device run's) loads strictly into the model, and a sharded
+            # one's masks were read by _adopt_restored_state.
+            hold_masks_in_model(pl_module, self.engine.masks)
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here,
         # and a restored state's layout checked.
@@ -576,10 +578,11 @@ class DynamicSparsityCallback(Callback):
                 "LightningModule's configure_model. Without it nothing synchronises the "
                 "processes' gradients, and their weights drift apart")
 
-    def _adopt_restored_state(self) -> None:
+    def _adopt_restored_state(self, trainer: pl.Trainer) -> None:
         """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
-        the model, its mask buffers included, after on_fit_start): the engine adopts the
-        loaded masks and the bookkeeping, the clock its position."""
+        the model after on_fit_start): the engine adopts the saved masks (those of a sharded
+        run read from the checkpoint's mask buffers, each process its rows) and the
+        bookkeeping, the clock its position."""
         loaded, self._loaded_state = self._loaded_state, None
         self._warn_if_settings_changed(loaded)
         saved = loaded.get("masks") or {}
@@ -589,8 +592,9 @@ class DynamicSparsityCallback(Callback):
                 f"the checkpoint's masks cover {sorted(names)}, this callback selected "
                 f"{sorted(self.engine.masks)}: resume with the include/exclude of the run "
                 "that wrote it")
-        # A sharded checkpoint loaded the masks in place into the model's buffers.
-        self.engine.load_state_dict({**loaded, "masks": saved or self.engine.masks})
+        if not saved:  # a sharded run's: the masks are the model's buffers in the checkpoint
+            saved = load_held_masks(self.engine.masks, trainer.ckpt_path)
+        self.engine.load_state_dict({**loaded, "masks": saved})
         self.clock.restore(loaded)
         self.reporter.account = RunAccount.from_state(loaded.get("account"))
         self._run_id = str(loaded.get("run_id") or self._run_id)

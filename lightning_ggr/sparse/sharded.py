@@ -30,6 +30,7 @@ import contextvars
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -615,6 +616,41 @@ def hold_masks_in_model(module: Any, masks: Mapping[str, Tensor]) -> None:
         owner, _, leaf = name.rpartition(".")
         (module.get_submodule(owner) if owner else module).register_buffer(
             leaf + MASK_BUFFER_SUFFIX, mask)
+
+
+def load_held_masks(masks: Mapping[str, Tensor], checkpoint: Any,
+                    prefix: str = "state_dict.") -> dict[str, Tensor]:
+    """The masks a checkpoint holds as the model's ``<parameter>_sparse_mask`` buffers
+    (:func:`hold_masks_in_model`), for ``SparseEngine.load_state_dict``.
+
+    A distributed checkpoint (a folder) is read in place into ``masks`` (DTensors placed like
+    their parameters; each process reads its rows, whatever the number of processes that
+    wrote it; every process must call it), which are returned. A single-file checkpoint
+    (``torch.save`` of a full state dict) gives the whole masks, of which the engine takes
+    each process's rows.
+
+    Loading them apart from the model lets the masks stay out of the model's state dict until
+    the checkpoint is restored: a checkpoint without them (a dense run's, a single-device
+    run's) then loads strictly into the model too.
+
+    Args:
+        prefix: the key under which the model's state dict was saved, with its dot
+            (Lightning's: ``"state_dict."``).
+    """
+    keys = {name: f"{prefix}{name}{MASK_BUFFER_SUFFIX}" for name in masks}
+    path = Path(checkpoint)
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({keys[name]: mask for name, mask in masks.items()}, checkpoint_id=str(path))
+        return dict(masks)
+    state: Any = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+    for part in prefix.rstrip(".").split(".") if prefix else ():
+        state = state[part]
+    missing = [key for key in keys.values() if key[len(prefix):] not in state]
+    if missing:
+        raise ValueError(f"{checkpoint} holds no saved mask named {missing}")
+    return {name: state[key[len(prefix):]] for name, key in keys.items()}
 
 
 def consolidate_masks(checkpoint: Any, out: Any = None,
