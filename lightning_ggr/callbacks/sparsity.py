@@ -47,7 +47,12 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
-from lightning_ggr.sparse.sharded import hold_masks_in_model, load_held_masks, zero_count
+from lightning_ggr.sparse.sharded import (
+    check_sharding,
+    hold_masks_in_model,
+    load_held_masks,
+    zero_count,
+)
 
 
 class DynamicSparsityCallback(Callback):
@@ -285,6 +290,9 @@ class DynamicSparsityCallback(Callback):
             rank_zero_info("DynamicSparsityCallback: manual optimization; every optimizer step "
                            "of the optimizer holding the sparse weights counts as a step.")
         params = self._select_parameters(trainer, pl_module)
+        # Before anything reads the shards across processes (a DTensor placed otherwise
+        # fails inside torch, naming no way out).
+        check_sharding(params)
         self._check_sole_owner(trainer, pl_module, params)
         loaded = self._loaded_state
         # ModelParallelStrategy restores the checkpoint after this hook: its state arrives

@@ -119,16 +119,19 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
-    """The :class:`ShardLayout` of ``params`` when some are DTensors (``None`` otherwise).
+def check_sharding(params: Mapping[str, Tensor]) -> Any:
+    """The one device mesh ``params``' DTensors are sharded over (``None``: none is a DTensor).
 
     Every DTensor must be sharded along dim 0 over one and the same one-dimensional device
-    mesh (``fully_shard`` with data parallelism); a plain tensor among them is replicated on
-    every process (a partly sharded model), and rank 0 decides its rewiring.
+    mesh (``fully_shard`` with data parallelism), on the mesh's device (no CPU offload).
+    Anything that reads sharded parameters across processes checks this first: a DTensor
+    placed otherwise fails inside torch with a message that names no way out.
 
     Raises:
-        ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh), or
-            DTensors on different meshes.
+        ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh, a
+            2-D mesh such as Lightning's ``device_mesh`` passed whole), DTensors on different
+            meshes, or offloaded to the CPU.
+        RuntimeError: torch too old for sharding (:func:`check_torch_for_sharding`).
     """
     if any(type(p).__name__ == "DTensor" for p in params.values()):
         check_torch_for_sharding()
@@ -139,12 +142,18 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
     for name, param in sharded.items():
         mesh = param.device_mesh
         if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            names = getattr(mesh, "mesh_dim_names", None)
+            hint = ""
+            if mesh.ndim > 1 and names and "data_parallel" in names:
+                hint = ("; under Lightning's ModelParallelStrategy, shard over its data-parallel "
+                        "dimension: fully_shard(module, mesh=self.device_mesh['data_parallel'])")
             raise ValueError(
                 f"parameter {name!r} is a DTensor placed {tuple(param.placements)} on a "
-                f"{mesh.ndim}-D device mesh: sparse training supports parameters sharded "
-                "along dim 0 over one mesh dimension (FSDP2's fully_shard for data "
-                "parallelism, as Lightning's ModelParallelStrategy(tensor_parallel_size=1) "
-                "applies it); tensor parallelism and 2-D meshes (HSDP) are not supported")
+                f"{mesh.ndim}-D device mesh{'' if not names else f' {names}'}: sparse "
+                "training supports parameters sharded along dim 0 over one mesh dimension "
+                "(FSDP2's fully_shard for data parallelism, as Lightning's "
+                "ModelParallelStrategy(tensor_parallel_size=1) applies it); tensor "
+                f"parallelism and 2-D meshes (HSDP) are not supported{hint}")
         if all(mesh is not seen and mesh != seen for seen in meshes):
             meshes.append(mesh)
         if param.to_local().device.type != mesh.device_type:
@@ -156,7 +165,22 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
     if len(meshes) > 1:
         raise ValueError(f"the sparse parameters are sharded over {len(meshes)} different "
                          "device meshes; shard them all over one (one fully_shard mesh)")
-    mesh = meshes[0]
+    return meshes[0]
+
+
+def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``params`` when some are DTensors (``None`` otherwise).
+
+    Every DTensor must be sharded along dim 0 over one and the same one-dimensional device
+    mesh (:func:`check_sharding`); a plain tensor among them is replicated on every process
+    (a partly sharded model), and rank 0 decides its rewiring.
+
+    Raises:
+        ValueError: as :func:`check_sharding`.
+    """
+    mesh = check_sharding(params)
+    if mesh is None:
+        return None
     group = mesh.get_group()
     rank = dist.get_rank(group)
     layers = {}

@@ -275,3 +275,28 @@ def test_a_dense_sharded_checkpoint_resumes_sparse_with_new_masks(tmp_path):
     assert seen["rewirings"] == 0 and seen["buffers"]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["steps"] == 4 and record["rewirings"] > 0
+
+
+class _WholeMeshTransformer(TinyTransformer):
+    """Sharded over ModelParallelStrategy's whole (2-D) device mesh: HSDP placements."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self, mesh=self.device_mesh)
+
+
+def _fit_whole_mesh(rank: int, world: int, root: str) -> None:
+    sparse = DynamicSparsityCallback(**SETTINGS)
+    trainer(root, [sparse], world, max_epochs=1).fit(_WholeMeshTransformer(),
+                                                     token_dataloader())
+
+
+def test_a_model_sharded_over_the_whole_device_mesh_is_refused_before_training(tmp_path):
+    """Regression: the callback counted the selection's zeros across shards before the
+    engine checked the placements, so a model sharded over the strategy's whole 2-D mesh
+    failed inside torch ("Found the DeviceMesh have 2 dimensions ... mesh_dim needs to be
+    specified"), naming no way out. The refusal now comes first and names the way."""
+    with pytest.raises(Exception, match=r"2-D device mesh .*"
+                                        r"fully_shard\(module, mesh=self.device_mesh\["):
+        spawn_lightning(_fit_whole_mesh, str(tmp_path), world=1)

@@ -455,3 +455,24 @@ def test_tensor_parallel_offloaded_and_old_torch_shards_are_refused(monkeypatch)
         monkeypatch.setattr(sharded, "SHARDING_TORCH", (99, 0))
         with pytest.raises(RuntimeError, match=r"needs torch >= 99.0 .* found torch"):
             sharded.layout_of(params)
+
+
+def test_a_model_sharded_over_lightnings_whole_2d_mesh_is_refused_with_the_way():
+    """``fully_shard(module, mesh=self.device_mesh)`` under ModelParallelStrategy (its mesh
+    is 2-D even with ``tensor_parallel_size=1``) gives HSDP placements: refused, naming the
+    data-parallel dimension to shard over."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ggr.sparse.sharded import check_sharding
+
+    with one_process_group():
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel",
+                                                               "tensor_parallel"))
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(ValueError, match=r"'0.weight' is a DTensor placed \(Replicate\(\), "
+                                             r"Shard\(dim=0\)\) on a 2-D .*"
+                                             r"mesh=self.device_mesh\['data_parallel'\]"):
+            check_sharding(select_sparse_parameters(model))
+        assert check_sharding({"w": torch.ones(3)}) is None  # nothing sharded
