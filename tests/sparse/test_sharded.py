@@ -476,3 +476,19 @@ def test_a_model_sharded_over_lightnings_whole_2d_mesh_is_refused_with_the_way()
                                              r"mesh=self.device_mesh\['data_parallel'\]"):
             check_sharding(select_sparse_parameters(model))
         assert check_sharding({"w": torch.ones(3)}) is None  # nothing sharded
+
+
+def test_held_masks_are_read_from_a_single_file_checkpoint(tmp_path):
+    """A full state dict saved in one file (ModelParallelStrategy with
+    ``save_distributed_checkpoint=False``) gives the whole masks of its mask buffers; a
+    checkpoint without one of them is refused, naming it."""
+    from lightning_ggr.sparse.sharded import load_held_masks
+
+    mask = torch.rand(5, 3) > 0.5
+    torch.save({"state_dict": {"net.0.weight": torch.ones(5, 3),
+                               "net.0.weight_sparse_mask": mask}}, tmp_path / "full.ckpt")
+    found = load_held_masks({"net.0.weight": torch.zeros(5, 3, dtype=torch.bool)},
+                            tmp_path / "full.ckpt")
+    assert list(found) == ["net.0.weight"] and torch.equal(found["net.0.weight"], mask)
+    with pytest.raises(ValueError, match=r"holds no saved mask named \['state_dict.net.2"):
+        load_held_masks({"net.2.weight": mask}, tmp_path / "full.ckpt")
