@@ -50,6 +50,7 @@ from lightning_ggr.sparse.rewiring import (
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from lightning_ggr.sparse.sharded import (
     all_sum,
+    differing_replicas,
     is_sharded,
     layout_of,
     like_param,
@@ -195,6 +196,8 @@ class SparseEngine:
         self.rewirings = 0
         self._warned_no_optimizer = False
         self._warned_no_signal = False
+        #: Whether a sharded rewiring found (and warned) that replicated layers differ.
+        self._warned_replicas_differ = False
         self.skipped_rewirings = 0
         #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
         self.skip_reasons: dict[str, int] = {}
@@ -684,6 +687,8 @@ class SparseEngine:
             if not self.update_grown_weights and param.grad is not None:
                 follow.append((param.grad, 0.0))
             states[name] = [(own(name, value), start) for value, start in follow]
+        if layout is not None and not self._warned_replicas_differ:
+            self._warn_if_replicas_differ()
         if names:
             report = self.rewiring(
                 {name: own(name, self.params[name].detach()) for name in names},
@@ -772,6 +777,27 @@ class SparseEngine:
             values = param.to(device)
             torch.distributed.broadcast(values, src=src, group=group)
             param.copy_(values.to(param.device))
+
+    def _warn_if_replicas_differ(self) -> None:
+        """At a sharded rewiring, until one found it: warn when the replicated layers (plain
+        tensors of a partly sharded model) hold different weights on different processes.
+        FSDP2 reduces the gradients of the parameters ``fully_shard`` manages only: nothing
+        synchronises those of a plain tensor, so each process trains its own copy, and the
+        broadcast of rank 0's rewiring hides it at each rewiring."""
+        names = [name for name, shard in self.layout.layers.items() if not shard.sharded]
+        differing = differing_replicas({name: self.params[name] for name in names}, self.layout)
+        if not differing:
+            return
+        self._warned_replicas_differ = True
+        if self.layout.rank == 0:
+            warnings.warn(
+                f"the sparse parameters {differing} are plain tensors (not sharded by "
+                "fully_shard) and hold different weights on different processes: FSDP2 "
+                "reduces only the gradients of the parameters fully_shard manages, so each "
+                "process trains its own copy of these, and every rewiring resets them to "
+                "rank 0's. Shard them too (apply fully_shard to the module that owns them, "
+                "or to the root module), or all-reduce their gradients yourself",
+                UserWarning, stacklevel=3)
 
     def _broadcast_replicated(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """After a sharded rewiring: the replicated layers (plain tensors of a partly sharded

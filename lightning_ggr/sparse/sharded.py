@@ -475,6 +475,20 @@ def select_across_shards(
     return ShardedSelection(chosen, values)
 
 
+def differing_replicas(tensors: Mapping[str, Tensor], layout: ShardLayout) -> list[str]:
+    """The names of ``tensors`` (plain tensors meant to be replicated on every process of
+    ``layout``) whose values differ between processes: a checksum per tensor (the sum and
+    the sum of squares, in float64), one all-gather of ``2 x len(tensors)`` numbers. Every
+    process must call it with the same names."""
+    if not tensors:
+        return []
+    sums = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square()
+                                     .sum()]).cpu() for t in tensors.values()])
+    gathered = _all_gather(sums, layout.group)  # (world, tensors, 2)
+    same = (gathered == gathered[:1]).flatten(2).all(2).all(0)
+    return [name for name, agreed in zip(tensors, same.tolist(), strict=True) if not agreed]
+
+
 # ------------------------------------------------------------------- reports, exports
 
 

@@ -492,3 +492,43 @@ def test_held_masks_are_read_from_a_single_file_checkpoint(tmp_path):
     assert list(found) == ["net.0.weight"] and torch.equal(found["net.0.weight"], mask)
     with pytest.raises(ValueError, match=r"holds no saved mask named \['state_dict.net.2"):
         load_held_masks({"net.2.weight": mask}, tmp_path / "full.ckpt")
+
+
+def check_replicas_warning(rank: int, world: int) -> dict:
+    """A partly sharded model trained on each rank's own data: the replicated head drifts."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))  # model[2] stays plain
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = SparseEngine(select_sparse_parameters(model, trained=[optimizer]), sparsity=0.5,
+                          method="rigl")
+    assert not engine.layout.layers["2.weight"].sharded
+    found = []
+    for step in range(3):  # the same data everywhere, then each rank its own
+        generator = torch.Generator().manual_seed(step * (1 + rank))
+        model(torch.randn(4, 6, generator=generator)).square().sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.rewire(0.3, [optimizer])
+        found.append([str(w.message) for w in caught if "plain tensors" in str(w.message)])
+        engine.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"warned": [bool(messages) for messages in found], "message": found[-1]}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_replicated_layers_whose_copies_drift_apart_are_named_at_a_rewiring(tmp_path):
+    """Regression: FSDP2 reduces only the gradients of parameters fully_shard manages, so a
+    partly sharded model's plain sparse layers trained apart on each process, silently reset
+    to rank 0's at every rewiring. A rewiring now warns (rank 0, once) naming them; equal
+    copies (before any step on different data) raise nothing."""
+    result = spawn(check_replicas_warning, folder=tmp_path)
+    assert result["warned"] == [False, False, True]  # the copies differ after step 1
+    assert "['2.weight'] are plain tensors" in result["message"][0]
