@@ -198,6 +198,8 @@ class SparseEngine:
         self._warned_no_signal = False
         #: Whether a sharded rewiring found (and warned) that replicated layers differ.
         self._warned_replicas_differ = False
+        #: Whether the first step with optimizers checked the engine was built after sharding.
+        self._checked_sharding_order = False
         self.skipped_rewirings = 0
         #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
         self.skip_reasons: dict[str, int] = {}
@@ -499,11 +501,13 @@ class SparseEngine:
         Returns the rewiring's report, a report with ``skipped=True`` and its
         ``skip_reason`` when a due rewiring was postponed, or ``None`` when none was due.
         """
+        optimizers = list(optimizers)
+        if not self._checked_sharding_order:
+            self._check_not_built_before_sharding(optimizers)
         report = None
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            optimizers = list(optimizers)
             reason, stray = self._due_step_checks(optimizers)
             if stray:  # written into by something else: zeroed before the rewiring reads them
                 self._count_strays(stray)
@@ -521,6 +525,27 @@ class SparseEngine:
             report.stray_weights = stray
         self.mask_gradients()
         return report
+
+    def _check_not_built_before_sharding(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Refuse an engine built before ``fully_shard``: sharding replaces the module's
+        parameters with new DTensor ones, so the engine would mask and rewire the old
+        tensors, which nothing trains, while the model trained dense, silently. Recognised
+        at the first step with optimizers: they hold DTensors and none of the engine's
+        (plain) parameters."""
+        if not optimizers:
+            return
+        self._checked_sharding_order = True
+        if self.layout is not None:
+            return
+        held = [p for optimizer in optimizers for group in optimizer.param_groups
+                for p in group["params"]]
+        ours = {id(p) for p in self.params.values()}
+        if any(is_sharded(p) for p in held) and not any(id(p) in ours for p in held):
+            raise ValueError(
+                "the optimizers hold sharded (DTensor) parameters and none of the engine's: "
+                "the engine was built before fully_shard, which replaces the module's "
+                "parameters, so it would mask tensors nothing trains while the model trains "
+                "dense. Build the SparseEngine (select_sparse_parameters) after fully_shard")
 
     def zero_stray_weights(self, optimizers: Iterable[torch.optim.Optimizer] = ()
                            ) -> dict[str, int]:

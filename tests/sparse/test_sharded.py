@@ -532,3 +532,25 @@ def test_replicated_layers_whose_copies_drift_apart_are_named_at_a_rewiring(tmp_
     result = spawn(check_replicas_warning, folder=tmp_path)
     assert result["warned"] == [False, False, True]  # the copies differ after step 1
     assert "['2.weight'] are plain tensors" in result["message"][0]
+
+
+def test_an_engine_built_before_fully_shard_is_refused_at_the_first_step():
+    """Regression: ``fully_shard`` replaces the module's parameters, so an engine built
+    before it masked and rewired the old tensors, which nothing trains, while the model
+    trained dense, silently. The first step with the optimizer now refuses it; an engine
+    built after sharding passes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with one_process_group():
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        early = SparseEngine(select_sparse_parameters(model), sparsity=0.5)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(2, 7)).sum().backward()
+        with pytest.raises(ValueError, match=r"engine was built before fully_shard.*"
+                                             r"Build the SparseEngine .* after fully_shard"):
+            early.before_optimizer_step(0, 0, [optimizer])
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.5)
+        engine.before_optimizer_step(0, 0, [optimizer])
+        assert engine.layout is not None
