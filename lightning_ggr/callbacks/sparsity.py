@@ -35,7 +35,7 @@ from lightning_ggr.sparse.checks import (
 )
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
 from lightning_ggr.sparse.engine import SparseEngine
-from lightning_ggr.sparse.masks import preserves_zeros
+from lightning_ggr.sparse.masks import preserves_zeros, vanishing_eps
 from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS
@@ -339,6 +339,7 @@ class DynamicSparsityCallback(Callback):
         self._attach_gradient_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        self._warn_if_eps_vanishes()
         self._warn_if_not_sharded(trainer)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
@@ -792,6 +793,16 @@ class DynamicSparsityCallback(Callback):
             + ": the saved masks are kept as they are (with the checkpoint's density); "
             "resume with the checkpoint's settings to avoid surprises"
         )
+
+    def _warn_if_eps_vanishes(self) -> None:
+        vanishing = vanishing_eps(self._optimizer)
+        if vanishing is not None:
+            eps, dtype = vanishing
+            rank_zero_warn(
+                f"the optimizer's eps={eps} is 0 in {dtype}: its step divides 0 by 0 wherever "
+                "a gradient and its state are 0, which is NaN. Masked weights are zeroed again "
+                "after every step, but an active weight whose gradient is exactly 0 becomes "
+                f"NaN; use eps >= {torch.finfo(dtype).smallest_normal} (or bf16)")
 
     def _warn_if_init_value_underflows(self, params: Mapping[str, Tensor]) -> None:
         dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
