@@ -144,7 +144,10 @@ def check_sharding(params: Mapping[str, Tensor]) -> Any:
         if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
             names = getattr(mesh, "mesh_dim_names", None)
             hint = ""
-            if mesh.ndim > 1 and names and "data_parallel" in names:
+            if mesh.ndim == 1:
+                hint = ("; with fully_shard(shard_placement_fn=...), place the sparse "
+                        "parameters Shard(0)")
+            elif names and "data_parallel" in names:
                 hint = ("; under Lightning's ModelParallelStrategy, shard over its data-parallel "
                         "dimension: fully_shard(module, mesh=self.device_mesh['data_parallel'])")
             raise ValueError(

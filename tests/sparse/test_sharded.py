@@ -554,3 +554,18 @@ def test_an_engine_built_before_fully_shard_is_refused_at_the_first_step():
         engine = SparseEngine(select_sparse_parameters(model), sparsity=0.5)
         engine.before_optimizer_step(0, 0, [optimizer])
         assert engine.layout is not None
+
+
+def test_a_shard_placement_other_than_the_rows_is_refused_naming_the_placement_function():
+    """FSDP2's ``shard_placement_fn`` may shard a parameter along another dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    with one_process_group():
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)),
+                    shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
+        with pytest.raises(ValueError, match=r"placed \(Shard\(dim=1\),\) on a 1-D .*"
+                                             r"shard_placement_fn=.*Shard\(0\)"):
+            SparseEngine(select_sparse_parameters(model), sparsity=0.5)
