@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ggr import DynamicSparsityCallback
 from lightning_ggr.sparse.sharded import consolidate_masks
 from tests.helpers.sharded import (
+    Scribbler,
     ShardedChecks,
     TinyTransformer,
     full,
@@ -38,30 +39,40 @@ def _fit(rank: int, world: int, root: str, settings: dict, module: dict, fit: di
 
     sparse = DynamicSparsityCallback(**settings)
     checks = ShardedChecks(str(Path(root) / "record.json"), reference_masks(settings, **module))
+    callbacks = [sparse, checks]
     if fit.pop("tensorboard", False):
         fit["logger"] = TensorBoardLogger(root, name="logs")
-    run = trainer(root, [sparse, checks], world, max_epochs=2, **fit)
+    if fit.pop("scribble", False):
+        callbacks.append(Scribbler(str(Path(root) / "scribbled.json")))
+    run = trainer(root, callbacks, world, max_epochs=2, **fit)
     run.fit(TinyTransformer(**module), token_dataloader())
 
 
 @pytest.mark.parametrize(("method", "distribution", "module", "fit"), [
-    ("set", "erk", {}, {}),
+    # enforce_masks_every_step against writes into masked weights (before the forward
+    # pass and before the optimizer step)
+    ("set", "erk", {}, {"scribble": True}),
     ("rigl", "uniform", {"optimizer": "sgd"}, {}),
     # the tied embedding left unsharded (replicated: rank 0 decides its rewiring)
     ("dsr", "uniform", {"partly": True}, {}),
     # FSDP2's mixed precision (bf16 compute, fp32 reduction), clipping of DTensor
     # gradients, TensorBoard views and the run summary computed across shards
     ("ggr", "erk", {"mixed": True}, {"gradient_clip_val": 0.05, "tensorboard": True}),
-], ids=["set", "rigl-sgd", "dsr-partly-sharded", "ggr-mixed-clipped-reported"])
+], ids=["set-enforced-every-step", "rigl-sgd", "dsr-partly-sharded",
+        "ggr-mixed-clipped-reported"])
 def test_every_method_keeps_the_engine_guarantees_on_fsdp2_shards(tmp_path, method,
                                                                   distribution, module, fit):
     """Masked weights, gradients and optimizer state stay zero over whole layers at every
     step, counts match, masks agree on both ranks, the initial masks are a single-process
-    engine's, and the rewirings move weights (the tied embedding is one sparse tensor)."""
+    engine's, and the rewirings move weights (the tied embedding is one sparse tensor).
+    With ``enforce_masks_every_step`` the masks are applied to the shards before FSDP2
+    gathers them for the forward pass (the root's own parameters too) and after every
+    step, whatever wrote into the masked weights."""
     settings = {"method": method, "distribution": distribution, "sparsity": 0.7,
                 "interval": "step", "update_interval": 2, "drop_fraction": 0.3,
                 "stop_fraction": 0.9, "log_figures": "tensorboard" in fit,
-                "selection_summary": False, "mask_layers": ["mlp.0.weight"]}
+                "selection_summary": False, "mask_layers": ["mlp.0.weight"],
+                "enforce_masks_every_step": "scribble" in fit}
     spawn_lightning(_fit, str(tmp_path), settings, module, fit)
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["steps"] == record["checks"] == 8  # 32 samples, 2 ranks, batch 4, 2 epochs
@@ -70,6 +81,10 @@ def test_every_method_keeps_the_engine_guarantees_on_fsdp2_shards(tmp_path, meth
     assert record["layout"] == [n for n in SPARSE if n not in replicated]
     assert record["replicated"] == replicated
     assert record["changed"]  # the topology moved
+    if "scribble" in fit:
+        scribbled = json.loads((tmp_path / "scribbled.json").read_text())
+        # 8 steps: two layers checked per forward pass, two writes per step
+        assert scribbled == {"forward_checks": 16, "scribbled": 16}
     if "tensorboard" not in fit:
         return
     summary = json.loads(next(tmp_path.glob("logs/*/lightning_ggr_summary.json")).read_text())
