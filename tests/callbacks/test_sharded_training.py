@@ -123,11 +123,12 @@ def _state(run, sparse) -> dict:
     return state
 
 
-def _straight_and_saved(rank: int, world: int, root: str) -> None:
+def _straight_and_saved(rank: int, world: int, root: str, distributed: bool = True) -> None:
     sparse = DynamicSparsityCallback(**SETTINGS)
     saver = ModelCheckpoint(dirpath=root, filename="mid-{epoch}", every_n_epochs=1,
                             save_top_k=-1)
-    run = trainer(root, [sparse, saver], world, max_epochs=2, enable_checkpointing=True)
+    run = trainer(root, [sparse, saver], world, max_epochs=2, enable_checkpointing=True,
+                  save_distributed_checkpoint=distributed)
     run.fit(TinyTransformer(), token_dataloader())
     state = _state(run, sparse)
     if rank == 0:
@@ -192,6 +193,34 @@ def test_sharded_checkpoint_resumes_bit_exact_and_on_one_rank(tmp_path):
     assert restored["restored"]["rewirings"] == mid["rewirings"] > 0
     record = json.loads((one / "record.json").read_text())
     assert record["steps"] == 8  # the second epoch alone: 32 samples, batch 4, one rank
+
+
+def test_a_consolidated_checkpoint_holds_whole_masks_and_resumes_bit_exact(tmp_path):
+    """``ModelParallelStrategy(save_distributed_checkpoint=False)``: Lightning gathers one
+    file on rank 0; the masks travel in it as the model's whole ``<parameter>_sparse_mask``
+    buffers (not in the callback's state), and a resume on 2 ranks reshards them and ends
+    bit-exact with the straight run."""
+    straight = tmp_path / "straight"
+    spawn_lightning(_straight_and_saved, str(straight), False)
+    checkpoint = straight / "mid-epoch=0.ckpt"
+    assert checkpoint.is_file()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["callbacks"]["DynamicSparsityCallback"]["masks"] == {}
+    masks = {name.removesuffix("_sparse_mask"): value
+             for name, value in saved["state_dict"].items() if name.endswith("_sparse_mask")}
+    assert sorted(masks) == SPARSE
+    assert masks["mlp.0.weight"].shape == saved["state_dict"]["mlp.0.weight"].shape
+    two = tmp_path / "two"
+    two.mkdir()
+    spawn_lightning(_resumed, str(checkpoint), str(two))
+    resumed = torch.load(two / "resumed.pt", weights_only=False)
+    expected = torch.load(straight / "straight.pt", weights_only=False)
+    for name, mask in masks.items():
+        assert torch.equal(resumed["restored"]["masks"][name], mask), name
+    for key in ("weights", "masks"):
+        for name, value in expected[key].items():
+            assert torch.equal(resumed["final"][key][name], value), (key, name)
+    assert resumed["final"]["rewirings"] == expected["rewirings"] > 0
 
 
 def test_ddp_with_a_logger_writes_the_summary_without_a_rank_0_only_collective(tmp_path):

@@ -248,18 +248,20 @@ def spawn_lightning(run: Any, *args: Any, world: int = 2) -> None:
     mp.spawn(_worker, args=(world, free_port(), run, args), nprocs=world, join=True)
 
 
-def model_parallel(world: int):
+def model_parallel(world: int, save_distributed_checkpoint: bool = True):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=save_distributed_checkpoint,
                                  timeout=timedelta(seconds=60))
 
 
-def trainer(root: str, callbacks: list, world: int, **kwargs: Any) -> pl.Trainer:
+def trainer(root: str, callbacks: list, world: int, *,
+            save_distributed_checkpoint: bool = True, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(default_root_dir=root, callbacks=callbacks, accelerator="cpu",
-                      devices=world, strategy=model_parallel(world),
+                      devices=world, strategy=model_parallel(world, save_distributed_checkpoint),
                       enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
