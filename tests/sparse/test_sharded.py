@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_ggr import SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse.analysis import analyze_masks
@@ -32,6 +32,7 @@ from lightning_ggr.sparse.sharded import (
     select_across_shards,
 )
 from tests.helpers.distributed import one_process_group, spawn
+from tests.helpers.sharded import full
 
 LAYOUT = ShardLayout(None, {})  # the default group; the selection reads only the group
 
@@ -162,16 +163,6 @@ def sharded_net(world: int) -> nn.Module:
     for module in (net.first, net.conv, net.grouped, net.transposed, net.second, net.third):
         fully_shard(module, mesh=mesh)
     return net
-
-
-def full(tensor: Tensor) -> Tensor:
-    """The whole tensor (a collective for a DTensor: every rank calls it), waited for: an
-    all-gather left pending (a rank that never reads the result) would be finished by the
-    process group's thread during interpreter shutdown, which aborts the process."""
-    if not hasattr(tensor, "full_tensor"):
-        return tensor
-    whole = tensor.full_tensor()
-    return whole.wait() if hasattr(whole, "wait") else whole
 
 
 def set_full_(param, values) -> None:
