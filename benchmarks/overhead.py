@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ggr import DynamicSparsityCallback, SparseEngine, select_sparse_parameters
 from lightning_ggr.sparse import METHODS
@@ -433,10 +433,11 @@ def run_methods(s: Settings) -> list[dict]:
     return rows
 
 
-def run_isolated(s: Settings) -> list[dict]:
-    """The CPU regression check in one process: a dense plain-loop step (forward, backward,
-    SGD step) and the engine's per-step pass, each the median of ``steps`` / ``pass_calls``
-    calls, in wall and CPU time; the isolated ratio is (dense + pass) / dense."""
+def _plain_loop(s: Settings, *, set_to_none: bool) -> tuple[nn.Module, torch.optim.Optimizer,
+                                                          Tensor, Tensor, Callable[[], None]]:
+    """The dense plain loop of the isolated sections: the model, SGD with momentum, one
+    fixed batch and its step (forward, backward, step, ``zero_grad(set_to_none)``), warmed
+    up ``s.warmup`` steps."""
     model = make_model(s, s.model).to(s.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(1)
@@ -446,10 +447,18 @@ def run_isolated(s: Settings) -> list[dict]:
     def step() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
 
     for _ in range(s.warmup):
         step()
+    return model, optimizer, x, y, step
+
+
+def run_isolated(s: Settings) -> list[dict]:
+    """The CPU regression check in one process: a dense plain-loop step (forward, backward,
+    SGD step) and the engine's per-step pass, each the median of ``steps`` / ``pass_calls``
+    calls, in wall and CPU time; the isolated ratio is (dense + pass) / dense."""
+    model, _, x, y, step = _plain_loop(s, set_to_none=True)
     dense = [timed(step, s.device) for _ in range(s.steps)]
     engine = SparseEngine(select_sparse_parameters(model), sparsity=s.sparsity, method="ggr")
     nn.functional.cross_entropy(model(x), y).backward()
@@ -475,19 +484,7 @@ def run_every_step(s: Settings) -> list[dict]:
     over ``trainer_rounds`` rounds; ratios to the dense fit of the same round.
     """
     _quiet_lightning()
-    model = make_model(s, s.model).to(s.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(s.batch_size, 3, s.input_size, s.input_size, generator=g).to(s.device)
-    y = torch.randint(0, s.num_classes, (s.batch_size,), generator=g).to(s.device)
-
-    def step() -> None:
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-
-    for _ in range(s.warmup):
-        step()
+    model, optimizer, x, y, step = _plain_loop(s, set_to_none=False)
     engine = SparseEngine(select_sparse_parameters(model), sparsity=s.sparsity, method="ggr")
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()  # momentum everywhere, as in training

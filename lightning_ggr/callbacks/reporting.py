@@ -185,6 +185,10 @@ class SparsityReporter:
         self._summary_path: Path | None = None
         self._flops_warned = False
         self._epoch_views_pending = False
+        #: (due step, reason) of the last postponement warned about: a rewiring postponed
+        #: step after step (a grad scaler's first overflows, a NaN that persists) is said
+        #: once per reason, and counted in the account.
+        self._postponement_said: tuple[int, str] | None = None
 
     def key(self, group: str, name: str) -> str:
         """The metric name ``<group><tag>/<name>``."""
@@ -266,10 +270,13 @@ class SparsityReporter:
         if report.skipped:
             due = engine.pending_step if engine.pending_step is not None else step
             reason = report.skip_reason or "unusable sparse gradients"
-            rank_zero_warn(
-                f"step {step}: {reason}: the rewiring due at step {due} is postponed to the "
-                "next step with usable gradients"
-            )
+            if self._postponement_said != (due, reason):  # once per due step and reason
+                self._postponement_said = (due, reason)
+                rank_zero_warn(
+                    f"step {step}: {reason}: the rewiring due at step {due} is postponed to "
+                    "the next step with usable gradients (further postponements of it for "
+                    "this reason are counted in the fit-end account, not repeated)"
+                )
             metrics = {self.key("rewiring", "skipped"): float(engine.skipped_rewirings)}
         else:
             metrics = {

@@ -721,7 +721,12 @@ class DynamicSparsityCallback(Callback):
     def _attach_forward_hooks(self, pl_module: pl.LightningModule) -> None:
         """enforce_masks_every_step: a forward pre-hook on the module and on every module
         holding a sparse parameter (directly or through a parametrization): the first to run
-        after ``on_train_batch_start`` applies the masks, right before the forward pass."""
+        after ``on_train_batch_start`` applies the masks, right before the forward pass.
+
+        Prepended, so that it runs before the module's other pre-hooks: FSDP2's
+        (``fully_shard``) gathers a module's shards into whole parameters for the forward
+        pass in its own pre-hook, and masks applied to the shards after that would miss this
+        forward pass."""
         self._remove_forward_hooks()
         if not self.enforce_masks_every_step or self.engine is None:
             return
@@ -731,7 +736,8 @@ class DynamicSparsityCallback(Callback):
             if any(id(p) in sparse for p in module.parameters(recurse=False))
             or any(id(p) in sparse for p in getattr(module, "parametrizations", {}) and
                    module.parametrizations.parameters())]
-        self._forward_hooks = [module.register_forward_pre_hook(self._before_forward)
+        self._forward_hooks = [module.register_forward_pre_hook(self._before_forward,
+                                                                prepend=True)
                                for module in dict.fromkeys(owners)]
 
     def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:

@@ -49,7 +49,14 @@ from lightning_ggr.sparse.sharded import (
     select_across_shards,
     sharded_context,
 )
-from lightning_ggr.sparse.topk import global_topk, global_topk_packed, topk, topk_rows
+from lightning_ggr.sparse.topk import (
+    TIE_MARGIN,
+    global_topk,
+    global_topk_in_order,
+    global_topk_packed,
+    topk,
+    topk_rows,
+)
 
 #: DSR's reference implementation starts its threshold here.
 DSR_REFERENCE_THRESHOLD = 1e-3
@@ -526,8 +533,13 @@ def rank_by_gradient(
     gradients: Mapping[str, Tensor | None], masks: Mapping[str, Tensor], total: int
 ) -> Allocated:
     """GGR: the global top-``total`` inactive ``abs`` gradients; layer ``l`` gets as many as
-    it holds, and its winners, best first. Small layers share a selection (one buffer no
-    larger than the largest layer at a time); one host read."""
+    it holds, and its winners, best first. Gradients tied at the ``total``-th go to the
+    layers in order, then by position, on one device as across shards, so that both give
+    every layer the same count and the same positions
+    (:func:`~lightning_ggr.sparse.topk.global_topk_in_order`). Small layers share a
+    selection (one buffer no larger than the largest layer at a time); one host read (a
+    second, and the layers' scores once more, only when more than ``TIE_MARGIN`` gradients
+    left out tie with the ``total``-th)."""
     names = list(masks)
     devices = {masks[n].device for n in names}
     layout = current_layout()
@@ -540,17 +552,32 @@ def rank_by_gradient(
             device=next(iter(devices)), layout=layout).indices
         counts = all_sum([index.numel() for index in found], layout)
         return Allocated(counts, None)
+    sizes = [masks[n].numel() for n in names]
+    take = min(total + TIE_MARGIN, sum(sizes))  # more: the values tied with the total-th
+
+    def write(i: int, out: Tensor) -> None:
+        gradient_scores(gradients.get(names[i]), masks[names[i]], out)
+
     if len(devices) == 1:  # one selection per buffer-full of small layers
         dtypes = {_score_dtype(g.dtype) for g in gradients.values() if g is not None}
-        top = global_topk_packed(
-            [masks[n].numel() for n in names],
-            lambda i, out: gradient_scores(gradients.get(names[i]), masks[names[i]], out),
-            total, device=devices.pop(),
-            dtype=torch.float64 if torch.float64 in dtypes else torch.float32)
+        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        device = devices.pop()
+        top = global_topk_packed(sizes, write, take, device=device, dtype=dtype)
+        buffer: list[Tensor] = []
+
+        def scores(i: int) -> Tensor:  # again, into one buffer, when the total-th ties
+            if not buffer:
+                buffer.append(torch.empty(max(sizes), dtype=dtype, device=device))
+            out = buffer[0][:sizes[i]]
+            write(i, out)
+            return out
     else:  # a model spread over devices: one layer at a time
-        top = global_topk((gradient_scores(gradients.get(n), masks[n]) for n in names), total)
-    counts = top.counts()
-    return Allocated(counts, dict(zip(names, top.ranked(counts), strict=True)))
+        top = global_topk((gradient_scores(gradients.get(n), masks[n]) for n in names), take)
+
+        def scores(i: int) -> Tensor:
+            return gradient_scores(gradients.get(names[i]), masks[names[i]])
+    counts, ranked = global_topk_in_order(top, total, scores, sum(sizes))
+    return Allocated(counts, dict(zip(names, ranked, strict=True)))
 
 
 def allocate_by_gradient(

@@ -272,6 +272,54 @@ def row_groups(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return groups
 
 
+def first_positions(flags: Tensor, count: int) -> Tensor:
+    """Positions of the first ``count`` True entries of the 1-D bool ``flags`` (at least
+    ``count`` of them are True), ascending, without reading the device where torch can
+    (``nonzero_static``: on a CPU, and on CUDA from torch 2.6); else through ``nonzero`` (a
+    synchronisation)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=flags.device)
+    try:
+        return torch.nonzero_static(flags, size=count).squeeze(1)
+    except NotImplementedError:  # pragma: no cover - CUDA before torch 2.6
+        return flags.nonzero().squeeze(1)[:count]
+
+
+#: Scores compared with a tied value at a time: the comparison's temporary (1 byte per
+#: score) stays this small beside the scores of the largest layer.
+TIE_CHUNK = 1 << 22
+
+
+def _equal_counts(scores: Tensor, value: Tensor) -> list[Tensor]:
+    """How many of ``scores`` equal ``value`` (a 1-element tensor), per chunk of
+    ``TIE_CHUNK`` positions, as 0-dim tensors on the scores' device (nothing is read)."""
+    value = value.to(scores.device, non_blocking=True)
+    return [torch.count_nonzero(scores[start:start + TIE_CHUNK] == value)
+            for start in range(0, scores.numel(), TIE_CHUNK)]
+
+
+def _first_equal(scores: Tensor, value: Tensor, take: int,
+                 counts: Sequence[int] | None = None) -> Tensor:
+    """Positions of the first ``take`` of ``scores`` equal to ``value``, chunk by chunk;
+    ``counts``: how many each chunk holds (:func:`_equal_counts`, read), unless the scores
+    fit in one chunk."""
+    value = value.to(scores.device, non_blocking=True)
+    if counts is None:
+        if scores.numel() > TIE_CHUNK:
+            raise ValueError("counts per chunk are needed beyond TIE_CHUNK scores")
+        return first_positions(scores == value, take)
+    parts = [torch.zeros(0, dtype=torch.int64, device=scores.device)]
+    for count, start in zip(counts, range(0, scores.numel(), TIE_CHUNK), strict=True):
+        if take <= 0:
+            break
+        here = min(count, take)
+        if here:
+            parts.append(first_positions(scores[start:start + TIE_CHUNK] == value, here)
+                         .add_(start))
+            take -= here
+    return torch.cat(parts)
+
+
 def topk_rows(
     sizes: Sequence[int], ks: Sequence[int], write: Callable[[int, Tensor], None], *,
     largest: bool, pad: float, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -322,6 +370,84 @@ def topk_rows(
         for r, position in enumerate(group):
             results[position] = index[r, :ks[position]]
     return results
+
+
+#: Values selected beyond GGR's ``k`` (:func:`global_topk_in_order`): when fewer than this
+#: many values left out tie with the ``k``-th, the ties are split from the winners alone.
+TIE_MARGIN = 1024
+
+
+def global_topk_in_order(top: GlobalTopK, k: int, scores: Callable[[int], Tensor],
+                         total: int) -> tuple[list[int], list[Tensor]]:
+    """The ``k`` largest values over several tensors with the ties at the ``k``-th value
+    taken in tensor order, then position order: per tensor, how many it holds and their flat
+    indices, best first (ties by position). The same result whatever ``topk`` did with ties
+    (the rule of :func:`~lightning_ggr.sparse.sharded.select_across_shards` over all layers,
+    so that GGR's allocation agrees on one device and across shards).
+
+    ``top`` is the top ``min(k + TIE_MARGIN, total)`` of the ``total`` values
+    (:func:`global_topk` or :func:`global_topk_packed`, ties broken arbitrarily; any margin
+    above 0 works). Sorted by (value, tensor, position), its first ``k`` are the answer
+    unless values were left out and its last one still equals the ``k``-th (more ties than
+    the margin: zero gradients, say). The per-tensor counts and
+    that check come back in one host read (the read GGR always had), at the price of three
+    sorts of the ``k + TIE_MARGIN`` winners (two before). Only in the second case
+    ``scores(i)`` gives tensor ``i``'s flat scores again (once to count its values equal to
+    the ``k``-th, chunk by chunk, once more for a tensor that takes some of them) and a
+    second read splits the tied ones. Scores must be comparable (no NaN).
+    """
+    tensors = top.tensors
+    device = top.values.device
+    if k == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return [0] * tensors, [empty] * tensors
+    values, owner, index = top.values, top.owner, top.index
+    # (value desc, tensor, position): stable sorts, the last one decides
+    order = torch.argsort(owner.mul(1 << 42).add_(index), stable=True)
+    order = order[torch.argsort(values[order], descending=True, stable=True)]
+    kth = values[order[k - 1:k]]  # (1,): a 1-element index, never a read of the device
+    if values.numel() < total:  # some values were left out: do they tie too?
+        overflow = kth.eq(values[order[-1:]])
+    else:
+        overflow = torch.zeros(1, dtype=torch.bool, device=device)
+    order = order[:k]
+    order = order[torch.argsort(owner[order], stable=True)]  # per tensor, in that order
+    counts = torch.zeros(tensors + 1, dtype=torch.int64, device=device)
+    counts.index_add_(0, owner[order], torch.ones_like(order))
+    counts[tensors:].copy_(overflow)  # the one host read of the selection carries it too
+    read = counts.tolist()
+    counts_list, tied = read[:tensors], bool(read[tensors])
+    ranked = index[order]
+    if not tied:
+        return counts_list, list(torch.split(ranked, counts_list))
+    # More values tie with the k-th than the winners hold: every value above it is among
+    # them, and the ones equal to it go to the tensors in order, then by position.
+    above = torch.zeros(tensors, dtype=torch.int64, device=device)
+    above.index_add_(0, owner[order], (values[order] > kth).long())
+    equal: list[list[Tensor]] = []  # per tensor, its values equal to the k-th per chunk
+    for i in range(tensors):
+        equal.append([count.to(device, non_blocking=True)
+                      for count in _equal_counts(scores(i), kth)])
+    read = torch.cat([above, torch.stack([c for chunks in equal for c in chunks])
+                      if any(equal) else above[:0]]).tolist()
+    over_all, per_chunk, at = read[:tensors], [], tensors
+    for chunks in equal:
+        per_chunk.append(read[at:at + len(chunks)])
+        at += len(chunks)
+    remaining = k - sum(over_all)
+    out_counts, out_ranked, start = [], [], 0
+    for i in range(tensors):
+        over = over_all[i]
+        take = min(sum(per_chunk[i]), remaining)
+        remaining -= take
+        best = ranked[start:start + over]
+        start += counts_list[i]
+        if take:
+            best = torch.cat([best, _first_equal(scores(i), kth, take, per_chunk[i])
+                              .to(best.device)])
+        out_counts.append(over + take)
+        out_ranked.append(best)
+    return out_counts, out_ranked
 
 
 def global_topk_counts(scores: Iterable[Tensor], k: int) -> list[int]:

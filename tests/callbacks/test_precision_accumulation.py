@@ -107,7 +107,8 @@ def test_fp16_inf_on_a_rewiring_step_postpones_it(tmp_path, nonfinite_steps, exp
         make_trainer(tmp_path, [sparse, watch, Scale()], max_epochs=2, plugins=fp16()).fit(
             model, tiny_dataloader())
     said = [str(w.message).split(":")[0] for w in caught if "postponed" in str(w.message)]
-    assert said == [f"step {step}" for step in expected_postponed]  # and the log says so
+    # the log says so, once per due step and reason (the account counts every postponement)
+    assert said == [f"step {step}" for step in expected_postponed[:1]]
     assert watch.steps == 16
     assert watch.rewiring_steps == expected_rewirings
     assert watch.postponed_steps == expected_postponed
@@ -147,7 +148,8 @@ def test_fp16_a_step_the_scaler_skips_for_a_dense_gradient_postpones_the_rewirin
     assert sparse.engine.skip_reasons == {SKIP_OPTIMIZER_NONFINITE: 1}
     said = [str(w.message) for w in caught if "postponed" in str(w.message)]
     assert said == [f"step 6: {SKIP_OPTIMIZER_NONFINITE}: the rewiring due at step 6 is "
-                    "postponed to the next step with usable gradients"]
+                    "postponed to the next step with usable gradients (further postponements "
+                    "of it for this reason are counted in the fit-end account, not repeated)"]
     assert trainer.precision_plugin.scaler.get_scale() == 65536.0 / 2  # the step was skipped
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ggr import DynamicSparsityCallback
 from lightning_ggr.sparse.sharded import consolidate_masks
 from tests.helpers.sharded import (
+    Scribbler,
     ShardedChecks,
     TinyTransformer,
     full,
@@ -38,30 +39,40 @@ def _fit(rank: int, world: int, root: str, settings: dict, module: dict, fit: di
 
     sparse = DynamicSparsityCallback(**settings)
     checks = ShardedChecks(str(Path(root) / "record.json"), reference_masks(settings, **module))
+    callbacks = [sparse, checks]
     if fit.pop("tensorboard", False):
         fit["logger"] = TensorBoardLogger(root, name="logs")
-    run = trainer(root, [sparse, checks], world, max_epochs=2, **fit)
+    if fit.pop("scribble", False):
+        callbacks.append(Scribbler(str(Path(root) / "scribbled.json")))
+    run = trainer(root, callbacks, world, max_epochs=2, **fit)
     run.fit(TinyTransformer(**module), token_dataloader())
 
 
 @pytest.mark.parametrize(("method", "distribution", "module", "fit"), [
-    ("set", "erk", {}, {}),
+    # enforce_masks_every_step against writes into masked weights (before the forward
+    # pass and before the optimizer step)
+    ("set", "erk", {}, {"scribble": True}),
     ("rigl", "uniform", {"optimizer": "sgd"}, {}),
     # the tied embedding left unsharded (replicated: rank 0 decides its rewiring)
     ("dsr", "uniform", {"partly": True}, {}),
     # FSDP2's mixed precision (bf16 compute, fp32 reduction), clipping of DTensor
     # gradients, TensorBoard views and the run summary computed across shards
     ("ggr", "erk", {"mixed": True}, {"gradient_clip_val": 0.05, "tensorboard": True}),
-], ids=["set", "rigl-sgd", "dsr-partly-sharded", "ggr-mixed-clipped-reported"])
+], ids=["set-enforced-every-step", "rigl-sgd", "dsr-partly-sharded",
+        "ggr-mixed-clipped-reported"])
 def test_every_method_keeps_the_engine_guarantees_on_fsdp2_shards(tmp_path, method,
                                                                   distribution, module, fit):
     """Masked weights, gradients and optimizer state stay zero over whole layers at every
     step, counts match, masks agree on both ranks, the initial masks are a single-process
-    engine's, and the rewirings move weights (the tied embedding is one sparse tensor)."""
+    engine's, and the rewirings move weights (the tied embedding is one sparse tensor).
+    With ``enforce_masks_every_step`` the masks are applied to the shards before FSDP2
+    gathers them for the forward pass (the root's own parameters too) and after every
+    step, whatever wrote into the masked weights."""
     settings = {"method": method, "distribution": distribution, "sparsity": 0.7,
                 "interval": "step", "update_interval": 2, "drop_fraction": 0.3,
                 "stop_fraction": 0.9, "log_figures": "tensorboard" in fit,
-                "selection_summary": False, "mask_layers": ["mlp.0.weight"]}
+                "selection_summary": False, "mask_layers": ["mlp.0.weight"],
+                "enforce_masks_every_step": "scribble" in fit}
     spawn_lightning(_fit, str(tmp_path), settings, module, fit)
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["steps"] == record["checks"] == 8  # 32 samples, 2 ranks, batch 4, 2 epochs
@@ -70,6 +81,10 @@ def test_every_method_keeps_the_engine_guarantees_on_fsdp2_shards(tmp_path, meth
     assert record["layout"] == [n for n in SPARSE if n not in replicated]
     assert record["replicated"] == replicated
     assert record["changed"]  # the topology moved
+    if "scribble" in fit:
+        scribbled = json.loads((tmp_path / "scribbled.json").read_text())
+        # 8 steps: two layers checked per forward pass, two writes per step
+        assert scribbled == {"forward_checks": 16, "scribbled": 16}
     if "tensorboard" not in fit:
         return
     summary = json.loads(next(tmp_path.glob("logs/*/lightning_ggr_summary.json")).read_text())
@@ -108,11 +123,12 @@ def _state(run, sparse) -> dict:
     return state
 
 
-def _straight_and_saved(rank: int, world: int, root: str) -> None:
+def _straight_and_saved(rank: int, world: int, root: str, distributed: bool = True) -> None:
     sparse = DynamicSparsityCallback(**SETTINGS)
     saver = ModelCheckpoint(dirpath=root, filename="mid-{epoch}", every_n_epochs=1,
                             save_top_k=-1)
-    run = trainer(root, [sparse, saver], world, max_epochs=2, enable_checkpointing=True)
+    run = trainer(root, [sparse, saver], world, max_epochs=2, enable_checkpointing=True,
+                  save_distributed_checkpoint=distributed)
     run.fit(TinyTransformer(), token_dataloader())
     state = _state(run, sparse)
     if rank == 0:
@@ -177,6 +193,34 @@ def test_sharded_checkpoint_resumes_bit_exact_and_on_one_rank(tmp_path):
     assert restored["restored"]["rewirings"] == mid["rewirings"] > 0
     record = json.loads((one / "record.json").read_text())
     assert record["steps"] == 8  # the second epoch alone: 32 samples, batch 4, one rank
+
+
+def test_a_consolidated_checkpoint_holds_whole_masks_and_resumes_bit_exact(tmp_path):
+    """``ModelParallelStrategy(save_distributed_checkpoint=False)``: Lightning gathers one
+    file on rank 0; the masks travel in it as the model's whole ``<parameter>_sparse_mask``
+    buffers (not in the callback's state), and a resume on 2 ranks reshards them and ends
+    bit-exact with the straight run."""
+    straight = tmp_path / "straight"
+    spawn_lightning(_straight_and_saved, str(straight), False)
+    checkpoint = straight / "mid-epoch=0.ckpt"
+    assert checkpoint.is_file()
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["callbacks"]["DynamicSparsityCallback"]["masks"] == {}
+    masks = {name.removesuffix("_sparse_mask"): value
+             for name, value in saved["state_dict"].items() if name.endswith("_sparse_mask")}
+    assert sorted(masks) == SPARSE
+    assert masks["mlp.0.weight"].shape == saved["state_dict"]["mlp.0.weight"].shape
+    two = tmp_path / "two"
+    two.mkdir()
+    spawn_lightning(_resumed, str(checkpoint), str(two))
+    resumed = torch.load(two / "resumed.pt", weights_only=False)
+    expected = torch.load(straight / "straight.pt", weights_only=False)
+    for name, mask in masks.items():
+        assert torch.equal(resumed["restored"]["masks"][name], mask), name
+    for key in ("weights", "masks"):
+        for name, value in expected[key].items():
+            assert torch.equal(resumed["final"][key][name], value), (key, name)
+    assert resumed["final"]["rewirings"] == expected["rewirings"] > 0
 
 
 def test_ddp_with_a_logger_writes_the_summary_without_a_rank_0_only_collective(tmp_path):

@@ -165,6 +165,64 @@ class ShardedChecks(pl.Callback):
             }))
 
 
+#: Layers whose whole weight Scribbler checks in the forward pass -> their parameter.
+CHECKED_LAYERS = {"embed": "embed.weight", "mlp.0": "mlp.0.weight"}
+
+
+class Scribbler(pl.Callback):
+    """Writes 0.5 into the masked positions of every sparse weight's local shard before each
+    batch and again before each optimizer step (as code outside the callback might), for
+    ``enforce_masks_every_step``; forward pre-hooks on the layers holding a root-owned
+    parameter (the tied embedding, gathered by the root's FSDP2 pre-hook) and a child's
+    (``mlp.0``, gathered by ``mlp``'s) check that the whole weights the forward pass uses are
+    zero where masked. Rank 0 records how many checks ran."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+        self.forward_checks = self.scribbled = 0
+        self.whole: dict[str, Tensor] = {}
+        self.handles: list[Any] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for module_name, name in CHECKED_LAYERS.items():
+            module = pl_module.get_submodule(module_name)
+            self.handles.append(module.register_forward_pre_hook(
+                lambda module, args, name=name: self._check(module, name)))
+
+    def _check(self, module: nn.Module, name: str) -> None:
+        if name not in self.whole:  # a forward outside training (none here)
+            return
+        weight = module.weight
+        assert not hasattr(weight, "to_local"), "the forward pass should see a whole weight"
+        assert (weight.detach()[~self.whole[name]] == 0).all(), f"{name}: forward saw masked"
+        self.forward_checks += 1
+
+    def _scribble(self, trainer) -> None:
+        engine = ShardedChecks.sparse(trainer).engine
+        with torch.no_grad():
+            for name, param in engine.params.items():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                mask = engine.masks[name]
+                local_mask = mask.to_local() if hasattr(mask, "to_local") else mask
+                local.masked_fill_(~local_mask, 0.5)
+        self.scribbled += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        engine = ShardedChecks.sparse(trainer).engine
+        self.whole = {name: full(engine.masks[name]) for name in CHECKED_LAYERS.values()}
+        self._scribble(trainer)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._scribble(trainer)  # after the callback's pass: the step's post-hook re-masks
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if trainer.global_rank == 0:
+            Path(self.record).write_text(json.dumps({
+                "forward_checks": self.forward_checks, "scribbled": self.scribbled}))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -190,18 +248,20 @@ def spawn_lightning(run: Any, *args: Any, world: int = 2) -> None:
     mp.spawn(_worker, args=(world, free_port(), run, args), nprocs=world, join=True)
 
 
-def model_parallel(world: int):
+def model_parallel(world: int, save_distributed_checkpoint: bool = True):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=save_distributed_checkpoint,
                                  timeout=timedelta(seconds=60))
 
 
-def trainer(root: str, callbacks: list, world: int, **kwargs: Any) -> pl.Trainer:
+def trainer(root: str, callbacks: list, world: int, *,
+            save_distributed_checkpoint: bool = True, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(default_root_dir=root, callbacks=callbacks, accelerator="cpu",
-                      devices=world, strategy=model_parallel(world),
+                      devices=world, strategy=model_parallel(world, save_distributed_checkpoint),
                       enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 

@@ -67,6 +67,24 @@ def test_rank_by_gradient_gives_the_winners_of_each_layer_in_order():
     assert allocated.ranked["a"].tolist() == [2, 3] and allocated.ranked["b"].tolist() == [0, 1]
 
 
+def test_ggr_gives_tied_gradients_to_the_first_layers_then_the_first_positions():
+    """The rule of a sharded rewiring, on one device (issue 19): GGR's allocation takes the
+    gradients tied at its ``K``-th in layer order, then position order, so that one device
+    and shards give every layer the same count."""
+    masks = {"a": torch.tensor([True, False, False, False, False]),
+             "b": torch.tensor([False, False, True, False])}
+    grads = {"a": torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0]),
+             "b": torch.tensor([1.0, 2.0, 9.0, 1.0])}
+    # Free: a's four 1.0, b's 1.0, 2.0, 1.0. The top 4: b1 (2.0), then three of the five
+    # tied 1.0: a1, a2, a3 (layer a first, its first positions).
+    allocated = rank_by_gradient(grads, masks, 4)
+    assert allocated.counts == [3, 1]
+    assert allocated.ranked["a"].tolist() == [1, 2, 3] and allocated.ranked["b"].tolist() == [1]
+    # Six of the seven: a's four, then b1 and b0.
+    allocated = rank_by_gradient(grads, masks, 6)
+    assert allocated.counts == [4, 2] and allocated.ranked["b"].tolist() == [1, 0]
+
+
 def test_mixed_insertion_grows_half_up_by_gradient():
     """5 new weights at ratio 0.5: 3 by gradient (2.5 rounds up), 2 at random."""
     mask = torch.zeros(100, dtype=torch.bool)

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_ggr import global_topk_counts
+from lightning_ggr.sparse.topk import global_topk
 
 
 def brute_force_counts(scores, k):
@@ -206,3 +207,64 @@ def test_rows_refuse_a_k_outside_the_vector_even_when_nothing_is_selected(sizes,
     with pytest.raises(ValueError, match="k must be in"):
         topk_rows(sizes, ks, lambda i, out: out.zero_(), largest=True, pad=-float("inf"),
                   device=torch.device("cpu"))
+
+
+# ------------------------------------------------- GGR's ties in (layer, position) order
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=9).filter(any),
+       levels=st.integers(1, 6), streamed=st.booleans(), chunked=st.booleans(),
+       margin=st.integers(1, 6), data=st.data())
+def test_global_top_k_in_order_splits_ties_by_tensor_then_position(sizes, levels, streamed,
+                                                                   chunked, margin, data):
+    """GGR's allocation: the tied values at the ``k``-th go to the tensors in order, then by
+    position (the rule across shards), and each tensor's winners come best first, ties by
+    position; from a packed or a streamed selection of ``k + TIE_MARGIN`` (a small margin:
+    the ties fit in it or not, then they are counted and found again, in one piece or
+    chunk by chunk: a lowered ``TIE_CHUNK``)."""
+    from lightning_ggr.sparse import topk as module
+    from lightning_ggr.sparse.topk import global_topk_in_order
+
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    scores = [torch.randint(0, levels, (n,), generator=generator).float() for n in sizes]
+    k = data.draw(st.integers(0, sum(sizes)))
+    take = min(k + margin, sum(sizes))
+    top = (global_topk(iter(scores), take) if streamed else packed(scores, take)[0])
+    with pytest.MonkeyPatch.context() as patch:
+        if chunked:
+            patch.setattr(module, "TIE_CHUNK", 7)
+        counts, ranked = global_topk_in_order(top, k, lambda i: scores[i], sum(sizes))
+    order = sorted(((-s, i, p) for i, score in enumerate(scores)
+                    for p, s in enumerate(score.tolist())))[:k]
+    expected = [[p for _, owner, p in order if owner == i] for i in range(len(scores))]
+    assert counts == [len(e) for e in expected]
+    assert [r.tolist() for r in ranked] == expected  # best first, ties by position
+
+
+def test_ggr_counts_its_ties_again_only_beyond_the_margin(monkeypatch):
+    """GGR's allocation reads the host once when the values tied with its ``K``-th fit in
+    the ``TIE_MARGIN`` extra winners, and once more (writing the layers' scores again) when
+    they do not, with the same result either way."""
+    from lightning_ggr.sparse import rewiring
+    from lightning_ggr.sparse.rewiring import rank_by_gradient
+
+    masks = {name: torch.zeros(n, dtype=torch.bool) for name, n in (("a", 300), ("b", 200))}
+    grads = {"a": torch.ones(300), "b": torch.ones(200)}
+    grads["b"][50] = 2.0
+    grads["a"][7] = 0.5
+    reads = []
+    real = torch.Tensor.tolist
+
+    def spy(self):
+        reads.append(self.numel())
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", spy)
+    results = []
+    for margin, expected in ((1024, 1), (8, 2)):  # 498 ties at 1.0: inside, then beyond
+        monkeypatch.setattr(rewiring, "TIE_MARGIN", margin)
+        reads.clear()
+        allocated = rank_by_gradient(grads, masks, 251)
+        assert len(reads) == expected, margin
+        results.append((allocated.counts, {n: r.tolist() for n, r in allocated.ranked.items()}))
+    expected_a = [p for p in range(300) if p != 7][:250]
+    assert results[0] == results[1] == ([250, 1], {"a": expected_a, "b": [50]})
