@@ -35,7 +35,7 @@ from lightning_ggr.sparse.checks import (
 )
 from lightning_ggr.sparse.densities import DISTRIBUTIONS
 from lightning_ggr.sparse.engine import SparseEngine
-from lightning_ggr.sparse.masks import preserves_zeros
+from lightning_ggr.sparse.masks import preserves_zeros, vanishing_eps
 from lightning_ggr.sparse.methods import METHODS, MethodName
 from lightning_ggr.sparse.rewiring import RewiringReport
 from lightning_ggr.sparse.schedules import INTERVALS
@@ -47,7 +47,12 @@ from lightning_ggr.sparse.selection import (
     plan_selection,
     selection_from_names,
 )
-from lightning_ggr.sparse.sharded import hold_masks_in_model, zero_count
+from lightning_ggr.sparse.sharded import (
+    check_sharding,
+    hold_masks_in_model,
+    load_held_masks,
+    zero_count,
+)
 
 
 class DynamicSparsityCallback(Callback):
@@ -285,6 +290,9 @@ class DynamicSparsityCallback(Callback):
             rank_zero_info("DynamicSparsityCallback: manual optimization; every optimizer step "
                            "of the optimizer holding the sparse weights counts as a step.")
         params = self._select_parameters(trainer, pl_module)
+        # Before anything reads the shards across processes (a DTensor placed otherwise
+        # fails inside torch, naming no way out).
+        check_sharding(params)
         self._check_sole_owner(trainer, pl_module, params)
         loaded = self._loaded_state
         # ModelParallelStrategy restores the checkpoint after this hook: its state arrives
@@ -331,23 +339,26 @@ class DynamicSparsityCallback(Callback):
         self._attach_gradient_hooks(pl_module)
         self.reporter.global_density = self.engine.global_density()
         self._warn_if_init_value_underflows(params)
+        self._warn_if_eps_vanishes()
         self._warn_if_not_sharded(trainer)
-        if self.engine.layout is not None:
-            # Sharded: the masks become buffers of the model, so that Lightning's
-            # distributed checkpoint saves them shard by shard with it (no rank holds a
-            # whole mask) and loads them back in place, on any number of processes.
-            hold_masks_in_model(pl_module, self.engine.masks)
         self.reporter.selection_chosen(trainer, self.selection, self.engine, self._title())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loaded_state is not None:  # restored after on_fit_start
-            self._adopt_restored_state()
+            self._adopt_restored_state(trainer)
         elif trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
             rank_zero_warn(
                 f"resuming from {trainer.ckpt_path}, which holds no DynamicSparsityCallback "
                 "state: new random masks are drawn and applied to the loaded weights."
             )
             self.engine.apply_masks()
+        if self.engine.layout is not None:
+            # Sharded: the masks become buffers of the model, so that Lightning's
+            # distributed checkpoint saves them shard by shard with it (no rank holds a
+            # whole mask). Only now, after the restore: a checkpoint without them (a dense
+            # run's, a single-device run's) loads strictly into the model, and a sharded
+            # one's masks were read by _adopt_restored_state.
+            hold_masks_in_model(pl_module, self.engine.masks)
         # Lightning restores optimizer state after on_fit_start: state from a checkpoint
         # without our masks (or an optimizer reused across fits) must be masked once here,
         # and a restored state's layout checked.
@@ -576,10 +587,11 @@ class DynamicSparsityCallback(Callback):
                 "LightningModule's configure_model. Without it nothing synchronises the "
                 "processes' gradients, and their weights drift apart")
 
-    def _adopt_restored_state(self) -> None:
+    def _adopt_restored_state(self, trainer: pl.Trainer) -> None:
         """The checkpoint's state, restored after on_fit_start (ModelParallelStrategy loads
-        the model, its mask buffers included, after on_fit_start): the engine adopts the
-        loaded masks and the bookkeeping, the clock its position."""
+        the model after on_fit_start): the engine adopts the saved masks (those of a sharded
+        run read from the checkpoint's mask buffers, each process its rows) and the
+        bookkeeping, the clock its position."""
         loaded, self._loaded_state = self._loaded_state, None
         self._warn_if_settings_changed(loaded)
         saved = loaded.get("masks") or {}
@@ -589,8 +601,9 @@ class DynamicSparsityCallback(Callback):
                 f"the checkpoint's masks cover {sorted(names)}, this callback selected "
                 f"{sorted(self.engine.masks)}: resume with the include/exclude of the run "
                 "that wrote it")
-        # A sharded checkpoint loaded the masks in place into the model's buffers.
-        self.engine.load_state_dict({**loaded, "masks": saved or self.engine.masks})
+        if not saved:  # a sharded run's: the masks are the model's buffers in the checkpoint
+            saved = load_held_masks(self.engine.masks, trainer.ckpt_path)
+        self.engine.load_state_dict({**loaded, "masks": saved})
         self.clock.restore(loaded)
         self.reporter.account = RunAccount.from_state(loaded.get("account"))
         self._run_id = str(loaded.get("run_id") or self._run_id)
@@ -786,6 +799,16 @@ class DynamicSparsityCallback(Callback):
             + ": the saved masks are kept as they are (with the checkpoint's density); "
             "resume with the checkpoint's settings to avoid surprises"
         )
+
+    def _warn_if_eps_vanishes(self) -> None:
+        vanishing = vanishing_eps(self._optimizer)
+        if vanishing is not None:
+            eps, dtype = vanishing
+            rank_zero_warn(
+                f"the optimizer's eps={eps} is 0 in {dtype}: its step divides 0 by 0 wherever "
+                "a gradient and its state are 0, which is NaN. Masked weights are zeroed again "
+                "after every step, but an active weight whose gradient is exactly 0 becomes "
+                f"NaN; use eps >= {torch.finfo(dtype).smallest_normal} (or bf16)")
 
     def _warn_if_init_value_underflows(self, params: Mapping[str, Tensor]) -> None:
         dtypes = {p.dtype for p in params.values() if p.is_floating_point()}

@@ -50,6 +50,7 @@ from lightning_ggr.sparse.rewiring import (
 from lightning_ggr.sparse.schedules import RewiringSchedule
 from lightning_ggr.sparse.sharded import (
     all_sum,
+    differing_replicas,
     is_sharded,
     layout_of,
     like_param,
@@ -195,6 +196,10 @@ class SparseEngine:
         self.rewirings = 0
         self._warned_no_optimizer = False
         self._warned_no_signal = False
+        #: Whether a sharded rewiring found (and warned) that replicated layers differ.
+        self._warned_replicas_differ = False
+        #: Whether the first step with optimizers checked the engine was built after sharding.
+        self._checked_sharding_order = False
         self.skipped_rewirings = 0
         #: Postponements by reason (``SKIP_*``): checkpointed with ``skipped_rewirings``.
         self.skip_reasons: dict[str, int] = {}
@@ -496,11 +501,13 @@ class SparseEngine:
         Returns the rewiring's report, a report with ``skipped=True`` and its
         ``skip_reason`` when a due rewiring was postponed, or ``None`` when none was due.
         """
+        optimizers = list(optimizers)
+        if not self._checked_sharding_order:
+            self._check_not_built_before_sharding(optimizers)
         report = None
         if self.rewiring_due(step, epoch):
             due_step = step if self.pending_step is None else self.pending_step
             drop_fraction = self.schedule.drop_fraction_at(due_step)
-            optimizers = list(optimizers)
             reason, stray = self._due_step_checks(optimizers)
             if stray:  # written into by something else: zeroed before the rewiring reads them
                 self._count_strays(stray)
@@ -518,6 +525,27 @@ class SparseEngine:
             report.stray_weights = stray
         self.mask_gradients()
         return report
+
+    def _check_not_built_before_sharding(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Refuse an engine built before ``fully_shard``: sharding replaces the module's
+        parameters with new DTensor ones, so the engine would mask and rewire the old
+        tensors, which nothing trains, while the model trained dense, silently. Recognised
+        at the first step with optimizers: they hold DTensors and none of the engine's
+        (plain) parameters."""
+        if not optimizers:
+            return
+        self._checked_sharding_order = True
+        if self.layout is not None:
+            return
+        held = [p for optimizer in optimizers for group in optimizer.param_groups
+                for p in group["params"]]
+        ours = {id(p) for p in self.params.values()}
+        if any(is_sharded(p) for p in held) and not any(id(p) in ours for p in held):
+            raise ValueError(
+                "the optimizers hold sharded (DTensor) parameters and none of the engine's: "
+                "the engine was built before fully_shard, which replaces the module's "
+                "parameters, so it would mask tensors nothing trains while the model trains "
+                "dense. Build the SparseEngine (select_sparse_parameters) after fully_shard")
 
     def zero_stray_weights(self, optimizers: Iterable[torch.optim.Optimizer] = ()
                            ) -> dict[str, int]:
@@ -684,6 +712,8 @@ class SparseEngine:
             if not self.update_grown_weights and param.grad is not None:
                 follow.append((param.grad, 0.0))
             states[name] = [(own(name, value), start) for value, start in follow]
+        if layout is not None and not self._warned_replicas_differ:
+            self._warn_if_replicas_differ()
         if names:
             report = self.rewiring(
                 {name: own(name, self.params[name].detach()) for name in names},
@@ -772,6 +802,27 @@ class SparseEngine:
             values = param.to(device)
             torch.distributed.broadcast(values, src=src, group=group)
             param.copy_(values.to(param.device))
+
+    def _warn_if_replicas_differ(self) -> None:
+        """At a sharded rewiring, until one found it: warn when the replicated layers (plain
+        tensors of a partly sharded model) hold different weights on different processes.
+        FSDP2 reduces the gradients of the parameters ``fully_shard`` manages only: nothing
+        synchronises those of a plain tensor, so each process trains its own copy, and the
+        broadcast of rank 0's rewiring hides it at each rewiring."""
+        names = [name for name, shard in self.layout.layers.items() if not shard.sharded]
+        differing = differing_replicas({name: self.params[name] for name in names}, self.layout)
+        if not differing:
+            return
+        self._warned_replicas_differ = True
+        if self.layout.rank == 0:
+            warnings.warn(
+                f"the sparse parameters {differing} are plain tensors (not sharded by "
+                "fully_shard) and hold different weights on different processes: FSDP2 "
+                "reduces only the gradients of the parameters fully_shard manages, so each "
+                "process trains its own copy of these, and every rewiring resets them to "
+                "rank 0's. Shard them too (apply fully_shard to the module that owns them, "
+                "or to the root module), or all-reduce their gradients yourself",
+                UserWarning, stacklevel=3)
 
     def _broadcast_replicated(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """After a sharded rewiring: the replicated layers (plain tensors of a partly sharded

@@ -205,9 +205,25 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+def vanishing_eps(optimizer: torch.optim.Optimizer) -> tuple[float, torch.dtype] | None:
+    """An ``eps`` of ``optimizer`` that is 0 in the dtype of parameters it steps (Adam's
+    default ``1e-8`` in float16, ``precision="16-true"``), with that dtype; ``None`` when
+    there is none. Such an optimizer divides ``0 / (0 + eps)`` wherever a gradient and its
+    state are 0, which is NaN: at every masked weight, at every step."""
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not isinstance(eps, float) or eps == 0:
+            continue
+        for param in group["params"]:
+            if param.is_floating_point() and float(torch.tensor(eps, dtype=param.dtype)) == 0:
+                return eps, param.dtype
+    return None
+
+
 def preserves_zeros(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s step keeps masked weights at 0 by itself (see above)."""
-    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+    """Whether ``optimizer``'s step keeps masked weights at 0 by itself (see above): not
+    when its ``eps`` vanishes in its parameters' dtype (:func:`vanishing_eps`)."""
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS and vanishing_eps(optimizer) is None
 
 
 @torch.no_grad()

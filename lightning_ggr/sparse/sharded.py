@@ -30,6 +30,7 @@ import contextvars
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -118,16 +119,19 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
-    """The :class:`ShardLayout` of ``params`` when some are DTensors (``None`` otherwise).
+def check_sharding(params: Mapping[str, Tensor]) -> Any:
+    """The one device mesh ``params``' DTensors are sharded over (``None``: none is a DTensor).
 
     Every DTensor must be sharded along dim 0 over one and the same one-dimensional device
-    mesh (``fully_shard`` with data parallelism); a plain tensor among them is replicated on
-    every process (a partly sharded model), and rank 0 decides its rewiring.
+    mesh (``fully_shard`` with data parallelism), on the mesh's device (no CPU offload).
+    Anything that reads sharded parameters across processes checks this first: a DTensor
+    placed otherwise fails inside torch with a message that names no way out.
 
     Raises:
-        ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh), or
-            DTensors on different meshes.
+        ValueError: a DTensor placed otherwise (tensor parallelism, HSDP's 2-D mesh, a
+            2-D mesh such as Lightning's ``device_mesh`` passed whole), DTensors on different
+            meshes, or offloaded to the CPU.
+        RuntimeError: torch too old for sharding (:func:`check_torch_for_sharding`).
     """
     if any(type(p).__name__ == "DTensor" for p in params.values()):
         check_torch_for_sharding()
@@ -138,12 +142,21 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
     for name, param in sharded.items():
         mesh = param.device_mesh
         if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            names = getattr(mesh, "mesh_dim_names", None)
+            hint = ""
+            if mesh.ndim == 1:
+                hint = ("; with fully_shard(shard_placement_fn=...), place the sparse "
+                        "parameters Shard(0)")
+            elif names and "data_parallel" in names:
+                hint = ("; under Lightning's ModelParallelStrategy, shard over its data-parallel "
+                        "dimension: fully_shard(module, mesh=self.device_mesh['data_parallel'])")
             raise ValueError(
                 f"parameter {name!r} is a DTensor placed {tuple(param.placements)} on a "
-                f"{mesh.ndim}-D device mesh: sparse training supports parameters sharded "
-                "along dim 0 over one mesh dimension (FSDP2's fully_shard for data "
-                "parallelism, as Lightning's ModelParallelStrategy(tensor_parallel_size=1) "
-                "applies it); tensor parallelism and 2-D meshes (HSDP) are not supported")
+                f"{mesh.ndim}-D device mesh{'' if not names else f' {names}'}: sparse "
+                "training supports parameters sharded along dim 0 over one mesh dimension "
+                "(FSDP2's fully_shard for data parallelism, as Lightning's "
+                "ModelParallelStrategy(tensor_parallel_size=1) applies it); tensor "
+                f"parallelism and 2-D meshes (HSDP) are not supported{hint}")
         if all(mesh is not seen and mesh != seen for seen in meshes):
             meshes.append(mesh)
         if param.to_local().device.type != mesh.device_type:
@@ -155,7 +168,22 @@ def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
     if len(meshes) > 1:
         raise ValueError(f"the sparse parameters are sharded over {len(meshes)} different "
                          "device meshes; shard them all over one (one fully_shard mesh)")
-    mesh = meshes[0]
+    return meshes[0]
+
+
+def layout_of(params: Mapping[str, Tensor]) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``params`` when some are DTensors (``None`` otherwise).
+
+    Every DTensor must be sharded along dim 0 over one and the same one-dimensional device
+    mesh (:func:`check_sharding`); a plain tensor among them is replicated on every process
+    (a partly sharded model), and rank 0 decides its rewiring.
+
+    Raises:
+        ValueError: as :func:`check_sharding`.
+    """
+    mesh = check_sharding(params)
+    if mesh is None:
+        return None
     group = mesh.get_group()
     rank = dist.get_rank(group)
     layers = {}
@@ -450,6 +478,20 @@ def select_across_shards(
     return ShardedSelection(chosen, values)
 
 
+def differing_replicas(tensors: Mapping[str, Tensor], layout: ShardLayout) -> list[str]:
+    """The names of ``tensors`` (plain tensors meant to be replicated on every process of
+    ``layout``) whose values differ between processes: a checksum per tensor (the sum and
+    the sum of squares, in float64), one all-gather of ``2 x len(tensors)`` numbers. Every
+    process must call it with the same names."""
+    if not tensors:
+        return []
+    sums = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square()
+                                     .sum()]).cpu() for t in tensors.values()])
+    gathered = _all_gather(sums, layout.group)  # (world, tensors, 2)
+    same = (gathered == gathered[:1]).flatten(2).all(2).all(0)
+    return [name for name, agreed in zip(tensors, same.tolist(), strict=True) if not agreed]
+
+
 # ------------------------------------------------------------------- reports, exports
 
 
@@ -615,6 +657,41 @@ def hold_masks_in_model(module: Any, masks: Mapping[str, Tensor]) -> None:
         owner, _, leaf = name.rpartition(".")
         (module.get_submodule(owner) if owner else module).register_buffer(
             leaf + MASK_BUFFER_SUFFIX, mask)
+
+
+def load_held_masks(masks: Mapping[str, Tensor], checkpoint: Any,
+                    prefix: str = "state_dict.") -> dict[str, Tensor]:
+    """The masks a checkpoint holds as the model's ``<parameter>_sparse_mask`` buffers
+    (:func:`hold_masks_in_model`), for ``SparseEngine.load_state_dict``.
+
+    A distributed checkpoint (a folder) is read in place into ``masks`` (DTensors placed like
+    their parameters; each process reads its rows, whatever the number of processes that
+    wrote it; every process must call it), which are returned. A single-file checkpoint
+    (``torch.save`` of a full state dict) gives the whole masks, of which the engine takes
+    each process's rows.
+
+    Loading them apart from the model lets the masks stay out of the model's state dict until
+    the checkpoint is restored: a checkpoint without them (a dense run's, a single-device
+    run's) then loads strictly into the model too.
+
+    Args:
+        prefix: the key under which the model's state dict was saved, with its dot
+            (Lightning's: ``"state_dict."``).
+    """
+    keys = {name: f"{prefix}{name}{MASK_BUFFER_SUFFIX}" for name in masks}
+    path = Path(checkpoint)
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({keys[name]: mask for name, mask in masks.items()}, checkpoint_id=str(path))
+        return dict(masks)
+    state: Any = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+    for part in prefix.rstrip(".").split(".") if prefix else ():
+        state = state[part]
+    missing = [key for key in keys.values() if key[len(prefix):] not in state]
+    if missing:
+        raise ValueError(f"{checkpoint} holds no saved mask named {missing}")
+    return {name: state[key[len(prefix):]] for name, key in keys.items()}
 
 
 def consolidate_masks(checkpoint: Any, out: Any = None,

@@ -247,3 +247,18 @@ def test_density_reaches_the_progress_bar_without_a_log_call_every_step(tmp_path
     assert 1 <= len(logged) <= 3  # the start, and a rewiring only if the density moved
     assert all(torch.is_tensor(v) and v.device.type == "cpu" for v in logged)
     assert fit.progress_bar_metrics["density"] == pytest.approx(sparse.engine.global_density())
+
+
+def test_an_eps_that_vanishes_in_float16_warns_and_masked_weights_stay_zero(tmp_path):
+    """Regression: under ``precision="16-true"`` Adam's default eps=1e-8 is 0, so its step
+    turned every masked weight into NaN (0 / 0), and the network after it. The callback
+    now re-zeroes masked weights after every step and warns about eps."""
+    class Adam(TinyModule):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    sparse = DynamicSparsityCallback(sparsity=0.5, log_figures=False, init_value=1e-3)
+    with pytest.warns(UserWarning, match=r"eps=1e-08 is 0 in torch.float16"):
+        trainer(tmp_path, [sparse], max_epochs=1, precision="16-true").fit(Adam(), loader())
+    for name, param in sparse.engine.params.items():
+        assert (param.detach()[~sparse.masks[name]] == 0).all(), name

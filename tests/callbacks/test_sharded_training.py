@@ -243,3 +243,104 @@ def test_ddp_with_a_logger_writes_the_summary_without_a_rank_0_only_collective(t
     run.fit(TinyModule(), tiny_dataloader(samples=32))
     assert len(list(tmp_path.glob("lightning_logs/*/lightning_ggr_summary.json"))) == 1
     assert not dist.is_initialized()
+
+
+# ------------------------------------------- resume from checkpoints without sharded masks
+def _resume_without_sharded_masks(rank: int, world: int, root: str, checkpoint: str | None,
+                                  out: str) -> None:
+    """Resume ``checkpoint`` (``None``: first write one with a dense sharded run) sharded
+    and sparse; record the masks after the restore, and the warnings of rank 0."""
+    import warnings
+
+    if checkpoint is None:
+        saver = ModelCheckpoint(dirpath=root, filename="dense")
+        dense = trainer(root, [saver], world, max_epochs=1, enable_checkpointing=True)
+        dense.fit(TinyTransformer(), token_dataloader())
+        checkpoint = str(Path(root) / "dense.ckpt")
+    sparse = DynamicSparsityCallback(**SETTINGS)
+    seen = {}
+
+    class Restored(ShardedChecks):
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().on_train_start(trainer, pl_module)
+            seen["masks"] = {n: full(m).clone() for n, m in sparse.engine.masks.items()}
+            seen["rewirings"] = sparse.engine.rewirings
+
+    checks = Restored(str(Path(out) / "record.json"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = trainer(out, [sparse, checks], world, max_epochs=2)
+        run.fit(TinyTransformer(), token_dataloader(), ckpt_path=checkpoint)
+    if rank == 0:
+        seen["warnings"] = [str(w.message) for w in caught]
+        seen["buffers"] = sorted(k for k in run.lightning_module.state_dict()
+                                 if k.endswith("_sparse_mask"))
+        torch.save(seen, Path(out) / "seen.pt")
+
+
+def test_a_single_device_sparse_checkpoint_resumes_sharded(tmp_path):
+    """Regression: the mask buffers were registered on the model before Lightning restored
+    the checkpoint, so a checkpoint without them (here a single-device sparse run's, whose
+    masks are whole tensors in the callback state) failed to load: ``KeyError: The model
+    contains a key 'embed.weight_sparse_mask' that does not exist in the loaded checkpoint``.
+    Its masks now resume on 2 ranks, each taking its rows."""
+    import lightning.pytorch as pl
+
+    class Unsharded(TinyTransformer):
+        def configure_model(self) -> None:
+            pass
+
+    sparse = DynamicSparsityCallback(**SETTINGS)
+    single = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1,
+                        callbacks=[sparse, ModelCheckpoint(dirpath=tmp_path, filename="one")],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single.fit(Unsharded(), token_dataloader(samples=16))
+    assert sparse.engine.rewirings > 0
+    out = tmp_path / "sharded"
+    out.mkdir()
+    spawn_lightning(_resume_without_sharded_masks, str(tmp_path), str(tmp_path / "one.ckpt"),
+                    str(out))
+    seen = torch.load(out / "seen.pt", weights_only=False)
+    for name, mask in sparse.engine.masks.items():
+        assert torch.equal(seen["masks"][name], mask), name
+    assert seen["rewirings"] == sparse.engine.rewirings
+    assert seen["buffers"] == sorted(f"{name}_sparse_mask" for name in SPARSE)
+    assert json.loads((out / "record.json").read_text())["steps"] == 4  # the second epoch
+
+
+def test_a_dense_sharded_checkpoint_resumes_sparse_with_new_masks(tmp_path):
+    """Regression: resuming a dense FSDP2 run's distributed checkpoint with the callback
+    failed in torch.distributed.checkpoint (the model's mask buffers are missing from the
+    checkpoint). It now warns that new masks are drawn, as without sharding, and trains
+    sparse."""
+    spawn_lightning(_resume_without_sharded_masks, str(tmp_path), None, str(tmp_path))
+    seen = torch.load(tmp_path / "seen.pt", weights_only=False)
+    assert any("holds no DynamicSparsityCallback state" in w for w in seen["warnings"])
+    assert seen["rewirings"] == 0 and seen["buffers"]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["steps"] == 4 and record["rewirings"] > 0
+
+
+class _WholeMeshTransformer(TinyTransformer):
+    """Sharded over ModelParallelStrategy's whole (2-D) device mesh: HSDP placements."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self, mesh=self.device_mesh)
+
+
+def _fit_whole_mesh(rank: int, world: int, root: str) -> None:
+    sparse = DynamicSparsityCallback(**SETTINGS)
+    trainer(root, [sparse], world, max_epochs=1).fit(_WholeMeshTransformer(),
+                                                     token_dataloader())
+
+
+def test_a_model_sharded_over_the_whole_device_mesh_is_refused_before_training(tmp_path):
+    """Regression: the callback counted the selection's zeros across shards before the
+    engine checked the placements, so a model sharded over the strategy's whole 2-D mesh
+    failed inside torch ("Found the DeviceMesh have 2 dimensions ... mesh_dim needs to be
+    specified"), naming no way out. The refusal now comes first and names the way."""
+    with pytest.raises(Exception, match=r"2-D device mesh .*"
+                                        r"fully_shard\(module, mesh=self.device_mesh\["):
+        spawn_lightning(_fit_whole_mesh, str(tmp_path), world=1)

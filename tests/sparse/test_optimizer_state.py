@@ -405,3 +405,29 @@ def test_the_probe_records_values_before_the_update():
     first = FreshState().probe(optimizer, weight)
     assert float(first["exp_inf"].reshape(-1)[0]) == 0.0
     assert check_optimizer_state(optimizer, {"w": weight}, FreshState()) is None
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Adagrad"])
+def test_an_eps_that_vanishes_in_float16_needs_the_re_zeroing_after_the_step(name):
+    """Regression: in float16 (``precision="16-true"``) the default ``eps`` (1e-8, Adagrad's
+    1e-10) is 0, so these optimizers divide 0 by 0 at every masked weight (gradient and
+    state 0): NaN, which the zero-preserving shortcut left in the weights. They are not
+    zero-preserving then, and the re-zeroing after the step keeps masked weights at 0."""
+    from lightning_ggr.sparse.masks import vanishing_eps
+
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+                                .half())
+    engine = SparseEngine({"w": weight}, sparsity=0.5, method="set")
+    optimizer = getattr(torch.optim, name)([weight], lr=LR)
+    assert vanishing_eps(optimizer) == (optimizer.defaults["eps"], torch.float16)
+    assert not preserves_zeros(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        weight.grad = torch.randn(weight.shape, generator=generator).half()
+        engine.mask_gradients()
+        optimizer.step()
+        engine.after_optimizer_step([optimizer])  # the callback's post-step hook
+    assert (weight.detach()[~engine.masks["w"]] == 0).all()
+    assert weight.detach()[engine.masks["w"]].isfinite().all()
+    safe = getattr(torch.optim, name)([weight], lr=LR, eps=1e-4)
+    assert vanishing_eps(safe) is None and preserves_zeros(safe)

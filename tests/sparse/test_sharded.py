@@ -445,3 +445,117 @@ def test_tensor_parallel_offloaded_and_old_torch_shards_are_refused(monkeypatch)
         monkeypatch.setattr(sharded, "SHARDING_TORCH", (99, 0))
         with pytest.raises(RuntimeError, match=r"needs torch >= 99.0 .* found torch"):
             sharded.layout_of(params)
+
+
+def test_a_model_sharded_over_lightnings_whole_2d_mesh_is_refused_with_the_way():
+    """``fully_shard(module, mesh=self.device_mesh)`` under ModelParallelStrategy (its mesh
+    is 2-D even with ``tensor_parallel_size=1``) gives HSDP placements: refused, naming the
+    data-parallel dimension to shard over."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_ggr.sparse.sharded import check_sharding
+
+    with one_process_group():
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel",
+                                                               "tensor_parallel"))
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(ValueError, match=r"'0.weight' is a DTensor placed \(Replicate\(\), "
+                                             r"Shard\(dim=0\)\) on a 2-D .*"
+                                             r"mesh=self.device_mesh\['data_parallel'\]"):
+            check_sharding(select_sparse_parameters(model))
+        assert check_sharding({"w": torch.ones(3)}) is None  # nothing sharded
+
+
+def test_held_masks_are_read_from_a_single_file_checkpoint(tmp_path):
+    """A full state dict saved in one file (ModelParallelStrategy with
+    ``save_distributed_checkpoint=False``) gives the whole masks of its mask buffers; a
+    checkpoint without one of them is refused, naming it."""
+    from lightning_ggr.sparse.sharded import load_held_masks
+
+    mask = torch.rand(5, 3) > 0.5
+    torch.save({"state_dict": {"net.0.weight": torch.ones(5, 3),
+                               "net.0.weight_sparse_mask": mask}}, tmp_path / "full.ckpt")
+    found = load_held_masks({"net.0.weight": torch.zeros(5, 3, dtype=torch.bool)},
+                            tmp_path / "full.ckpt")
+    assert list(found) == ["net.0.weight"] and torch.equal(found["net.0.weight"], mask)
+    with pytest.raises(ValueError, match=r"holds no saved mask named \['state_dict.net.2"):
+        load_held_masks({"net.2.weight": mask}, tmp_path / "full.ckpt")
+
+
+def check_replicas_warning(rank: int, world: int) -> dict:
+    """A partly sharded model trained on each rank's own data: the replicated head drifts."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))  # model[2] stays plain
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = SparseEngine(select_sparse_parameters(model, trained=[optimizer]), sparsity=0.5,
+                          method="rigl")
+    assert not engine.layout.layers["2.weight"].sharded
+    found = []
+    for step in range(3):  # the same data everywhere, then each rank its own
+        generator = torch.Generator().manual_seed(step * (1 + rank))
+        model(torch.randn(4, 6, generator=generator)).square().sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.rewire(0.3, [optimizer])
+        found.append([str(w.message) for w in caught if "plain tensors" in str(w.message)])
+        engine.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"warned": [bool(messages) for messages in found], "message": found[-1]}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_replicated_layers_whose_copies_drift_apart_are_named_at_a_rewiring(tmp_path):
+    """Regression: FSDP2 reduces only the gradients of parameters fully_shard manages, so a
+    partly sharded model's plain sparse layers trained apart on each process, silently reset
+    to rank 0's at every rewiring. A rewiring now warns (rank 0, once) naming them; equal
+    copies (before any step on different data) raise nothing."""
+    result = spawn(check_replicas_warning, folder=tmp_path)
+    assert result["warned"] == [False, False, True]  # the copies differ after step 1
+    assert "['2.weight'] are plain tensors" in result["message"][0]
+
+
+def test_an_engine_built_before_fully_shard_is_refused_at_the_first_step():
+    """Regression: ``fully_shard`` replaces the module's parameters, so an engine built
+    before it masked and rewired the old tensors, which nothing trains, while the model
+    trained dense, silently. The first step with the optimizer now refuses it; an engine
+    built after sharding passes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with one_process_group():
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        early = SparseEngine(select_sparse_parameters(model), sparsity=0.5)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(2, 7)).sum().backward()
+        with pytest.raises(ValueError, match=r"engine was built before fully_shard.*"
+                                             r"Build the SparseEngine .* after fully_shard"):
+            early.before_optimizer_step(0, 0, [optimizer])
+        engine = SparseEngine(select_sparse_parameters(model), sparsity=0.5)
+        engine.before_optimizer_step(0, 0, [optimizer])
+        assert engine.layout is not None
+
+
+def test_a_shard_placement_other_than_the_rows_is_refused_naming_the_placement_function():
+    """FSDP2's ``shard_placement_fn`` may shard a parameter along another dimension."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    with one_process_group():
+        model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 3))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)),
+                    shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else None)
+        with pytest.raises(ValueError, match=r"placed \(Shard\(dim=1\),\) on a 1-D .*"
+                                             r"shard_placement_fn=.*Shard\(0\)"):
+            SparseEngine(select_sparse_parameters(model), sparsity=0.5)
