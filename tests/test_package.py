@@ -147,3 +147,42 @@ def test_the_version_is_defined_once():
     from importlib.metadata import version
 
     assert version("lightning-ggr") == lightning_ggr.__version__
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _names_in_docs() -> set[str]:
+    """Every identifier written as code (between backticks) in README.md and docs/*.md."""
+    import re
+
+    text = "\n".join(path.read_text() for path in [ROOT / "README.md",
+                                                  *sorted((ROOT / "docs").glob("*.md"))])
+    return {word for span in re.findall(r"`([^`\n]+)`", text)
+            for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
+
+
+@pytest.mark.parametrize("module", ["lightning_ggr", "lightning_ggr.sparse"])
+def test_every_public_name_imports_and_is_documented(module):
+    """The public names are a contract: each name of ``__all__`` resolves (the lazy
+    callback too) and is named as code in the README or docs/."""
+    import importlib
+
+    namespace = importlib.import_module(module)
+    assert len(set(namespace.__all__)) == len(namespace.__all__)
+    for name in namespace.__all__:
+        getattr(namespace, name)
+    documented = _names_in_docs()
+    assert sorted(set(namespace.__all__) - documented) == []
+
+
+def test_the_front_doors_engine_names_are_the_engines_objects():
+    """``to_inference`` and the other engine names of ``lightning_ggr`` are exported from
+    both modules and are the same objects."""
+    import lightning_ggr.sparse
+
+    engine_names = set(lightning_ggr.__all__) - {"DynamicSparsityCallback", "__version__"}
+    assert "to_inference" in engine_names and "to_inference" in lightning_ggr.sparse.__all__
+    assert engine_names <= set(lightning_ggr.sparse.__all__)
+    for name in engine_names:
+        assert getattr(lightning_ggr, name) is getattr(lightning_ggr.sparse, name), name
