@@ -230,16 +230,15 @@ def test_ddp_with_a_logger_writes_the_summary_without_a_rank_0_only_collective(t
     from datetime import timedelta
 
     from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.strategies import DDPStrategy
 
     from tests.helpers import TinyModule, make_trainer, tiny_dataloader
+    from tests.helpers.ddp import spawned_ddp
 
     sparse = DynamicSparsityCallback(sparsity=0.8, interval="step", update_interval=1,
                                      log_figures=False, selection_summary=False)
     run = make_trainer(tmp_path, [sparse], max_epochs=1, devices=2,
                        logger=CSVLogger(tmp_path),
-                       strategy=DDPStrategy(start_method="spawn",
-                                            timeout=timedelta(seconds=30)))
+                       strategy=spawned_ddp(timedelta(seconds=30)))
     run.fit(TinyModule(), tiny_dataloader(samples=32))
     assert len(list(tmp_path.glob("lightning_logs/*/lightning_ggr_summary.json"))) == 1
     assert not dist.is_initialized()

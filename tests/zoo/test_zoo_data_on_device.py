@@ -151,10 +151,15 @@ class RecordShard(pl.Callback):
 
 @pytest.mark.slow
 def test_on_device_is_sharded_under_ddp(tmp_path):
+    from datetime import timedelta
+
+    from tests.helpers.ddp import spawned_ddp
+
     dm = CIFAR100DataModule(fake_data=True, batch_size=16, on_device=True)
     module = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 100)),
                              num_classes=100, input_size=32)
-    trainer = pl.Trainer(max_epochs=1, strategy="ddp_spawn", accelerator="cpu", devices=2,
+    trainer = pl.Trainer(max_epochs=1, strategy=spawned_ddp(timedelta(seconds=60)),
+                         accelerator="cpu", devices=2,
                          limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[RecordShard(str(tmp_path))])
