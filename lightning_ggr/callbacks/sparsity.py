@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,7 @@ from lightning_ggr.sparse.selection import (
 from lightning_ggr.sparse.sharded import (
     check_sharding,
     hold_masks_in_model,
+    is_fully_sharded_module,
     load_held_masks,
     zero_count,
 )
@@ -210,6 +212,9 @@ class DynamicSparsityCallback(Callback):
         #: they still have to apply the masks before this batch's forward pass.
         self._forward_hooks: list[Any] = []
         self._mask_before_forward = False
+        #: enforce_masks_every_step: each sparse layer's version counters when its masks were
+        #: last applied before a forward pass.
+        self._versions_masked: dict[str, tuple[int, int]] = {}
         #: Manual optimization: whether the last backward gave a sparse weight a gradient
         #: (post-accumulate-grad hooks), and backward passes that did since the last step.
         self._grad_hooks: list[Any] = []
@@ -720,25 +725,35 @@ class DynamicSparsityCallback(Callback):
 
     def _attach_forward_hooks(self, pl_module: pl.LightningModule) -> None:
         """enforce_masks_every_step: a forward pre-hook on the module and on every module
-        holding a sparse parameter (directly or through a parametrization): the first to run
-        after ``on_train_batch_start`` applies the masks, right before the forward pass.
+        holding a sparse parameter (directly or through a parametrization). The first to run
+        after ``on_train_batch_start`` applies all masks, right before the forward pass;
+        each layer's own then re-masks its weights if something wrote into them since (its
+        version counter moved: a weight-noise pre-hook of that layer, registered before the
+        callback's, runs first).
 
-        Prepended, so that it runs before the module's other pre-hooks: FSDP2's
-        (``fully_shard``) gathers a module's shards into whole parameters for the forward
-        pass in its own pre-hook, and masks applied to the shards after that would miss this
-        forward pass."""
+        On FSDP2's modules (``fully_shard``) the hook is prepended: FSDP2 gathers a module's
+        shards into whole parameters in its own pre-hook, and masks applied to the shards
+        after that would miss this forward pass (and a write into the gathered parameters
+        by a pre-hook of that module is masked after the step, not before this forward)."""
         self._remove_forward_hooks()
         if not self.enforce_masks_every_step or self.engine is None:
             return
-        sparse = {id(p) for p in self.engine.params.values()}
-        owners = [pl_module] + [
-            module for module in pl_module.modules()
-            if any(id(p) in sparse for p in module.parameters(recurse=False))
-            or any(id(p) in sparse for p in getattr(module, "parametrizations", {}) and
-                   module.parametrizations.parameters())]
-        self._forward_hooks = [module.register_forward_pre_hook(self._before_forward,
-                                                                prepend=True)
-                               for module in dict.fromkeys(owners)]
+        owned: dict[int, list[str]] = {}
+        sparse = {id(p): name for name, p in self.engine.params.items()}
+        owners = {id(pl_module): pl_module}
+        for module in pl_module.modules():
+            direct = list(module.parameters(recurse=False))
+            if isinstance(getattr(module, "parametrizations", None), torch.nn.Module):
+                direct += list(module.parametrizations.parameters())
+            names = [sparse[id(p)] for p in direct if id(p) in sparse]
+            if names:
+                owners[id(module)] = module
+                owned[id(module)] = list(dict.fromkeys(names))
+        self._forward_hooks = [
+            module.register_forward_pre_hook(
+                functools.partial(self._before_forward, names=owned.get(key, [])),
+                prepend=is_fully_sharded_module(module))
+            for key, module in owners.items()]
 
     def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:
         """Manual optimization: know which backward passes give the sparse weights a
@@ -765,10 +780,19 @@ class DynamicSparsityCallback(Callback):
         self._forward_hooks = []
         self._mask_before_forward = False
 
-    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+    def _before_forward(self, module: torch.nn.Module, args: Any, names: list[str]) -> None:
+        engine = self.engine
         if self._mask_before_forward:
             self._mask_before_forward = False
-            self.engine.apply_masks()
+            engine.apply_masks()
+            self._versions_masked = {name: engine.weight_version(name)
+                                     for name in engine.params}
+        if not module.training:
+            return
+        for name in names:  # written since the masks were applied (this layer's own hooks)
+            if engine.weight_version(name) != self._versions_masked.get(name):
+                engine.apply_mask(name)
+                self._versions_masked[name] = engine.weight_version(name)
 
     def _warn_if_already_sparse(self, params: Mapping[str, Tensor]) -> None:
         """New masks over a model that already is sparse (a trained sparse run, fine-tuned

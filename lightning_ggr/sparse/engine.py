@@ -298,6 +298,17 @@ class SparseEngine:
         if self._pass is not None:
             self._pass.apply_(enumerate(p.data for p in self._param_list))
 
+    def apply_mask(self, name: str) -> None:
+        """Zero the masked weights of one layer (through ``.data``, like :meth:`apply_masks`:
+        no version counter moves)."""
+        self.params[name].data.mul_(self.masks[name])
+
+    def weight_version(self, name: str) -> tuple[int, int]:
+        """The version counters an in-place write into layer ``name`` moves (its own, and
+        its local shard's for a DTensor): compare two readings to know, without reading the
+        device, whether something wrote into it in between."""
+        return _version(self.params[name])
+
     def mask_gradients(self) -> None:
         """Zero every masked gradient: no update reaches a masked weight. One
         ``torch._foreach_mul_`` per (device, dtype) group, whatever the number of layers; no

@@ -113,6 +113,16 @@ def is_sharded(tensor: object) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def is_fully_sharded_module(module: object) -> bool:
+    """Whether ``fully_shard`` (FSDP2) manages ``module``: it then gathers the module's
+    shards into whole parameters in a forward pre-hook of its own."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2 (older than 2.6, or no distributed support)
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def local_tensor(tensor: Tensor) -> Tensor:
     """This process's part of ``tensor``: a DTensor's local shard (the same memory: writing
     into it writes into the DTensor), any other tensor as it is."""

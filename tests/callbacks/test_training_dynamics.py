@@ -354,6 +354,40 @@ def test_enforce_masks_every_step_keeps_masked_weights_zero_in_every_forward(tmp
     assert sparse_cb.run_config()["enforce_masks_every_step"] is True
 
 
+class NoiseInAPreHook(NoisyMLP):
+    """Weight noise as a forward pre-hook on the layers themselves (registered when the
+    model is built, before the callback's), masked positions included."""
+
+    def __init__(self) -> None:
+        super().__init__(noise_until_epoch=0)
+        for module in (self.net[0], self.net[2]):
+            module.register_forward_pre_hook(self._noise)
+        self.nonzero_in_layer: list[int] = []
+
+    def _noise(self, module, args) -> None:
+        if self.training:
+            with torch.no_grad():
+                module.weight.add_(torch.randn_like(module.weight) * 1e-3)
+
+    def forward(self, x):
+        hidden = self.net[0](x)
+        masks = self.trainer.callbacks[0].masks
+        if self.training:  # what the layer's forward used: its hooks have run
+            self.nonzero_in_layer.append(int(
+                (self.net[0].weight.detach()[~masks["net.0.weight"]] != 0).sum()))
+        return self.net[2](self.net[1](hidden))
+
+
+def test_enforce_masks_every_step_runs_after_the_layers_own_pre_hooks(tmp_path):
+    """Regression: only the step's first pre-hook applied the masks, so weight noise in a
+    layer's own pre-hook (registered when the model is built) reached that layer's forward
+    pass. Each layer's pre-hook now re-masks a layer written since."""
+    model = NoiseInAPreHook()
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    trainer(tmp_path, [sparse_cb]).fit(model, loader())
+    assert model.nonzero_in_layer == [0] * 16
+
+
 class WritesAfterTheStep(pl.Callback):
     """An EMA-like copy written back after the optimizer step (on_train_batch_end)."""
 
