@@ -220,6 +220,9 @@ class DynamicSparsityCallback(Callback):
         #: pre-hook on each module holding sparse parameters.
         self._in_training_batch = False
         self._own_hook_ids: dict[int, int] = {}
+        #: The modules whose pre-hook of the callback's runs after all others (not FSDP2's,
+        #: where it runs first): moved back to the end at each batch start.
+        self._hooks_to_keep_last: list[torch.nn.Module] = []
         #: Manual optimization: whether the last backward gave a sparse weight a gradient
         #: (post-accumulate-grad hooks), and backward passes that did since the last step.
         self._grad_hooks: list[Any] = []
@@ -459,6 +462,10 @@ class DynamicSparsityCallback(Callback):
         # on_train_batch_start (the module's runs after the callbacks').
         self._mask_before_forward = self.enforce_masks_every_step and self.engine is not None
         self._in_training_batch = self._mask_before_forward
+        for module in self._hooks_to_keep_last:  # behind pre-hooks registered since
+            hooks, own = module._forward_pre_hooks, self._own_hook_ids[id(module)]
+            if own in hooks and next(reversed(hooks)) != own:
+                hooks.move_to_end(own)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -738,7 +745,9 @@ class DynamicSparsityCallback(Callback):
         version counter moved: a weight-noise pre-hook of that layer, registered before the
         callback's, runs first), and always when other pre-hooks ran before it on that layer
         or globally (a write through ``.data`` moves no counter). In every training forward
-        pass, whatever the layer's own ``training`` mode; not in validation's.
+        pass, whatever the layer's own ``training`` mode; not in validation's. A pre-hook
+        registered after the callback's (another callback's ``on_fit_start``) would run after
+        it: ``on_train_batch_start`` moves the callback's back to the end.
 
         On FSDP2's modules (``fully_shard``) the hook is prepended: FSDP2 gathers a module's
         shards into whole parameters in its own pre-hook, and masks applied to the shards
@@ -765,6 +774,8 @@ class DynamicSparsityCallback(Callback):
             for key, module in owners.items()]
         self._own_hook_ids = {key: handle.id for key, handle
                               in zip(owners, self._forward_hooks, strict=True)}
+        self._hooks_to_keep_last = [module for module in owners.values()
+                                    if not is_fully_sharded_module(module)]
 
     def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:
         """Manual optimization: know which backward passes give the sparse weights a
@@ -790,6 +801,7 @@ class DynamicSparsityCallback(Callback):
             handle.remove()
         self._forward_hooks = []
         self._own_hook_ids = {}
+        self._hooks_to_keep_last = []
         self._mask_before_forward = False
         self._in_training_batch = False
 

@@ -429,6 +429,31 @@ def test_enforce_masks_every_step_masks_a_layer_whatever_its_pre_hook_writes(
     assert model.nonzero_in_layer == [0] * 16
 
 
+class NoiseHookedLater(pl.Callback):
+    """Weight noise as a forward pre-hook that a callback listed after the sparsity callback
+    registers in its own ``on_fit_start``, so after the sparsity callback's hook."""
+
+    def on_fit_start(self, trainer, pl_module):
+        for module in (pl_module.net[0], pl_module.net[2]):
+            module.register_forward_pre_hook(pl_module._noise)
+
+
+class NoiseFromALaterCallback(NoiseInAPreHook):
+    def __init__(self) -> None:
+        super(NoiseInAPreHook, self).__init__(noise_until_epoch=0)
+        self.nonzero_in_layer = []
+
+
+def test_enforce_masks_every_step_masks_after_pre_hooks_registered_after_its_own(tmp_path):
+    """Regression: the callback's pre-hooks were registered in on_fit_start, so a weight-noise
+    pre-hook registered later (another callback's on_fit_start) ran after them and its noise
+    reached the layer's forward pass. They are moved behind such hooks at each batch start."""
+    model = NoiseFromALaterCallback()
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    trainer(tmp_path, [sparse_cb, NoiseHookedLater()]).fit(model, loader())
+    assert model.nonzero_in_layer == [0] * 16
+
+
 class WritesAfterTheStep(pl.Callback):
     """An EMA-like copy written back after the optimizer step (on_train_batch_end)."""
 
