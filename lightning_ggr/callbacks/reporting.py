@@ -185,10 +185,10 @@ class SparsityReporter:
         self._summary_path: Path | None = None
         self._flops_warned = False
         self._epoch_views_pending = False
-        #: (due step, reason) of the last postponement warned about: a rewiring postponed
-        #: step after step (a grad scaler's first overflows, a NaN that persists) is said
-        #: once per reason, and counted in the account.
-        self._postponement_said: tuple[int, str] | None = None
+        #: The due step of the last postponement warned about, and the reasons said for it:
+        #: a rewiring postponed step after step (a grad scaler's first overflows, a NaN that
+        #: persists, reasons in turn) is said once per reason, and counted in the account.
+        self._postponement_said: tuple[int | None, set[str]] = (None, set())
 
     def key(self, group: str, name: str) -> str:
         """The metric name ``<group><tag>/<name>``."""
@@ -270,8 +270,11 @@ class SparsityReporter:
         if report.skipped:
             due = engine.pending_step if engine.pending_step is not None else step
             reason = report.skip_reason or "unusable sparse gradients"
-            if self._postponement_said != (due, reason):  # once per due step and reason
-                self._postponement_said = (due, reason)
+            if self._postponement_said[0] != due:
+                self._postponement_said = (due, set())
+            said = self._postponement_said[1]
+            if reason not in said:  # once per due step and reason
+                said.add(reason)
                 rank_zero_warn(
                     f"step {step}: {reason}: the rewiring due at step {due} is postponed to "
                     "the next step with usable gradients (further postponements of it for "

@@ -215,6 +215,14 @@ class DynamicSparsityCallback(Callback):
         #: enforce_masks_every_step: each sparse layer's version counters when its masks were
         #: last applied before a forward pass.
         self._versions_masked: dict[str, tuple[int, int]] = {}
+        #: enforce_masks_every_step: between on_train_batch_start and on_train_batch_end
+        #: (the training forward passes; not validation's), and the id of the callback's
+        #: pre-hook on each module holding sparse parameters.
+        self._in_training_batch = False
+        self._own_hook_ids: dict[int, int] = {}
+        #: The modules whose pre-hook of the callback's runs after all others (not FSDP2's,
+        #: where it runs first): moved back to the end at each batch start.
+        self._hooks_to_keep_last: list[torch.nn.Module] = []
         #: Manual optimization: whether the last backward gave a sparse weight a gradient
         #: (post-accumulate-grad hooks), and backward passes that did since the last step.
         self._grad_hooks: list[Any] = []
@@ -453,9 +461,15 @@ class DynamicSparsityCallback(Callback):
         # Armed here, applied by the first sparse layer's forward: after every other
         # on_train_batch_start (the module's runs after the callbacks').
         self._mask_before_forward = self.enforce_masks_every_step and self.engine is not None
+        self._in_training_batch = self._mask_before_forward
+        for module in self._hooks_to_keep_last:  # behind pre-hooks registered since
+            hooks, own = module._forward_pre_hooks, self._own_hook_ids[id(module)]
+            if own in hooks and next(reversed(hooks)) != own:
+                hooks.move_to_end(own)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_training_batch = False
         self.clock.batch_ended()
         self.reporter.batch_ended(pl_module)
 
@@ -729,7 +743,11 @@ class DynamicSparsityCallback(Callback):
         after ``on_train_batch_start`` applies all masks, right before the forward pass;
         each layer's own then re-masks its weights if something wrote into them since (its
         version counter moved: a weight-noise pre-hook of that layer, registered before the
-        callback's, runs first).
+        callback's, runs first), and always when other pre-hooks ran before it on that layer
+        or globally (a write through ``.data`` moves no counter). In every training forward
+        pass, whatever the layer's own ``training`` mode; not in validation's. A pre-hook
+        registered after the callback's (another callback's ``on_fit_start``) would run after
+        it: ``on_train_batch_start`` moves the callback's back to the end.
 
         On FSDP2's modules (``fully_shard``) the hook is prepended: FSDP2 gathers a module's
         shards into whole parameters in its own pre-hook, and masks applied to the shards
@@ -754,6 +772,10 @@ class DynamicSparsityCallback(Callback):
                 functools.partial(self._before_forward, names=owned.get(key, [])),
                 prepend=is_fully_sharded_module(module))
             for key, module in owners.items()]
+        self._own_hook_ids = {key: handle.id for key, handle
+                              in zip(owners, self._forward_hooks, strict=True)}
+        self._hooks_to_keep_last = [module for module in owners.values()
+                                    if not is_fully_sharded_module(module)]
 
     def _attach_gradient_hooks(self, pl_module: pl.LightningModule) -> None:
         """Manual optimization: know which backward passes give the sparse weights a
@@ -778,7 +800,10 @@ class DynamicSparsityCallback(Callback):
         for handle in self._forward_hooks:
             handle.remove()
         self._forward_hooks = []
+        self._own_hook_ids = {}
+        self._hooks_to_keep_last = []
         self._mask_before_forward = False
+        self._in_training_batch = False
 
     def _before_forward(self, module: torch.nn.Module, args: Any, names: list[str]) -> None:
         engine = self.engine
@@ -787,10 +812,16 @@ class DynamicSparsityCallback(Callback):
             engine.apply_masks()
             self._versions_masked = {name: engine.weight_version(name)
                                      for name in engine.params}
-        if not module.training:
+        if not names or not self._in_training_batch:  # whatever the layer's mode
             return
-        for name in names:  # written since the masks were applied (this layer's own hooks)
-            if engine.weight_version(name) != self._versions_masked.get(name):
+        # Hooks that ran before this one on this layer (its own, global ones) may have
+        # written it through .data, which moves no version counter: re-masked regardless.
+        hooked_before = (next(iter(module._forward_pre_hooks), None)
+                         != self._own_hook_ids.get(id(module))
+                         or bool(getattr(torch.nn.modules.module,
+                                         "_global_forward_pre_hooks", None)))
+        for name in names:  # written since the masks were applied
+            if hooked_before or engine.weight_version(name) != self._versions_masked.get(name):
                 engine.apply_mask(name)
                 self._versions_masked[name] = engine.weight_version(name)
 

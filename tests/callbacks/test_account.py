@@ -242,3 +242,27 @@ def test_two_callbacks_report_apart(tmp_path, caplog):
     assert float(trainer.callback_metrics["rewiring_1/count"]) == 2.0
     assert len(printed(caplog, ACCOUNT)) == 1  # the second one's title carries its tag
     assert len(printed(caplog, "DynamicSparsityCallback_1 at fit end")) == 1
+
+
+def test_a_postponement_is_said_once_per_due_step_and_reason_when_reasons_alternate():
+    """Regression: only the last (due step, reason) said was remembered, so a rewiring
+    postponed for two reasons in turn (no gradients, then NaN ones, then none again) was
+    warned about at every step."""
+    from types import SimpleNamespace
+
+    from lightning_ggr.callbacks.reporting import SparsityReporter
+    from lightning_ggr.sparse.rewiring import RewiringReport
+
+    reporter = SparsityReporter(log_figures=False)
+    trainer = SimpleNamespace(loggers=[], global_step=0)
+    engine = SimpleNamespace(pending_step=8, skipped_rewirings=0)
+    reasons = ["no sparse gradients", "non-finite sparse gradients"] * 3
+    with pytest.warns(UserWarning) as records:
+        for step, reason in enumerate(reasons, start=8):
+            engine.skipped_rewirings += 1
+            reporter.rewired(trainer, engine, RewiringReport(
+                drop_fraction=0.5, removed={}, grown={}, active={}, skipped=True,
+                skip_reason=reason), step)
+    said = [str(r.message) for r in records if "is postponed" in str(r.message)]
+    assert [message.split(":")[:2] for message in said] == [
+        ["step 8", " no sparse gradients"], ["step 9", " non-finite sparse gradients"]]

@@ -388,6 +388,72 @@ def test_enforce_masks_every_step_runs_after_the_layers_own_pre_hooks(tmp_path):
     assert model.nonzero_in_layer == [0] * 16
 
 
+class NoiseThroughData(NoiseInAPreHook):
+    """The same noise written the common way, through ``.data`` (no version counter moves)."""
+
+    def _noise(self, module, args) -> None:
+        if self.training:
+            module.weight.data.add_(torch.randn_like(module.weight) * 1e-3)
+
+
+class NoiseOnALayerInEvalMode(NoiseInAPreHook):
+    """A sparse layer kept in eval mode while the model trains (a user freezing its dropout
+    or normalisation the usual way): its own pre-hook's noise is not tied to its mode."""
+
+    def _noise(self, module, args) -> None:
+        if self.trainer.training:
+            with torch.no_grad():
+                module.weight.add_(torch.randn_like(module.weight) * 1e-3)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.net[0].eval()
+
+    def forward(self, x):
+        hidden = self.net[0](x)
+        masks = self.trainer.callbacks[0].masks
+        if self.trainer.training:
+            self.nonzero_in_layer.append(int(
+                (self.net[0].weight.detach()[~masks["net.0.weight"]] != 0).sum()))
+        return self.net[2](self.net[1](hidden))
+
+
+@pytest.mark.parametrize("model_class", [NoiseThroughData, NoiseOnALayerInEvalMode])
+def test_enforce_masks_every_step_masks_a_layer_whatever_its_pre_hook_writes(
+        tmp_path, model_class):
+    """Regression: a layer's pre-hook re-masked it only when its version counter moved and
+    the layer was in training mode, so noise written through ``.data`` (no counter moves),
+    or into a layer kept in eval mode while training, reached that layer's forward pass."""
+    model = model_class()
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    trainer(tmp_path, [sparse_cb]).fit(model, loader())
+    assert model.nonzero_in_layer == [0] * 16
+
+
+class NoiseHookedLater(pl.Callback):
+    """Weight noise as a forward pre-hook that a callback listed after the sparsity callback
+    registers in its own ``on_fit_start``, so after the sparsity callback's hook."""
+
+    def on_fit_start(self, trainer, pl_module):
+        for module in (pl_module.net[0], pl_module.net[2]):
+            module.register_forward_pre_hook(pl_module._noise)
+
+
+class NoiseFromALaterCallback(NoiseInAPreHook):
+    def __init__(self) -> None:
+        super(NoiseInAPreHook, self).__init__(noise_until_epoch=0)
+        self.nonzero_in_layer = []
+
+
+def test_enforce_masks_every_step_masks_after_pre_hooks_registered_after_its_own(tmp_path):
+    """Regression: the callback's pre-hooks were registered in on_fit_start, so a weight-noise
+    pre-hook registered later (another callback's on_fit_start) ran after them and its noise
+    reached the layer's forward pass. They are moved behind such hooks at each batch start."""
+    model = NoiseFromALaterCallback()
+    sparse_cb = sparse(enforce_masks_every_step=True)
+    trainer(tmp_path, [sparse_cb, NoiseHookedLater()]).fit(model, loader())
+    assert model.nonzero_in_layer == [0] * 16
+
+
 class WritesAfterTheStep(pl.Callback):
     """An EMA-like copy written back after the optimizer step (on_train_batch_end)."""
 
