@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning_ggr import DynamicSparsityCallback
 from lightning_ggr.sparse.engine import SKIP_OPTIMIZER_NONFINITE
 from lightning_ggr.sparse.rewiring import Rewiring
-from tests.helpers import TinyModule, make_trainer, tiny_dataloader
+from tests.helpers import TinyModule, make_trainer, record_rewiring_gradients, tiny_dataloader
 
 
 def step_callback(**kwargs) -> DynamicSparsityCallback:
@@ -155,14 +155,7 @@ def test_fp16_a_step_the_scaler_skips_for_a_dense_gradient_postpones_the_rewirin
 
 def test_fp16_rewiring_grows_from_the_unscaled_gradient(tmp_path, monkeypatch):
     """Growth sees the gradient after GradScaler.unscale_, not the loss-scaled one."""
-    seen = []
-    rewire = Rewiring.__call__
-
-    def spy(self, weights, masks, gradients, *args, **kwargs):
-        seen.append({n: g.detach().clone() for n, g in gradients.items()})
-        return rewire(self, weights, masks, gradients, *args, **kwargs)
-
-    monkeypatch.setattr(Rewiring, "__call__", spy)
+    seen = record_rewiring_gradients(monkeypatch)
     model = TinyModule()
     fp32 = {}
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ggr import DynamicSparsityCallback
-from lightning_ggr.sparse.rewiring import Rewiring
+from tests.helpers import record_rewiring_gradients
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -514,14 +514,7 @@ class RawGradients(pl.Callback):
 @pytest.mark.parametrize("algorithm", ["value", "norm"])
 def test_manual_clipping_sees_no_masked_gradient_and_growth_reads_unclipped_ones(
         tmp_path, algorithm, monkeypatch):
-    seen = []
-    rewire = Rewiring.__call__
-
-    def spy(self, weights, masks, gradients, *args, **kwargs):
-        seen.append({n: g.detach().clone() for n, g in gradients.items()})
-        return rewire(self, weights, masks, gradients, *args, **kwargs)
-
-    monkeypatch.setattr(Rewiring, "__call__", spy)
+    seen = record_rewiring_gradients(monkeypatch)
     raw = RawGradients()
     model = ClippingByHand(algorithm)
     sparse_cb = sparse(method="rigl")

@@ -155,3 +155,19 @@ class Conv1D(nn.Module):
 
 
 Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+def record_rewiring_gradients(monkeypatch) -> list[dict]:
+    """Spy on every rewiring: the list it returns receives, per call, a copy of the
+    gradients the rewiring was given (name -> tensor)."""
+    from lightning_ggr.sparse.rewiring import Rewiring
+
+    seen: list[dict] = []
+    rewire = Rewiring.__call__
+
+    def spy(self, weights, masks, gradients, *args, **kwargs):
+        seen.append({n: g.detach().clone() for n, g in gradients.items()})
+        return rewire(self, weights, masks, gradients, *args, **kwargs)
+
+    monkeypatch.setattr(Rewiring, "__call__", spy)
+    return seen
